@@ -1,0 +1,21 @@
+"""autocompress: hardware-aware auto-compression and architecture search for PyTorch models.
+
+    import autocompress as ac
+    result = ac.compress(model, example_input, data=(train_loader, val_loader), hardware="host",
+                         budgets={"latency": 0.6, "size_kb": 300}, trials=100)
+    result.pareto                       # the non-dominated feasible trials
+    small = result.model(result.pareto.index[0])
+"""
+from .api import analyze, apply, compress, estimate
+from .budgets import Budgets
+from .cost.model import Estimate
+from .cost.profiles import HardwareProfile, load_profile
+from .errors import AutocompressError
+from .graph import LayerGraph
+from .result import Result
+from .space import Policy, SearchSpace
+
+__version__ = "0.1.0"
+
+__all__ = ["compress", "estimate", "apply", "analyze", "SearchSpace", "Policy", "HardwareProfile", "Budgets",
+           "Result", "Estimate", "LayerGraph", "AutocompressError", "load_profile"]

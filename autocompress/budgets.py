@@ -1,0 +1,86 @@
+"""Objectives and budgets: which metrics exist, which way each is better, and limits on them."""
+from __future__ import annotations
+
+import math
+
+from .errors import AutocompressError, one_of
+
+# metric -> direction; accuracy is measured, the rest come from the cost model
+METRICS = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minimize", "size_kb": "minimize",
+           "macs": "minimize", "params": "minimize"}
+COST_METRICS = tuple(m for m in METRICS if m != "accuracy")
+RELATIVE = {"latency": "latency_ms", "energy": "energy_mj", "size": "size_kb", "macs": "macs", "params": "params"}
+
+
+def check_objectives(objectives, have_accuracy: bool) -> tuple[str, ...]:
+    objectives = tuple(objectives)
+    if not objectives:
+        raise AutocompressError("objectives must name at least one metric; allowed: " + ", ".join(METRICS))
+    for o in objectives:
+        if o not in METRICS:
+            raise one_of("objective", o, METRICS)
+    if len(set(objectives)) != len(objectives):
+        raise AutocompressError(f"objectives {objectives!r} repeat a metric; name each once")
+    if "accuracy" in objectives and not have_accuracy:
+        raise AutocompressError("objective 'accuracy' needs data or an evaluator; with data=None use cost metrics: "
+                                + ", ".join(COST_METRICS))
+    return objectives
+
+
+class Budgets:
+    """Upper limits on cost metrics, absolute (`latency_ms=2`) or relative to the uncompressed model (`latency=0.5`)."""
+
+    def __init__(self, budgets: dict | None = None):
+        self.absolute: dict[str, float] = {}
+        self.relative: dict[str, float] = {}
+        for key, value in (budgets or {}).items():
+            self._add(key, value)
+
+    def _add(self, key: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise AutocompressError(f"budget {key}={value!r} is not allowed; a budget must be a positive number")
+        if key in COST_METRICS:
+            self.absolute[key] = float(value)
+        elif key in RELATIVE:
+            self.relative[RELATIVE[key]] = float(value)
+        else:
+            raise one_of("budget", key, list(COST_METRICS) + list(RELATIVE))
+
+    @classmethod
+    def parse(cls, items: list[str]) -> "Budgets":
+        """CLI form: `latency_ms=2`, `size_kb=300`, `latency=50%`, `size=0.3`."""
+        out = cls()
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise AutocompressError(f"budget {item!r} must look like KEY=VALUE, e.g. latency_ms=2 or latency=50%")
+            text = text.strip()
+            try:
+                value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+            except ValueError:
+                raise AutocompressError(f"budget {item!r} has a value that is not a number") from None
+            if text.endswith("%") and key.strip() not in RELATIVE:
+                raise AutocompressError(f"budget {item!r}: percentages are for relative budgets ({', '.join(RELATIVE)})")
+            out._add(key.strip(), value)
+        return out
+
+    def to_dict(self) -> dict:
+        rel = {k: v for k, v in RELATIVE.items()}
+        inverse = {v: k for k, v in rel.items()}
+        return {**self.absolute, **{inverse[m]: v for m, v in self.relative.items()}}
+
+    def limits(self, baseline: dict) -> dict[str, float]:
+        """Absolute limit per metric (the tighter one where both kinds are given)."""
+        limits = dict(self.absolute)
+        for metric, fraction in self.relative.items():
+            value = fraction * baseline[metric]
+            limits[metric] = min(limits.get(metric, math.inf), value)
+        return limits
+
+    def __bool__(self) -> bool:
+        return bool(self.absolute or self.relative)
+
+
+def violations(metrics: dict, limits: dict) -> list[float]:
+    """Relative excess over each limit, in a fixed order; <= 0 means within budget (Optuna's convention)."""
+    return [metrics[m] / limit - 1.0 for m, limit in sorted(limits.items())]

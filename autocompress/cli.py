@@ -1,0 +1,179 @@
+"""The command line: autocompress run | report | estimate | hardware | calibrate."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+from .errors import AutocompressError
+
+DEFAULT_BUDGETS = ["latency=60%", "size=30%"]
+
+
+def _run(args) -> None:
+    import torch
+
+    from . import api, data as data_mod, models, report
+    from .budgets import Budgets
+
+    if args.trials < 0:
+        raise AutocompressError(f"--trials {args.trials} is not allowed; it must be 0 or more")
+    start = time.perf_counter()
+    model = models.load_model(args.model, args.checkpoint)
+    example = _example_input(args, model)
+    data_spec = args.data or ("digits" if args.model == "digits_resnet" else None)
+    loaders = data_mod.load_data(data_spec, tuple(example.shape)) if data_spec else None
+    budgets = Budgets.parse(args.budget if args.budget else DEFAULT_BUDGETS)
+    out = Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{out / 'study.db'}"
+    objectives = args.objectives.split(",") if args.objectives else None
+    spec = {"model_spec": args.model, "checkpoint": args.checkpoint, "data": data_spec}
+    print(f"model {args.model}, data {data_spec or 'none (cost-only)'}, hardware {args.hardware}, "
+          f"space {args.space}, {args.trials} trials -> {out}", file=sys.stderr)
+    result = api.compress(model, example, data=loaders, hardware=args.hardware, budgets=budgets,
+                          objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
+                          sampler=args.sampler, storage=storage, study_name=args.study,
+                          progress=not args.no_progress, model_spec=spec)
+    result.save(out)
+    print(report.format_table(result))
+    print(f"\nwrote {out}/ (study.db, trials.csv, pareto.csv, config.json, models/) in {time.perf_counter() - start:.1f} s")
+
+
+def _example_input(args, model):
+    import torch
+
+    from . import models
+
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise AutocompressError(f"--input-shape {args.input_shape!r} must be integers like 1,3,224,224") from None
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    return models.default_input(args.model, model)
+
+
+def _report(args) -> None:
+    from . import report
+    from .result import Result
+
+    result = Result.load(args.dir)
+    text = {"table": report.format_table, "csv": report.to_csv, "json": report.to_json}[args.format](result)
+    if args.to:
+        Path(args.to).write_text(text)
+        print(f"wrote {args.to}")
+    else:
+        print(text)
+
+
+def _estimate(args) -> None:
+    from . import api, models
+
+    model = models.load_model(args.model, args.checkpoint)
+    est = api.estimate(model, _example_input(args, model), args.hardware)
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(est.layers.drop(columns=["out_shape"]).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"\ntotal on {est.hardware}: latency {est.latency_ms:.4g} ms, energy {est.energy_mj:.4g} mJ, "
+          f"size {est.size_kb:.4g} KB, {est.macs:,} MACs, {est.params:,} parameters")
+
+
+def _hardware(args) -> None:
+    import yaml
+
+    from .cost.profiles import builtin_profiles, load_profile
+
+    if args.action == "list":
+        for name in builtin_profiles():
+            desc = "this machine (calibrated on first use)" if name == "host" else load_profile(name).description
+            print(f"{name:20s} {desc}")
+    else:
+        if not args.name:
+            raise AutocompressError("hardware show needs a profile name or path, e.g. `autocompress hardware show host`")
+        print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False), end="")
+
+
+def _calibrate(args) -> None:
+    from .cost.calibrate import calibrate, write_profile
+    from .cost.profiles import host_profile_path
+
+    if args.hardware != "host" and not args.to:
+        raise AutocompressError(f"calibrating {args.hardware!r}: only 'host' is saved by name; pass --to FILE")
+    profile = calibrate(args.hardware, quick=args.quick, threads=args.threads)
+    path = write_profile(profile, Path(args.to) if args.to else host_profile_path())
+    fit = profile.extra["calibration"]
+    print(f"wrote {path}: median error {fit['fit_median_error']:.1%}, {fit['fit_within_20pct']:.0%} of "
+          f"{fit['networks']} calibration networks within 20 %")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autocompress", description=__doc__)
+    sub = p.add_subparsers(dest="command")
+
+    def model_args(sp, default_model="digits_resnet"):
+        sp.add_argument("--model", default=default_model, help="built-in name, torchvision:NAME or package.module:factory")
+        sp.add_argument("--checkpoint", help="a state_dict file (loaded with weights_only=True)")
+        sp.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+        sp.add_argument("--hardware", default="host", help="profile name (see `hardware list`) or a YAML path")
+
+    run = sub.add_parser("run", help="search compressed models within budgets")
+    model_args(run)
+    run.add_argument("--data", help="digits, fake, imagefolder:PATH or package.module:function")
+    run.add_argument("--budget", action="append", help="KEY=VALUE, repeatable: latency_ms=2, size_kb=300, latency=50%%")
+    run.add_argument("--objectives", help="comma-separated metrics, e.g. accuracy,latency_ms")
+    run.add_argument("--space", default="default", help="a built-in search space name or a YAML path")
+    run.add_argument("--trials", type=int, default=40)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--sampler", default="nsga2", help="nsga2, tpe or random")
+    run.add_argument("--storage", help="Optuna storage URL (default: sqlite in --out)")
+    run.add_argument("--study", default="autocompress", help="study name inside the storage")
+    run.add_argument("--out", help="output folder (default runs/<timestamp>); the same folder resumes")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=_run)
+
+    rep = sub.add_parser("report", help="show a run's Pareto front")
+    rep.add_argument("dir")
+    rep.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    rep.add_argument("--to", help="write to this file instead of stdout")
+    rep.set_defaults(func=_report)
+
+    est = sub.add_parser("estimate", help="per-layer cost of a model on a device")
+    model_args(est)
+    est.set_defaults(func=_estimate)
+
+    hw = sub.add_parser("hardware", help="list or show hardware profiles")
+    hw.add_argument("action", choices=["list", "show"])
+    hw.add_argument("name", nargs="?")
+    hw.set_defaults(func=_hardware)
+
+    cal = sub.add_parser("calibrate", help="time this machine and write a hardware profile")
+    cal.add_argument("--hardware", default="host")
+    cal.add_argument("--to", help="profile YAML to write (default: the cached host profile)")
+    cal.add_argument("--quick", action="store_true")
+    cal.add_argument("--threads", type=int, default=1)
+    cal.set_defaults(func=_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = parser().parse_args(argv)
+    if args.command is None:  # `autocompress` alone: the embedded default run
+        args = parser().parse_args(["run", *(argv or [])])
+    try:
+        args.func(args)
+    except AutocompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Trace a model into a LayerGraph: its layers with shapes, MACs and parameters, and its channel groups.
+
+torch.fx is used where the model traces (every op, functional adds and matmuls included); where it
+does not, forward hooks on leaf modules give the layers. MACs of modules come from fvcore. Channel
+groups (channels that must be pruned together: residual adds, concats, depthwise convs, BN) come
+from Torch-Pruning's DependencyGraph.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .errors import AutocompressError
+
+log = logging.getLogger("autocompress")
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+        nn.PReLU, nn.ELU, nn.Mish, nn.Softmax)
+POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+         nn.modules.pooling._AdaptiveMaxPoolNd)
+FREE_FUNCS = {"flatten", "view", "reshape", "size", "getitem", "getattr", "permute", "transpose", "unsqueeze",
+              "squeeze", "contiguous", "chunk", "split", "dim", "type_as", "to", "float", "expand", "unbind"}
+ELEMENTWISE_FUNCS = {"add", "iadd", "mul", "imul", "sub", "truediv", "cat", "concat", "relu", "relu_", "gelu",
+                     "silu", "sigmoid", "hardswish", "hardsigmoid", "softmax", "dropout", "layer_norm",
+                     "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "mean", "pad", "roll", "interpolate"}
+MATMUL_FUNCS = {"matmul", "bmm", "linear", "scaled_dot_product_attention", "einsum", "baddbmm"}
+
+
+@dataclass
+class Layer:
+    """One op of the traced model: what it is, its shapes, and its cost drivers."""
+
+    name: str
+    kind: str               # conv | dwconv | linear | matmul | norm | act | pool | elementwise | other
+    type: str               # module class or function name
+    in_shape: tuple
+    out_shape: tuple
+    macs: int
+    params: int
+    module: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def in_numel(self) -> int:
+        return math.prod(self.in_shape) if self.in_shape else 0
+
+    @property
+    def out_numel(self) -> int:
+        return math.prod(self.out_shape) if self.out_shape else 0
+
+
+@dataclass
+class ChannelGroup:
+    """Channels coupled across layers: pruning one channel removes it from every member."""
+
+    id: str                 # name of the root layer (first prunable layer of the group)
+    members: list[str]      # layers whose output channels belong to the group
+    channels: int
+    stage: str              # layers at the same feature-map resolution form a stage
+
+
+@dataclass
+class LayerGraph:
+    """The analyzed model: layers in execution order, channel groups, and how it was traced."""
+
+    layers: list[Layer]
+    groups: list[ChannelGroup]
+    traced_with: str        # "fx" or "hooks"
+    output_layers: list[str]
+    input_shape: tuple
+
+    @property
+    def macs(self) -> int:
+        return sum(l.macs for l in self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.layers)
+
+    def layer(self, name: str) -> Layer:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = [{"name": l.name, "kind": l.kind, "type": l.type, "in_shape": l.in_shape, "out_shape": l.out_shape,
+                 "macs": l.macs, "params": l.params} for l in self.layers]
+        return pd.DataFrame(rows).set_index("name")
+
+    def __repr__(self) -> str:
+        return (f"LayerGraph({len(self.layers)} layers, {len(self.groups)} channel groups, "
+                f"macs={self.macs:,}, params={self.params:,}, traced with {self.traced_with})")
+
+
+def check_forward(model: nn.Module, example_input: torch.Tensor) -> torch.Tensor:
+    """Run the model once; a failure becomes one clear sentence instead of a deep traceback."""
+    if not isinstance(example_input, torch.Tensor):
+        raise AutocompressError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_input)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutocompressError(
+            f"the model's forward fails on an example input of shape {tuple(example_input.shape)}: {msg}") from None
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "logits"):
+        out = out.logits
+    if not isinstance(out, torch.Tensor):
+        raise AutocompressError(f"the model returns {type(out).__name__}; autocompress needs a tensor output")
+    return out
+
+
+def analyze(model: nn.Module, example_input: torch.Tensor, groups: bool = True) -> LayerGraph:
+    """Trace `model` on `example_input` into a LayerGraph (layers, MACs, params, channel groups)."""
+    model = model.eval()
+    check_forward(model, example_input)
+    try:
+        layers, outputs = _fx_layers(model, example_input)
+        how = "fx"
+    except Exception as exc:  # data-dependent control flow and friends: fall back to hooks
+        log.debug("torch.fx could not trace the model (%s); using module hooks", exc)
+        layers, outputs = _hook_layers(model, example_input)
+        how = "hooks"
+    _fill_module_macs(model, example_input, layers)
+    chan_groups = channel_groups(model, example_input, layers, outputs) if groups else []
+    return LayerGraph(layers, chan_groups, how, outputs, tuple(example_input.shape))
+
+
+def _module_kind(m: nn.Module) -> str:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "dwconv" if m.groups > 1 and m.groups == m.in_channels else "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, nn.MultiheadAttention):
+        return "matmul"
+    if isinstance(m, NORMS):
+        return "norm"
+    if isinstance(m, ACTS):
+        return "act"
+    if isinstance(m, POOLS):
+        return "pool"
+    if isinstance(m, (nn.Identity, nn.Flatten, nn.Dropout, nn.Unflatten)):
+        return "free"
+    return "other"
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for item in x:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _shape(x) -> tuple:
+    t = _first_tensor(x)
+    return tuple(t.shape) if t is not None else ()
+
+
+def _own_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters(recurse=False))
+
+
+def _fx_layers(model: nn.Module, example_input: torch.Tensor):
+    """Every op of the fx graph with shapes from a real run; returns (layers, output layer names)."""
+    import torch.fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = torch.fx.symbolic_trace(model)
+    values: dict[str, object] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(example_input)
+    modules = dict(gm.named_modules())
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        in_nodes = [a for a in node.all_input_nodes]
+        in_shape = _shape(values.get(in_nodes[0].name)) if in_nodes else ()
+        out_shape = _shape(values.get(node.name))
+        if node.op == "call_module":
+            m = modules[node.target]
+            kind, typ, params, name = _module_kind(m), type(m).__name__, _own_params(m), node.target
+            # parameters of non-leaf-traced containers are counted on their own leaves
+        else:
+            fname = getattr(node.target, "__name__", str(node.target)).strip("_")
+            typ, params, name, m = fname, 0, node.name, None
+            kind = ("matmul" if fname in MATMUL_FUNCS else "free" if fname in FREE_FUNCS
+                    else "elementwise" if fname in ELEMENTWISE_FUNCS else "other")
+        if kind == "free":
+            continue
+        macs = _matmul_macs(node, values) if kind == "matmul" and m is None else 0
+        layers.append(Layer(name, kind, typ, in_shape, out_shape, macs, params, m))
+    _add_get_attr_params(gm, layers)
+    return layers, _output_layers(gm, modules)
+
+
+def _add_get_attr_params(gm, layers) -> None:
+    """Parameters used directly by functional code (class tokens, position embeddings) as their own layers."""
+    counted = {id(p) for l in layers if l.module is not None for p in l.module.parameters(recurse=False)}
+    for name, p in gm.named_parameters():
+        if id(p) not in counted:
+            owner = gm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else gm
+            if any(l.module is owner for l in layers):
+                continue
+            layers.append(Layer(name, "param", "Parameter", (), tuple(p.shape), 0, p.numel(), None))
+            counted.add(id(p))
+
+
+def _matmul_macs(node, values) -> int:
+    """MACs of a functional matmul-like op from its real input and output shapes."""
+    ins = [_first_tensor(values.get(a.name)) for a in node.all_input_nodes]
+    out = _first_tensor(values.get(node.name))
+    if out is None or not ins or ins[0] is None:
+        return 0
+    fname = getattr(node.target, "__name__", "")
+    if fname == "scaled_dot_product_attention" and len(ins) >= 3:
+        q, k = ins[0], ins[1]
+        return 2 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
+    return out.numel() * ins[0].shape[-1]
+
+
+def _output_layers(gm, modules) -> list[str]:
+    """Parametric layers whose output channels reach the model output unchanged (must keep their width)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    found, stack, seen = [], list(output.all_input_nodes), set()
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.modules.conv._ConvNd, nn.Linear)):
+            found.append(node.target)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def _hook_layers(model: nn.Module, example_input: torch.Tensor):
+    """Leaf modules in execution order via forward hooks (for models torch.fx cannot trace)."""
+    layers, handles = [], []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, inputs, output):
+        kind = _module_kind(m)
+        if kind != "free":
+            layers.append(Layer(names[m], kind, type(m).__name__, _shape(inputs), _shape(output), 0, _own_params(m), m))
+
+    for m in model.modules():
+        if not list(m.children()) or _own_params(m):
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    seen, unique = set(), []
+    for l in layers:  # a module called twice is priced twice but counted once for params
+        if l.name in seen:
+            l.params = 0
+        seen.add(l.name)
+        unique.append(l)
+    param_layers = [l for l in unique if l.kind in ("conv", "dwconv", "linear")]
+    return unique, [param_layers[-1].name] if param_layers else []
+
+
+def _fill_module_macs(model: nn.Module, example_input: torch.Tensor, layers: list[Layer]) -> None:
+    """MACs of module layers from fvcore (one MAC per multiply-accumulate of conv, linear, attention)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        fca = FlopCountAnalysis(model, example_input)
+        for op in ("aten::batch_norm", "aten::group_norm", "aten::layer_norm", "aten::instance_norm",
+                   "aten::upsample_nearest2d", "aten::upsample_bilinear2d", "aten::adaptive_avg_pool2d",
+                   "aten::grid_sampler"):
+            fca.set_op_handle(op, None)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        by_module = fca.by_module()
+    occurrences: dict[str, int] = {}
+    for l in layers:
+        if l.module is not None:
+            occurrences[l.name] = occurrences.get(l.name, 0) + 1
+    for l in layers:
+        if l.module is not None and l.kind in ("conv", "dwconv", "linear", "matmul", "other"):
+            l.macs = int(by_module.get(l.name, 0)) // occurrences[l.name]
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: list[Layer],
+                   output_layers: list[str]) -> list[ChannelGroup]:
+    """Coupled output channels of conv/linear layers, each group described once, in model order."""
+    resolution = {l.name: l.out_shape[2:] if len(l.out_shape) > 2 else () for l in layers}
+    out = []
+    for info, _ in iter_channel_groups(model, example_input, output_layers):
+        info.stage = "x".join(map(str, resolution.get(info.id, ()))) or "flat"
+        out.append(info)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(out, key=lambda g: order[g.id])
+
+
+def iter_channel_groups(model: nn.Module, example_input: torch.Tensor, output_layers: list[str]):
+    """Yield (ChannelGroup, Torch-Pruning group) lazily, so a caller may prune each group as it comes."""
+    dg = dependency_graph(model, example_input)
+    if dg is None:
+        return
+    order = {m: (i, n) for i, (n, m) in enumerate(model.named_modules())}
+    ignored = [model.get_submodule(n) for n in output_layers]
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+        members = sorted(order[dep.target.module] for dep, _ in group
+                         if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in order)
+        if members:
+            names = [n for _, n in members]
+            yield ChannelGroup(names[0], names, len(group[0].idxs), ""), group
+
+
+def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Conv/linear layers that produce the model output (their output width must stay)."""
+    try:
+        import torch.fx
+
+        gm = torch.fx.symbolic_trace(model)
+        return _output_layers(gm, dict(gm.named_modules()))
+    except Exception:
+        return _hook_layers(model, example_input)[1]
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor):
+    """Build Torch-Pruning's DependencyGraph, or None (with a warning) when it cannot."""
+    import torch_pruning as tp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as exc:
+        warnings.warn(f"channel dependencies could not be traced ({type(exc).__name__}: {exc}); "
+                      "channel pruning is disabled for this model", stacklevel=2)
+        return None

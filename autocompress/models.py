@@ -1,0 +1,157 @@
+"""Built-in models and the `--model` spec parser.
+
+`digits_resnet` is a small residual CNN for the upscaled digits: trained once on first use and
+cached under the user's cache directory, so the default run and the tests start from a real,
+trained model without downloading anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import DIGITS_SIZE, digits_loaders, resolve_callable
+from .errors import AutocompressError
+
+
+def cache_dir() -> Path:
+    """Where trained built-ins and host calibrations live (AUTOCOMPRESS_CACHE overrides)."""
+    root = os.environ.get("AUTOCOMPRESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "autocompress")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class DigitsResNet(nn.Module):
+    """A ResNet-style CNN for 1x32x32 inputs: stem, three stages of two blocks, pool, linear."""
+
+    def __init__(self, widths=(32, 64, 128), classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)))
+            cin = w
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+BUILTIN_INPUT = {"digits_resnet": (1, 1, DIGITS_SIZE, DIGITS_SIZE)}
+
+
+def train_classifier(model: nn.Module, train_loader, epochs: int, lr: float = 0.05, seed: int = 0) -> nn.Module:
+    """Plain SGD + cosine schedule training, deterministic for a fixed seed."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(train_loader))
+    model.train()
+    for _ in range(epochs):
+        for x, y in train_loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def digits_resnet(pretrained: bool = True, epochs: int = 5) -> nn.Module:
+    """The built-in digits model; trained once (about a minute on 2 cores) and cached."""
+    model = DigitsResNet()
+    if not pretrained:
+        return model.eval()
+    tag = hashlib.sha1(f"digits_resnet-v2-{epochs}".encode()).hexdigest()[:10]
+    path = cache_dir() / f"digits_resnet-{tag}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    train, _ = digits_loaders(seed=0)
+    train_classifier(model, train, epochs=epochs)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a killed first run never leaves a half-written cache
+    return model
+
+
+BUILTINS = {"digits_resnet": digits_resnet}
+
+
+def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
+    """Resolve `--model`: a built-in name, `torchvision:NAME`, or `package.module:factory`."""
+    if spec in BUILTINS:
+        model = BUILTINS[spec](pretrained=checkpoint is None)
+    elif spec.startswith("torchvision:"):
+        model = _torchvision_model(spec.split(":", 1)[1])
+    elif ":" in spec:
+        model = resolve_callable(spec, "model")()
+        if not isinstance(model, nn.Module):
+            raise AutocompressError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    else:
+        allowed = ", ".join(sorted(BUILTINS)) + ", torchvision:NAME, package.module:factory"
+        raise AutocompressError(f"unknown model {spec!r}; allowed: {allowed}")
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise AutocompressError(f"unknown torchvision model {name!r}; allowed: {', '.join(sorted(names))}")
+    return torchvision.models.get_model(name, weights=None)
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state_dict safely (weights_only=True); accepts {'state_dict': ...} wrappers."""
+    if not os.path.isfile(path):
+        raise AutocompressError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, wrong format
+        raise AutocompressError(f"checkpoint {path!r} is not a loadable state_dict ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise AutocompressError(f"checkpoint {path!r} does not match the model: {first}") from None
+
+
+def default_input(spec: str, model: nn.Module) -> torch.Tensor:
+    """An example input for a model spec: the built-in's own shape, else 1x3x224x224 (299 for inception)."""
+    if spec in BUILTIN_INPUT:
+        return torch.randn(BUILTIN_INPUT[spec])
+    size = 299 if "inception" in spec else 224
+    return torch.randn(1, 3, size, size)

@@ -1,0 +1,146 @@
+"""Result: every trial and the Pareto front as DataFrames, models rebuilt from policies, save/load."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+
+from .budgets import METRICS
+from .compress import apply
+from .errors import AutocompressError
+from .space import Policy
+
+COLUMNS = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state", "origin",
+           "policy", "error", "duration_s"]
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial, indexed by trial number, with the API's columns."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        a = t.user_attrs
+        row = {c: a.get(c) for c in COLUMNS}
+        row.update(number=t.number, state=t.state.name, origin=a.get("origin", "compressed"),
+                   feasible=bool(a.get("feasible", False)) and t.state == TrialState.COMPLETE)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["number"] + COLUMNS).set_index("number")
+    for c in ("accuracy", "latency_ms", "energy_mj", "size_kb", "duration_s"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
+    for c in ("macs", "params"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
+    frame["feasible"] = frame["feasible"].astype(bool)
+    return frame
+
+
+def pareto_mask(values: np.ndarray) -> np.ndarray:
+    """Rows of `values` (all to be minimized) that no other row dominates."""
+    n = len(values)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = np.all(values <= values[i], axis=1) & np.any(values < values[i], axis=1)
+        keep[i] = not dominated.any()
+    return keep
+
+
+def pareto_front(trials: pd.DataFrame, objectives) -> pd.DataFrame:
+    """Non-dominated feasible completed trials; duplicates of a point keep their first trial."""
+    ok = trials[trials["feasible"] & (trials["state"] == "COMPLETE")].dropna(subset=list(objectives))
+    if ok.empty:
+        return ok
+    signs = np.array([-1.0 if METRICS[o] == "maximize" else 1.0 for o in objectives])
+    values = ok[list(objectives)].to_numpy(dtype=float) * signs
+    front = ok[pareto_mask(values)]
+    front = front.loc[~front[list(objectives)].duplicated()]
+    return front.sort_values(list(objectives), ascending=[METRICS[o] != "maximize" for o in objectives])
+
+
+class Result:
+    """What a search returns: `trials`, `pareto`, `baseline`, and `model(n)` for any trial."""
+
+    def __init__(self, trials: pd.DataFrame, baseline: dict, config: dict, base_model=None, example_input=None,
+                 models_dir: Path | None = None):
+        self.trials = trials
+        self.baseline = baseline
+        self.config = config
+        self.objectives = tuple(config["objectives"])
+        self.limits = dict(config.get("limits", {}))
+        self._base_model = base_model
+        self._example_input = example_input
+        self._models_dir = models_dir
+
+    @classmethod
+    def from_study(cls, study: optuna.Study, base_model=None, example_input=None) -> "Result":
+        config = study.user_attrs["config"]
+        return cls(trials_frame(study), study.user_attrs.get("baseline", {}), config, base_model, example_input)
+
+    @property
+    def pareto(self) -> pd.DataFrame:
+        return pareto_front(self.trials, self.objectives)
+
+    def model(self, number: int) -> torch.nn.Module:
+        """Trial `number`'s compressed model, rebuilt from its stored policy (saved weights if any)."""
+        if number not in self.trials.index:
+            raise AutocompressError(f"no trial {number!r} in this result; trials run from {self.trials.index.min()} "
+                                    f"to {self.trials.index.max()}")
+        if self._base_model is None:
+            raise AutocompressError("this result has no base model to rebuild from; pass model= to Result.load")
+        policy = Policy.from_json(self.trials.loc[number, "policy"])
+        model = apply(self._base_model, policy, self._example_input)
+        saved = self._models_dir / f"trial_{number}.pt" if self._models_dir else None
+        if saved is not None and saved.exists():
+            model.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+        return model.eval()
+
+    def save(self, path) -> Path:
+        """Write trials.csv, pareto.csv, config.json, the base model, and each Pareto model (.pt + policy .json)."""
+        out = Path(path)
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        self.trials.to_csv(out / "trials.csv")
+        self.pareto.to_csv(out / "pareto.csv")
+        (out / "config.json").write_text(json.dumps({**self.config, "baseline": self.baseline}, indent=2, default=str))
+        if self._base_model is not None:
+            torch.save(self._base_model.state_dict(), out / "base_model.pt")
+            torch.save(self._example_input, out / "example_input.pt")
+            for number in self.pareto.index:
+                torch.save(self.model(number).state_dict(), out / "models" / f"trial_{number}.pt")
+                (out / "models" / f"trial_{number}.json").write_text(self.trials.loc[number, "policy"])
+        return out
+
+    @classmethod
+    def load(cls, path, model: torch.nn.Module | None = None) -> "Result":
+        """Read a saved result; `model` (the uncompressed architecture) is needed unless the run named a model spec."""
+        src = Path(path)
+        if not (src / "trials.csv").exists() or not (src / "config.json").exists():
+            raise AutocompressError(f"{str(src)!r} holds no saved result (trials.csv and config.json are missing)")
+        try:
+            config = json.loads((src / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise AutocompressError(f"{str(src / 'config.json')!r} is corrupt ({exc})") from None
+        baseline = config.pop("baseline", {})
+        trials = pd.read_csv(src / "trials.csv", index_col="number")
+        for c in ("macs", "params"):
+            trials[c] = trials[c].astype("Int64")
+        trials["feasible"] = trials["feasible"].astype(bool)
+        base, example = model, None
+        if (src / "example_input.pt").exists():
+            example = torch.load(src / "example_input.pt", weights_only=True)
+        if base is None and config.get("model_spec"):
+            from .models import load_model
+
+            base = load_model(config["model_spec"], config.get("checkpoint"))
+        if base is not None and (src / "base_model.pt").exists():
+            base.load_state_dict(torch.load(src / "base_model.pt", map_location="cpu", weights_only=True))
+        return cls(trials, baseline, config, base, example, src / "models")
+
+    def __repr__(self) -> str:
+        n_feasible = int(self.trials["feasible"].sum())
+        return (f"Result({len(self.trials)} trials, {n_feasible} feasible, {len(self.pareto)} on the Pareto front, "
+                f"objectives={self.objectives})")
+

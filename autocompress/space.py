@@ -1,0 +1,206 @@
+"""Search spaces (YAML), their binding to a LayerGraph, and the Policy they produce.
+
+A space names techniques and, for each, the choices of its knobs and the granularity at which
+they are sampled: one value per target (`layer`), per stage (`stage`: targets at the same
+feature-map resolution) or one for the whole model (`global`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import optuna
+import yaml
+
+from .compress import TECHNIQUES
+from .errors import AutocompressError
+from .graph import LayerGraph
+
+GRANULARITIES = ("layer", "stage", "global")
+
+
+class Policy(dict):
+    """Plain JSON data: technique -> settings and per-target values. `apply(model, policy)` is deterministic."""
+
+    def to_json(self) -> str:
+        return json.dumps(self, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Policy":
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise AutocompressError(f"policy is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise AutocompressError(f"policy must be a JSON object, got {type(data).__name__}")
+        return cls(data)
+
+
+def builtin_spaces() -> list[str]:
+    folder = resources.files("autocompress") / "search_spaces"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@dataclass
+class Knob:
+    """One Optuna parameter: its name, distribution, and the technique field/targets it sets."""
+
+    param: str
+    distribution: optuna.distributions.BaseDistribution
+    technique: str
+    field: str
+    targets: list[str]
+
+
+class SearchSpace:
+    """A validated search space: technique -> {field: choices, 'granularity': ..., setting: value}."""
+
+    def __init__(self, name: str, techniques: dict, description: str = ""):
+        self.name = name
+        self.description = description
+        self.techniques = {t: _validate_technique(t, cfg, name) for t, cfg in techniques.items()}
+
+    @classmethod
+    def load(cls, name_or_path: "str | Path | SearchSpace") -> "SearchSpace":
+        """A built-in space by name (see `builtin_spaces()`) or a path to a YAML file."""
+        if isinstance(name_or_path, SearchSpace):
+            return name_or_path
+        text, where = _read_space(str(name_or_path))
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise AutocompressError(f"search space {where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("techniques"), dict):
+            raise AutocompressError(f"search space {where} must be a mapping with a 'techniques' mapping")
+        extra = set(data) - {"name", "description", "techniques"}
+        if extra:
+            raise AutocompressError(f"unknown key {sorted(extra)[0]!r} in search space {where}; allowed: name, description, techniques")
+        return cls(str(data.get("name", where)), data["techniques"], str(data.get("description", "")))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "techniques": self.techniques}
+
+    def bind(self, graph: LayerGraph) -> "BoundSpace":
+        """Turn the space into Optuna distributions for this model's layers and channel groups."""
+        knobs = []
+        for tname, cfg in self.techniques.items():
+            technique = TECHNIQUES[tname]
+            targets = technique.targets(graph)
+            for field in technique.fields:
+                for key, members in _group_targets(targets, cfg["granularity"]).items():
+                    knobs.append(Knob(f"{tname}.{field}.{key}", _distribution(cfg[field]), tname, field, members))
+        return BoundSpace(self, knobs)
+
+
+class BoundSpace:
+    """A space bound to one model: sample a Policy from an Optuna trial, or build one from values."""
+
+    def __init__(self, space: SearchSpace, knobs: list[Knob]):
+        self.space = space
+        self.knobs = knobs
+
+    @property
+    def distributions(self) -> dict:
+        return {k.param: k.distribution for k in self.knobs}
+
+    def sample(self, trial: optuna.Trial) -> Policy:
+        return self.policy({k.param: _suggest(trial, k) for k in self.knobs})
+
+    def policy(self, values: dict) -> Policy:
+        """Expand knob values (param -> value) into a Policy; missing knobs take their identity value."""
+        policy = Policy()
+        for tname, cfg in self.space.techniques.items():
+            settings = {k: v for k, v in cfg.items() if k in TECHNIQUES[tname].settings}
+            policy[tname] = dict(settings)
+        for k in self.knobs:
+            value = values.get(k.param, _identity(k.distribution))
+            section = policy[k.technique].setdefault(k.field, {})
+            for target in k.targets:
+                section[target] = value
+        return policy
+
+    def uniform(self, fraction: float) -> dict:
+        """Knob values at the same relative position `fraction` (0 = most compressed, 1 = none)."""
+        values = {}
+        for k in self.knobs:
+            d = k.distribution
+            if isinstance(d, optuna.distributions.CategoricalDistribution):
+                ordered = sorted(d.choices)
+                values[k.param] = ordered[round(fraction * (len(ordered) - 1))]
+            else:
+                steps = round(fraction * (d.high - d.low) / d.step)
+                values[k.param] = d.low + steps * d.step
+        return values
+
+
+def _suggest(trial: optuna.Trial, knob: Knob):
+    d = knob.distribution
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(knob.param, d.choices)
+    return trial.suggest_float(knob.param, d.low, d.high, step=d.step)
+
+
+def _identity(d) -> object:
+    """The value that leaves the model as it is: the largest choice (keep 1.0, 32 bits)."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return max(d.choices)
+    return d.high
+
+
+def _read_space(spec: str) -> tuple[str, str]:
+    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise AutocompressError(f"search space file {spec!r} does not exist")
+        return path.read_text(), repr(spec)
+    if spec not in builtin_spaces():
+        raise AutocompressError(f"unknown search space {spec!r}; allowed: {', '.join(builtin_spaces())}, or a path to a YAML file")
+    return (resources.files("autocompress") / "search_spaces" / f"{spec}.yaml").read_text(), repr(spec)
+
+
+def _validate_technique(tname: str, cfg, where: str) -> dict:
+    if tname not in TECHNIQUES:
+        raise AutocompressError(f"unknown technique {tname!r} in search space {where!r}; allowed: {', '.join(TECHNIQUES)}")
+    technique = TECHNIQUES[tname]
+    cfg = dict(cfg or {})
+    allowed = set(technique.fields) | set(technique.settings) | {"granularity"}
+    for key in cfg:
+        if key not in allowed:
+            raise AutocompressError(f"unknown key {key!r} for technique {tname!r}; allowed: {', '.join(sorted(allowed))}")
+    out = {"granularity": cfg.get("granularity", "layer")}
+    if out["granularity"] not in GRANULARITIES:
+        raise AutocompressError(f"granularity {out['granularity']!r} of {tname!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+    for key, default in technique.settings.items():
+        value = cfg.get(key, default)
+        choices = technique.allowed_settings.get(key)
+        if choices is not None and value not in choices:
+            raise AutocompressError(f"{tname}.{key} = {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+        out[key] = value
+    for key, default in technique.fields.items():
+        out[key] = cfg.get(key, default)
+        _distribution(out[key], f"{tname}.{key}")  # validates
+    return out
+
+
+def _distribution(spec, where: str = "knob"):
+    if isinstance(spec, list):
+        if not spec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+            raise AutocompressError(f"{where} must list numbers, got {spec!r}")
+        return optuna.distributions.CategoricalDistribution(sorted(set(spec)))
+    if isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "step"}:
+        low, high, step = spec["low"], spec["high"], spec.get("step")
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 < low <= high):
+            raise AutocompressError(f"{where} range must satisfy 0 < low <= high, got low={low!r} high={high!r}")
+        return optuna.distributions.FloatDistribution(low, high, step=step or (high - low) / 8 or 1.0)
+    raise AutocompressError(f"{where} must be a list of choices or {{low, high, step}}, got {spec!r}")
+
+
+def _group_targets(targets: list[tuple[str, str]], granularity: str) -> dict[str, list[str]]:
+    """Knob key -> targets it sets: one knob per target, per stage, or a single global one."""
+    grouped: dict[str, list[str]] = {}
+    for target, stage in targets:
+        key = target if granularity == "layer" else f"stage_{stage}" if granularity == "stage" else "all"
+        grouped.setdefault(key, []).append(target)
+    return grouped
