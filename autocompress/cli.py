@@ -1,4 +1,4 @@
-"""The command line: autocompress run | report | estimate | hardware | calibrate."""
+"""The command line: autocompress run | report | export | estimate | hardware | calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -58,16 +58,49 @@ def _example_input(args, model):
 
 
 def _report(args) -> None:
-    from . import report
-    from .result import Result
-
-    result = Result.load(args.dir)
-    text = {"table": report.format_table, "csv": report.to_csv, "json": report.to_json}[args.format](result)
+    result = _load_result(args)
+    text = result.report(args.format, args.to, args.trial)
     if args.to:
-        Path(args.to).write_text(text)
-        print(f"wrote {args.to}")
+        print(f"wrote {args.to} ({args.format}, {len(text.encode()) / 1024:,.1f} KB)")
     else:
         print(text)
+
+
+def _export(args) -> None:
+    result = _load_result(args)
+    data = None
+    if args.data:
+        from .data import load_data
+
+        data = load_data(args.data, tuple(result.config.get("input_shape") or ()) or None)
+    print(result.export(args.trial, args.format, args.to, data).summary())
+
+
+def _load_result(args):
+    """A saved run folder, or a study in an Optuna storage (--storage URL --study NAME)."""
+    import optuna
+    import torch
+
+    from . import models
+    from .result import Result
+
+    base = models.load_model(args.model) if args.model else None
+    if args.dir:
+        return Result.load(args.dir, model=base)
+    if not args.storage:
+        raise AutocompressError(f"{args.command} needs a run folder (DIR) or --storage URL with --study NAME")
+    try:
+        study = optuna.load_study(study_name=args.study, storage=args.storage)
+    except Exception as exc:
+        raise AutocompressError(f"cannot open study {args.study!r} in storage {args.storage!r}: "
+                                f"{str(exc).splitlines()[0]}") from None
+    config = study.user_attrs.get("config")
+    if config is None:
+        raise AutocompressError(f"study {args.study!r} in {args.storage!r} was not written by autocompress (no config)")
+    if base is None and config.get("model_spec"):
+        base = models.load_model(config["model_spec"], config.get("checkpoint"))
+    example = torch.randn(config["input_shape"], generator=torch.Generator().manual_seed(0)) if base is not None else None
+    return Result.from_study(study, base, example)
 
 
 def _estimate(args) -> None:
@@ -136,11 +169,29 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_run)
 
-    rep = sub.add_parser("report", help="show a run's Pareto front")
-    rep.add_argument("dir")
-    rep.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    def source_args(sp):
+        sp.add_argument("dir", nargs="?", help="a run folder (written by `run` or Result.save)")
+        sp.add_argument("--storage", help="read the study from this Optuna storage URL instead of a folder")
+        sp.add_argument("--study", default="autocompress", help="study name inside --storage")
+        sp.add_argument("--model", help="the uncompressed architecture (built-in name, torchvision:NAME or "
+                                        "package.module:factory) when the run was started from Python")
+
+    rep = sub.add_parser("report", help="show a run's Pareto front (table, CSV, JSON or an HTML page)")
+    source_args(rep)
+    rep.add_argument("--format", default="table", choices=["table", "csv", "json", "html"])
     rep.add_argument("--to", help="write to this file instead of stdout")
+    rep.add_argument("--trial", type=int, help="the model whose per-layer costs the HTML report shows "
+                                               "(default: the first Pareto model)")
     rep.set_defaults(func=_report)
+
+    exp = sub.add_parser("export", help="write one trial's compressed model to a file and check its accuracy")
+    source_args(exp)
+    exp.add_argument("--trial", type=int, required=True, help="trial number (see `report`)")
+    exp.add_argument("--format", default="state_dict", choices=["state_dict", "torchscript", "onnx"])
+    exp.add_argument("--to", help="output file (default trial_N.pt, trial_N.ts.pt or trial_N.onnx)")
+    exp.add_argument("--data", help="data for BatchNorm statistics and the accuracy check (default: the run's), "
+                                    "e.g. digits, imagefolder:PATH or package.module:function")
+    exp.set_defaults(func=_export)
 
     est = sub.add_parser("estimate", help="per-layer cost of a model on a device")
     model_args(est)

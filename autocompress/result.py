@@ -139,6 +139,24 @@ class Result:
             base.load_state_dict(torch.load(src / "base_model.pt", map_location="cpu", weights_only=True))
         return cls(trials, baseline, config, base, example, src / "models")
 
+    def report(self, format: str = "table", to=None, trial: int | None = None) -> str:
+        """The Pareto report as text: "table", "csv", "json" or "html" (one self-contained page); also written to
+        `to` when given. `trial` picks the model whose per-layer costs the HTML report breaks down."""
+        from .report import render
+
+        text = render(self, format, trial)
+        if to is not None:
+            Path(to).write_text(text, encoding="utf-8")
+        return text
+
+    def export(self, trial: int, format: str = "state_dict", to=None, data=None):
+        """Write trial `trial`'s compressed model as "state_dict", "torchscript" or "onnx" to `to`, judged as the
+        search judged it (BatchNorm re-estimated on `data`'s training loader, else the run's data); returns an
+        `Exported` with the file's size and its re-measured accuracy."""
+        from .export import export
+
+        return export(self, trial, format, to, data)
+
     def __repr__(self) -> str:
         n_feasible = int(self.trials["feasible"].sum())
         return (f"Result({len(self.trials)} trials, {n_feasible} feasible, {len(self.pareto)} on the Pareto front, "
