@@ -1,4 +1,25 @@
-"""What every technique provides, and the per-module metadata the cost model reads."""
+"""What every technique provides, and the per-module metadata the cost model reads.
+
+Metadata keys (set with `set_meta`, read with `get_meta`; absent means "not compressed that way"):
+
+| key             | set by    | on                        | meaning                                                        |
+|-----------------|-----------|---------------------------|----------------------------------------------------------------|
+| keep            | prune     | conv/linear               | fraction of output channels kept (shapes already reflect it)   |
+| rank            | lowrank   | the nn.Sequential factors | rank of the factorization (Tucker-2: the output-side rank)     |
+| rank_in         | lowrank   | Tucker-2 factors          | input-side rank of a Tucker-2 factorization                    |
+| rank_fraction   | lowrank   | the nn.Sequential factors | the knob: rank as a fraction of the full rank                  |
+| lowrank_method  | lowrank   | the nn.Sequential factors | svd (Linear, 1x1), tucker or spatial (kxk)                     |
+| lowrank_error   | lowrank   | the nn.Sequential factors | relative output error ||f(x) - f_r(x)|| / ||f(x)|| on the example input |
+| sparsity        | sparsity  | conv/linear leaf          | fraction of weights that are exactly zero (stored sparse)      |
+| share_bits      | share     | conv/linear leaf          | index bits per stored weight (2^share_bits shared values)      |
+| clusters        | share     | conv/linear leaf          | distinct non-zero values actually left (codebook entries)      |
+| weight_bits     | quantize  | conv/linear leaf          | bits per weight value (1 binary, 2 ternary, 4, 8 int; 16 fp16) |
+|                 |           |                           | with `clusters`: bits of each codebook value (one scale/layer) |
+| act_bits        | quantize  | conv/linear leaf          | bits of the layer's input activations (per-tensor affine)      |
+| huffman         | share, quantize | conv/linear leaf    | stored value codes are Huffman-coded                           |
+
+Stored size of a weight tensor with these keys: `compress.storage.weight_bytes(weight, meta)`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +28,7 @@ from typing import Callable
 from torch import nn
 
 META = "autocompress_meta"
+WEIGHT_KINDS = ("conv", "dwconv", "linear")
 
 
 def get_meta(module: nn.Module) -> dict:
@@ -20,6 +42,22 @@ def set_meta(module: nn.Module, **values) -> None:
     setattr(module, META, meta)
 
 
+def layer_targets(graph, kinds=WEIGHT_KINDS) -> list[tuple[str, str]]:
+    """(layer name, stage) of every module layer of `kinds`; the stage is its output resolution."""
+    return [(l.name, "x".join(map(str, l.out_shape[2:])) or "flat")
+            for l in graph.layers if l.kind in kinds and l.module is not None]
+
+
+def weight_layers(model: nn.Module, name: str) -> list[nn.Module]:
+    """The conv/linear modules a target name now stands for: the layer itself, or the factors an earlier
+    technique replaced it with (low-rank); none when an earlier technique removed it (depth)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return []
+    return [m for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+
+
 @dataclass(frozen=True)
 class Technique:
     """One compression technique as the search space sees it.
@@ -27,6 +65,8 @@ class Technique:
     `fields` are the knobs it exposes (name -> default choices); `settings` are fixed options with
     their defaults and allowed values (None means any value); `targets(graph)` lists
     (target name, stage) pairs that a knob is sampled for; `apply` performs the compression.
+    `constraint(module)`, when given, returns a torch parametrization that keeps the module's
+    compression in force while it is fine-tuned (or None for modules it did not touch).
     """
 
     name: str
@@ -35,3 +75,4 @@ class Technique:
     targets: Callable
     apply: Callable
     allowed_settings: dict = field(default_factory=dict)
+    constraint: Callable | None = None

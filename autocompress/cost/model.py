@@ -49,14 +49,17 @@ def weight_bits(module: nn.Module | None) -> int:
 
 
 def size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as stored: bit-packed quantized weights plus one fp32 scale per
-    output channel, every other tensor of the state_dict at its own dtype size."""
+    """Bytes of the model's weights as stored: each conv/linear weight as compress.storage.weight_bytes
+    counts it (bit-packed values, per-channel scales, sparse index, codebook, optional Huffman), every other
+    tensor of the state_dict at its own dtype size."""
+    from ..compress.storage import weight_bytes
+
     total = 0
     for module in model.modules():
-        bits = weight_bits(module)
+        meta = get_meta(module)
         for name, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if name == "weight" and bits < 32:
-                total += math.ceil(p.numel() * bits / 8) + 4 * p.shape[0]
+            if name == "weight" and meta:
+                total += weight_bytes(p, meta)
             else:
                 total += p.numel() * p.element_size()
     return total

@@ -1,0 +1,86 @@
+"""Unstructured sparsity: per-layer magnitude masks, kept up by dynamic network surgery while fine-tuning.
+
+The knob is a layer's `density`, the fraction of its weights kept (1.0 = dense): the smallest
+magnitudes are set to exactly zero. Shapes do not change; the size model stores the layer sparse
+(non-zero values plus a bitmask or CSR index, whichever is smaller). While fine-tuning, every
+weight keeps a float shadow that receives gradients even when pruned, and every `SURGERY_EVERY`
+steps the mask is recomputed from the shadows at the same density, so a weight pruned earlier
+whose shadow has grown is spliced back (Guo et al., Dynamic Network Surgery, 2016).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Technique, get_meta, layer_targets, set_meta, weight_layers
+
+SURGERY_EVERY = 10  # fine-tuning steps between mask updates
+
+
+def magnitude_mask(weight: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the `keep` largest-magnitude entries of `weight` (ties broken by position)."""
+    mask = torch.zeros(weight.numel(), dtype=torch.bool)
+    mask[torch.topk(weight.detach().abs().flatten(), keep, sorted=False).indices] = True
+    return mask.reshape(weight.shape)
+
+
+def kept_weights(numel: int, density: float) -> int:
+    return max(1, min(numel, round(numel * density)))
+
+
+def index_bytes(mask: torch.Tensor) -> int:
+    """Bytes of the index that says where the non-zeros of `mask` are: a bitmask (one bit per weight) or
+    CSR over (output channel, rest) rows (32-bit row pointers, column indices of ceil(log2(cols)) bits),
+    whichever is smaller."""
+    rows = mask.shape[0]
+    cols = mask.numel() // rows
+    bitmask = math.ceil(mask.numel() / 8)
+    csr = 4 * (rows + 1) + math.ceil(int(mask.sum()) * max(1, math.ceil(math.log2(cols))) / 8)
+    return min(bitmask, csr)
+
+
+def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
+    for name, density in section.get("density", {}).items():
+        if float(density) >= 1.0:
+            continue
+        for module in weight_layers(model, name):
+            w = module.weight.data
+            mask = magnitude_mask(w, kept_weights(w.numel(), float(density)))
+            w.mul_(mask)
+            set_meta(module, sparsity=1.0 - int(mask.sum()) / w.numel())
+    return model
+
+
+class Surgery(nn.Module):
+    """Fine-tuning parametrization: masked weights forward, gradients to all weights, masks re-cut at the same
+    density every `every` training steps (pruned weights can come back)."""
+
+    def __init__(self, weight: torch.Tensor, every: int = SURGERY_EVERY):
+        super().__init__()
+        self.register_buffer("mask", weight != 0)
+        self.keep = int(self.mask.sum())
+        self.every = every
+        self.steps = 0
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self.steps and self.steps % self.every == 0:
+                self.mask = magnitude_mask(weight, self.keep)
+            self.steps += 1
+        return weight + (weight * self.mask - weight).detach()
+
+
+def constraint(module: nn.Module) -> nn.Module | None:
+    return Surgery(module.weight.detach()) if get_meta(module).get("sparsity", 0) > 0 else None
+
+
+TECHNIQUE = Technique(
+    name="sparsity",
+    fields={"density": [1.0, 0.5, 0.3, 0.2, 0.1]},
+    settings={},
+    targets=layer_targets,
+    apply=apply,
+    constraint=constraint,
+)
