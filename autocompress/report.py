@@ -25,11 +25,12 @@ from .result import Result, pareto_mask
 SHOWN = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params"]
 FORMATS = ("table", "csv", "json", "html")
 PACKAGES = ("autocompress", "torch", "torchvision", "optuna", "torch-pruning", "fvcore", "numpy", "pandas")
-REFERENCE = ("reference point: accuracy 0 and each cost at its budget (at the uncompressed model's value where "
-             "it has no budget); 1.0 would be a model with accuracy 1 at zero cost")
 FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group",
                 ("quantize", "weight_bits"): "weight bits, per layer",
-                ("lowrank", "rank"): "rank fraction, per layer"}
+                ("quantize", "act_bits"): "activation bits, per layer",
+                ("lowrank", "rank"): "kept fraction of rank, per layer",
+                ("sparsity", "density"): "fraction of weights kept (unstructured sparsity), per layer",
+                ("share", "bits"): "bits per shared-weight index, per layer"}
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -56,7 +57,7 @@ def pareto_table(result: Result) -> pd.DataFrame:
             table[f"{metric.split('_')[0]} x"] = table[metric] / result.baseline[metric]
     table["binds"] = [binding(row, result.limits) if str(name).startswith("trial") else ""
                       for name, row in table.iterrows()]
-    return table
+    return _counts_as_int(table.dropna(axis=1, how="all"))
 
 
 def closest(result: Result, k: int = 5) -> pd.DataFrame:
@@ -66,10 +67,27 @@ def closest(result: Result, k: int = 5) -> pd.DataFrame:
         return pd.DataFrame(columns=[*SHOWN, "misses by"])
     excess = pd.DataFrame({m: done[m].astype(float) / lim - 1 for m, lim in result.limits.items()}, index=done.index)
     worst = excess.max(axis=1) if result.limits else pd.Series(0.0, index=done.index)
-    rows = done.loc[worst.sort_values(kind="stable").index[:k], SHOWN].astype(float)
+    rows = done.loc[worst.sort_values(kind="stable").index[:k], SHOWN].astype(float).dropna(axis=1, how="all")
     rows["misses by"] = [_misses(excess.loc[n], result.limits, done.loc[n]) for n in rows.index]
     rows.index = [f"trial {n}" for n in rows.index]
-    return rows
+    return _counts_as_int(rows)
+
+
+def _counts_as_int(table: pd.DataFrame) -> pd.DataFrame:
+    """MACs and parameters are counts: integers (nullable where a row has none), never 1.05e+08."""
+    for c in ("macs", "params"):
+        if c in table:
+            table[c] = table[c].round().astype("Int64")
+    return table
+
+
+def closest_table(result: Result) -> pd.DataFrame:
+    """The closest candidates under the baseline and budget rows, for runs where none met the budgets."""
+    near = closest(result)
+    if near.empty:
+        return near
+    head = pareto_table(result).reindex(columns=[c for c in near.columns if c != "misses by"])
+    return pd.concat([head, near])
 
 
 def _misses(excess: pd.Series, limits: dict, row) -> str:
@@ -77,8 +95,18 @@ def _misses(excess: pd.Series, limits: dict, row) -> str:
     return ", ".join(over) or "nothing (within budget)"
 
 
-def _number(v: float) -> str:
-    return plots.fmt(v) if not (isinstance(v, float) and v.is_integer() and abs(v) >= 1e4) else f"{int(v):,}"
+def _number(v) -> str:
+    """Counts with thousands separators, other numbers to four significant digits, missing as '-'."""
+    if pd.isna(v):
+        return "-"
+    if isinstance(v, (int, np.integer)) or (float(v).is_integer() and abs(v) >= 1e4):
+        return f"{int(v):,}"
+    return plots.fmt(float(v))
+
+
+def _text(table: pd.DataFrame) -> str:
+    """A table as aligned terminal text."""
+    return table.map(lambda v: _number(v) if _is_number(v) else v).to_string()
 
 
 def format_table(result: Result) -> str:
@@ -91,19 +119,14 @@ def format_table(result: Result) -> str:
     lines.append(f"trials: {n} finished, {feasible} within budget, {failed} failed")
     if result.pareto.empty:
         lines.append(_none_met(result))
-        near = closest(result)
-        if not near.empty:
-            table = pd.concat([pareto_table(result)[SHOWN], near])
-            lines.append(table.to_string(formatters=_formatters(table.columns), na_rep="-"))
+        table = closest_table(result)
+        if not table.empty:
+            lines.append(_text(table))
         return "\n".join(lines)
     table = pareto_table(result)
     lines.append(f"Pareto front ({len(result.pareto)} models; 'binds' = the budget each is closest to, share used):")
-    lines.append(table.to_string(formatters=_formatters(table.columns), na_rep="-"))
+    lines.append(_text(table))
     return "\n".join(lines)
-
-
-def _formatters(columns) -> dict:
-    return {c: _number for c in columns if c not in ("binds", "misses by")}
 
 
 def _none_met(result: Result) -> str:
@@ -115,7 +138,7 @@ def _none_met(result: Result) -> str:
 
 def to_csv(result: Result) -> str:
     """The table's rows (baseline, budget, Pareto models or the closest candidates) with each trial's policy."""
-    table = pareto_table(result) if not result.pareto.empty else pd.concat([pareto_table(result), closest(result)])
+    table = pareto_table(result) if not result.pareto.empty else closest_table(result)
     policies = {f"trial {n}": p for n, p in result.trials["policy"].items()}
     table["policy"] = [policies.get(name, "") for name in table.index]
     return table.to_csv(index_label="row")
@@ -134,7 +157,7 @@ def to_json(result: Result) -> str:
                        "trials": {"finished": len(result.trials), "feasible": int(result.trials["feasible"].sum())},
                        "pareto": rows(front), "closest": rows(closest(result)) if front.empty else {},
                        "hypervolume": {"value": float(history.iloc[-1]) if len(history) else 0.0,
-                                       "reference": REFERENCE}}, indent=2, default=_plain)
+                                       "reference": reference_point(result)}}, indent=2, default=_plain)
 
 
 def _plain(v):
@@ -181,16 +204,20 @@ def _slice_volume(pts: np.ndarray, ref: np.ndarray) -> float:
     return total
 
 
+def reference_point(result: Result) -> dict:
+    """The hypervolume's reference point in the objectives' own units: accuracy 0, each cost at its budget
+    (at the uncompressed model's value where it has no budget)."""
+    return {o: 0.0 if METRICS[o] == "maximize" else float(result.limits.get(o) or result.baseline.get(o) or 1.0)
+            for o in result.objectives}
+
+
 def normalized(result: Result, frame: pd.DataFrame) -> np.ndarray:
     """Objectives of `frame` as minimization in units of the reference point (which becomes all ones):
     1 - accuracy for accuracy, value / (budget, else uncompressed value) for each cost."""
-    cols = []
+    cols, reference = [], reference_point(result)
     for o in result.objectives:
         values = frame[o].astype(float).to_numpy()
-        if METRICS[o] == "maximize":
-            cols.append(1.0 - values)
-        else:
-            cols.append(values / float(result.limits.get(o) or result.baseline.get(o) or 1.0))
+        cols.append(1.0 - values if METRICS[o] == "maximize" else values / reference[o])
     return np.stack(cols, axis=1) if cols else np.zeros((len(frame), 0))
 
 
@@ -245,10 +272,13 @@ def _frame_html(frame: pd.DataFrame, highlight: str | None = None) -> str:
     body = []
     for name, row in frame.iterrows():
         cls = ' class="hl"' if highlight and name == highlight else ""
-        cells = "".join(f"<td>{escape(_number(v) if isinstance(v, (int, float, np.number)) else str(v))}</td>"
-                        for v in row.to_numpy())
+        cells = "".join(f"<td>{escape(_number(v) if _is_number(v) else str(v))}</td>" for v in row.to_numpy())
         body.append(f"<tr{cls}><th>{escape(str(name))}</th>{cells}</tr>")
     return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _is_number(v) -> bool:
+    return v is pd.NA or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
 
 
 def _summary(result: Result) -> str:
@@ -262,7 +292,7 @@ def _summary(result: Result) -> str:
                                            f"</div></div>" for k, v in cards) + "</div>"
     if result.pareto.empty:
         html += (f'<div class="alert"><strong>{escape(_none_met(result))}</strong>'
-                 f'{_frame_html(closest(result))}</div>')
+                 f'{_frame_html(closest_table(result))}</div>')
     else:
         html += _frame_html(pareto_table(result))
         html += '<p class="note">binds: the budget each model is closest to, with the share of it used.</p>'
@@ -274,7 +304,7 @@ def _front_section(result: Result) -> str:
     if len(objectives) < 2:
         return ""
     pairs = [(a, b) for i, a in enumerate(objectives) for b in objectives[i + 1:]]
-    size = (600, 400) if len(pairs) == 1 else (400, 320)
+    size = (620, 420) if len(pairs) == 1 else (380, 320)
     panels = "".join(f'<figure class="plot front">{_panel(result, *_orient(a, b), size)}</figure>' for a, b in pairs)
     legend = ('<div class="legend"><span><i class="dot blue"></i>Pareto front</span><span><i class="dot grey"></i>'
               'other trials within budget</span><span><i class="x"></i>over budget (never evaluated when accuracy '
@@ -310,7 +340,7 @@ def _panel(result: Result, xo: str, yo: str, size: tuple[int, int]) -> str:
               color="#d93025", css="infeasible")
     unplaced = over[over[yo].isna()]
     if not unplaced.empty:
-        ax.strip_points(unplaced[xo], ax.strip("not run"), [_tip(n, r, result) for n, r in unplaced.iterrows()])
+        ax.strip_points(unplaced[xo], ax.strip("not evaluated"), [_tip(n, r, result) for n, r in unplaced.iterrows()])
     if not front.empty:
         ordered = front.sort_values(xo)
         if len(result.objectives) == 2:
@@ -345,6 +375,14 @@ def _hypervolume_section(result: Result) -> str:
     history = hypervolume_history(result)
     if history.empty:
         return ""
+    ref = ", ".join(f"{o} {plots.fmt(v)}" + ("" if METRICS[o] == "maximize" else
+                                              " (its budget)" if o in result.limits else " (uncompressed, no budget)")
+                    for o, v in reference_point(result).items())
+    note = (f"Hypervolume of the feasible trials finished so far: the share of the box between the ideal point "
+            f"(accuracy 1, zero cost) and the reference point ({escape(ref)}) that they dominate.")
+    if not history.max() > 0:
+        return _section("Hypervolume over trials", "<p>0 after every trial: no trial within budget beats the "
+                                                   "reference point.</p>", note)
     xs = [float(i) for i in history.index]
     ax = plots.Axes(plots.padded(min(xs), max(xs) + (1 if len(xs) == 1 else 0), 0.02),
                     (0.0, max(1e-3, float(history.max()) * 1.1)), "trial number", "hypervolume (normalized)",
@@ -352,8 +390,6 @@ def _hypervolume_section(result: Result) -> str:
     ax.line(xs, list(history), "#1a73e8", width=2.0, step=True)
     ax.points(xs, list(history), [f"after trial {int(x)}: {v:.4f}" for x, v in zip(xs, history)], color="#1a73e8",
               size=2.5)
-    note = (f"Hypervolume of the feasible trials finished so far, over the objectives "
-            f"{', '.join(result.objectives)} normalized so that the {escape(REFERENCE)}.")
     return _section("Hypervolume over trials", f'<figure class="plot hv">{ax.svg()}</figure>', note)
 
 
@@ -370,6 +406,8 @@ def _heatmap_section(result: Result, order: list[str] | None) -> str:
         rows = [f"#{n} {_row_label(models.loc[n], result)}" for n in policies]
         values = [[_value(policies[n], technique, field, c) for c in cols] for n in policies]
         lo, hi, log = _field_range(result, technique, field, values)
+        if hi <= lo:  # a knob the space does not turn
+            continue
         scale = _scale(lo, hi, log)
         legend = (field, (lo, f"{plots.fmt(lo)} most compressed"), (hi, f"{plots.fmt(hi)} uncompressed"))
         title = FIELD_TITLES.get((technique, field), f"{technique} {field}, per target")
