@@ -36,6 +36,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for c in ("macs", "params"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
     frame["feasible"] = frame["feasible"].astype(bool)
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), np.nan)  # as read back from CSV
     return frame
 
 
