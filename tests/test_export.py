@@ -1,0 +1,89 @@
+"""Export: every format's file, loaded on its own, reproduces the reported accuracy on the validation data."""
+import io
+import re
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+
+import autocompress as ac
+from autocompress.cli import main
+from autocompress.errors import AutocompressError
+from report_runs import digits_run
+
+
+@pytest.fixture(scope="module")
+def run():
+    return digits_run()
+
+
+@pytest.fixture(scope="module")
+def best(run):
+    """The most accurate Pareto model: its trial number and reported accuracy."""
+    result, _ = run
+    n = int(result.pareto["accuracy"].idxmax())
+    return n, float(result.trials.loc[n, "accuracy"])
+
+
+def file_accuracy(fmt: str, path, result, trial: int, val_loader) -> float:
+    """Load the written file with its own runtime only (no autocompress code in the forward pass) and score it."""
+    if fmt == "state_dict":
+        model = ac.apply(result._base_model, result.trials.loc[trial, "policy"], result._example_input)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        run = lambda x: model.eval()(x).detach().numpy()  # noqa: E731
+    elif fmt == "torchscript":
+        model = torch.jit.load(str(path))
+        run = lambda x: model.eval()(x).detach().numpy()  # noqa: E731
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # noqa: E731
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in val_loader:
+            correct += int((np.argmax(run(x), axis=1) == y.numpy()).sum())
+            total += len(y)
+    return correct / total
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx"])
+def test_exported_file_reproduces_the_reported_accuracy(fmt, run, best, digits_data, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (pip install '.[onnx]')")
+    result, _ = run
+    trial, reported = best
+    path = tmp_path / f"model.{fmt}"
+    info = result.export(trial, fmt, path, data=digits_data)
+    assert info.path == path and info.size_bytes == path.stat().st_size > 10_000
+    assert info.accuracy == pytest.approx(reported, abs=1e-12)
+    assert file_accuracy(fmt, path, result, trial, digits_data[1]) == pytest.approx(reported, abs=1e-12)
+
+
+def test_cli_export_prints_size_and_accuracy_of_the_file(run, best, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, folder = run
+    trial, reported = best
+    path = tmp_path / "m.onnx"
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["export", str(folder), "--model", "digits_resnet", "--data", "digits", "--trial", str(trial),
+                     "--format", "onnx", "--to", str(path)])
+    assert code == 0
+    text = out.getvalue()
+    size_kb = float(re.search(r"([\d,.]+) KB on disk", text).group(1).replace(",", ""))
+    assert size_kb == pytest.approx(path.stat().st_size / 1024, abs=0.06)
+    assert f"accuracy of the file on the validation data: {reported:.4f} (reported {reported:.4f})" in text
+
+
+def test_export_refuses_what_it_cannot_honour(run, best, tmp_path):
+    result, _ = run
+    trial, _ = best
+    with pytest.raises(AutocompressError, match="pass data=.*--data"):
+        result.export(trial, "state_dict", tmp_path / "m.pt")  # a Python run records no data spec
+    with pytest.raises(AutocompressError, match="unknown export format 'tflite'"):
+        result.export(trial, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(AutocompressError, match="no trial 999"):
+        result.export(999, "state_dict", tmp_path / "m.pt")
+    assert not list(tmp_path.iterdir())
