@@ -84,22 +84,27 @@ class SearchSpace:
 
     def bind(self, graph: LayerGraph) -> "BoundSpace":
         """Turn the space into Optuna distributions for this model's layers and channel groups."""
-        knobs = []
+        knobs, fixed = [], []
         for tname, cfg in self.techniques.items():
             technique = TECHNIQUES[tname]
             targets = technique.targets(graph)
             for field in technique.fields:
+                dist = _distribution(cfg[field])
+                if _fixed(dist):  # a single choice is a setting, not a knob: nothing for the sampler to do
+                    fixed.append(Knob(f"{tname}.{field}.all", dist, tname, field, [t for t, _ in targets]))
+                    continue
                 for key, members in _group_targets(targets, cfg["granularity"]).items():
-                    knobs.append(Knob(f"{tname}.{field}.{key}", _distribution(cfg[field]), tname, field, members))
-        return BoundSpace(self, knobs)
+                    knobs.append(Knob(f"{tname}.{field}.{key}", dist, tname, field, members))
+        return BoundSpace(self, knobs, fixed)
 
 
 class BoundSpace:
     """A space bound to one model: sample a Policy from an Optuna trial, or build one from values."""
 
-    def __init__(self, space: SearchSpace, knobs: list[Knob]):
+    def __init__(self, space: SearchSpace, knobs: list[Knob], fixed: list[Knob] | None = None):
         self.space = space
         self.knobs = knobs
+        self.fixed = fixed or []
 
     @property
     def distributions(self) -> dict:
@@ -114,7 +119,7 @@ class BoundSpace:
         for tname, cfg in self.space.techniques.items():
             settings = {k: v for k, v in cfg.items() if k in TECHNIQUES[tname].settings}
             policy[tname] = dict(settings)
-        for k in self.knobs:
+        for k in self.fixed + self.knobs:
             value = values.get(k.param, _identity(k.distribution))
             section = policy[k.technique].setdefault(k.field, {})
             for target in k.targets:
@@ -140,6 +145,10 @@ def _suggest(trial: optuna.Trial, knob: Knob):
     if isinstance(d, optuna.distributions.CategoricalDistribution):
         return trial.suggest_categorical(knob.param, d.choices)
     return trial.suggest_float(knob.param, d.low, d.high, step=d.step)
+
+
+def _fixed(d) -> bool:
+    return isinstance(d, optuna.distributions.CategoricalDistribution) and len(d.choices) == 1
 
 
 def _identity(d) -> object:
