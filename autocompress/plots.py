@@ -46,7 +46,7 @@ class Axes:
     """One panel: data ranges mapped to an SVG box, with marks added by method calls and rendered by `svg()`."""
 
     def __init__(self, xlim, ylim, xlabel: str, ylabel: str, width: int = 460, height: int = 330,
-                 margin=(64, 18, 16, 70)):
+                 margin=(72, 18, 16, 70)):
         self.xlim, self.ylim = xlim, ylim
         self.xlabel, self.ylabel = xlabel, ylabel
         self.width, self.height = width, height

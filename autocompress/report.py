@@ -244,7 +244,10 @@ def to_html(result: Result, trial: int | None = None) -> str:
 
     base_layers = _layers(result, None)
     chosen = _chosen(result, trial)
-    sections = [_summary(result), _front_section(result), _hypervolume_section(result),
+    plots_row = _front_section(result) + _hypervolume_section(result)
+    if len(result.objectives) == 2:  # one front panel: it and the hypervolume side by side
+        plots_row = f'<div class="row">{plots_row}</div>'
+    sections = [_summary(result), plots_row,
                 _heatmap_section(result, list(base_layers.index) if base_layers is not None else None),
                 _breakdown_section(result, chosen, base_layers), _metadata_section(result)]
     page = Template((resources.files("autocompress") / "templates" / "report.html").read_text())
@@ -307,8 +310,8 @@ def _front_section(result: Result) -> str:
     size = (620, 420) if len(pairs) == 1 else (380, 320)
     panels = "".join(f'<figure class="plot front">{_panel(result, *_orient(a, b), size)}</figure>' for a, b in pairs)
     legend = ('<div class="legend"><span><i class="dot blue"></i>Pareto front</span><span><i class="dot grey"></i>'
-              'other trials within budget</span><span><i class="x"></i>over budget (never evaluated when accuracy '
-              'is an objective: shown under the axis)</span><span><i class="star"></i>uncompressed model</span>'
+              'other trials within budget</span><span><i class="x"></i>over budget (never evaluated: under the axis '
+              'when accuracy is plotted)</span><span><i class="star"></i>uncompressed model</span>'
               '<span><i class="dash"></i>budget</span></div>')
     title = "Pareto front" if len(pairs) == 1 else "Pareto front, pairwise"
     return _section(title, f'<div class="panels">{panels}</div>{legend}',
@@ -340,7 +343,7 @@ def _panel(result: Result, xo: str, yo: str, size: tuple[int, int]) -> str:
               color="#d93025", css="infeasible")
     unplaced = over[over[yo].isna()]
     if not unplaced.empty:
-        ax.strip_points(unplaced[xo], ax.strip("not evaluated"), [_tip(n, r, result) for n, r in unplaced.iterrows()])
+        ax.strip_points(unplaced[xo], ax.strip("over budget"), [_tip(n, r, result) for n, r in unplaced.iterrows()])
     if not front.empty:
         ordered = front.sort_values(xo)
         if len(result.objectives) == 2:
@@ -378,15 +381,16 @@ def _hypervolume_section(result: Result) -> str:
     ref = ", ".join(f"{o} {plots.fmt(v)}" + ("" if METRICS[o] == "maximize" else
                                               " (its budget)" if o in result.limits else " (uncompressed, no budget)")
                     for o, v in reference_point(result).items())
+    ideal = "accuracy 1, zero cost" if "accuracy" in result.objectives else "zero cost"
     note = (f"Hypervolume of the feasible trials finished so far: the share of the box between the ideal point "
-            f"(accuracy 1, zero cost) and the reference point ({escape(ref)}) that they dominate.")
+            f"({ideal}) and the reference point ({escape(ref)}) that they dominate.")
     if not history.max() > 0:
         return _section("Hypervolume over trials", "<p>0 after every trial: no trial within budget beats the "
                                                    "reference point.</p>", note)
     xs = [float(i) for i in history.index]
     ax = plots.Axes(plots.padded(min(xs), max(xs) + (1 if len(xs) == 1 else 0), 0.02),
-                    (0.0, max(1e-3, float(history.max()) * 1.1)), "trial number", "hypervolume (normalized)",
-                    width=620, height=280)
+                    (0.0, float(history.max()) * 1.1), "trial number", "hypervolume (share of the box)",
+                    *((460, 420) if len(result.objectives) == 2 else (620, 300)))
     ax.line(xs, list(history), "#1a73e8", width=2.0, step=True)
     ax.points(xs, list(history), [f"after trial {int(x)}: {v:.4f}" for x, v in zip(xs, history)], color="#1a73e8",
               size=2.5)
@@ -550,7 +554,7 @@ def _metadata_section(result: Result) -> str:
         ("objectives", ", ".join(result.objectives)),
         ("budgets", ", ".join(f"{k}={v:g}" for k, v in sorted(c.get("budgets", {}).items())) or "none"),
         ("limits", ", ".join(f"{k} <= {plots.fmt(v)}" for k, v in sorted(result.limits.items())) or "none"),
-        ("uncompressed model", ", ".join(f"{k} {plots.fmt(v)}" for k, v in result.baseline.items() if v is not None)),
+        ("uncompressed model", ", ".join(f"{k} {_number(v)}" for k, v in result.baseline.items() if v is not None)),
         ("search", f"space {c.get('space', {}).get('name', '?')}, sampler {c.get('sampler', '?')}, "
                    f"seed {c.get('seed', '?')}, {len(result.trials)} trials"),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) + f" ({where})"),
