@@ -66,15 +66,13 @@ class Axes:
         for xv, yv, title in zip(xs, ys, titles):
             self.marks.append(_marker(shape, self.x(xv), self.y(yv), size, color, escape(title), css))
 
-    def line(self, xs, ys, color: str, width: float = 1.6, dash: str = "", step: bool = False) -> None:
+    def line(self, xs, ys, color: str, width: float = 1.6, step: bool = False) -> None:
         pts = []
         for i, (xv, yv) in enumerate(zip(xs, ys)):
             if step and i:
                 pts.append(f"{self.x(xv):.1f},{self.y(ys[i - 1]):.1f}")
             pts.append(f"{self.x(xv):.1f},{self.y(yv):.1f}")
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        self.marks.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" '
-                          f'stroke-width="{width}"{dash_attr}/>')
+        self.marks.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="{width}"/>')
 
     def vline(self, xv: float, label: str, color: str = "#e8710a") -> None:
         px = self.x(xv)
@@ -154,8 +152,9 @@ def colour(t: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in mix)
 
 
-def heatmap(rows: list[str], cols: list[str], values, scale, legend: str, cell: int = 26) -> str:
-    """A matrix of values (None = not set) coloured by `scale(v) -> [0, 1]`, each cell labelled with its value."""
+def heatmap(rows: list[str], cols: list[str], values, scale, legend: tuple, cell: int = 26) -> str:
+    """A matrix of values (None = not set) coloured by `scale(v) -> [0, 1]`, each cell labelled with its value;
+    `legend` = (title, (low value, its label), (high value, its label)) for the colour bar."""
     label_w = 8 + 7 * max((len(r) for r in rows), default=4)
     top = 12 + int(6.2 * max((len(c) for c in cols), default=4) * 0.72)
     bar_h = min(max(cell * len(rows), 90), 160)
@@ -196,7 +195,7 @@ def _colour_bar(x0: float, y0: float, height: float, legend) -> str:
     """A vertical gradient with the legend's (value, label) end points."""
     stops = "".join(f'<stop offset="{k / (len(VIRIDIS) - 1):.2f}" stop-color="{c}"/>'
                     for k, c in enumerate(reversed(VIRIDIS)))
-    gid = f"cb{abs(hash((x0, y0, legend[0]))) % 10**8}"
+    gid = f"cb-{escape(legend[0])}-{int(x0)}-{int(y0)}"  # identical ids would only share identical gradients
     (lo_v, lo_text), (hi_v, hi_text) = legend[1], legend[2]
     return (f'<defs><linearGradient id="{gid}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
             f'<text x="{x0}" y="{y0 - 8}" font-size="11" fill="#202124">{escape(legend[0])}</text>'

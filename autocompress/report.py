@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import plots
 from .budgets import METRICS
+from .errors import AutocompressError, one_of
 from .result import Result, pareto_mask
 
 SHOWN = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params"]
@@ -131,6 +132,8 @@ def format_table(result: Result) -> str:
 
 def _none_met(result: Result) -> str:
     completed = int((result.trials["state"] == "COMPLETE").sum())
+    if result.trials.empty:
+        return "no candidate yet: the run has no finished trials"
     if not completed:
         return "no candidate met the budgets: no trial completed (see the failed trials' error column)"
     return f"no candidate met the budgets: all {completed} completed candidates are over budget; the closest ones:"
@@ -166,8 +169,6 @@ def _plain(v):
 
 def render(result: Result, fmt: str = "table", trial: int | None = None) -> str:
     """The report in one of FORMATS; `trial` picks the model whose per-layer costs the HTML report shows."""
-    from .errors import one_of
-
     if fmt not in FORMATS:
         raise one_of("report format", fmt, FORMATS)
     if fmt == "html":
@@ -247,7 +248,7 @@ def to_html(result: Result, trial: int | None = None) -> str:
     plots_row = _front_section(result) + _hypervolume_section(result)
     if len(result.objectives) == 2:  # one front panel: it and the hypervolume side by side
         plots_row = f'<div class="row">{plots_row}</div>'
-    sections = [_summary(result), plots_row,
+    sections = [_summary(result, chosen), plots_row,
                 _heatmap_section(result, list(base_layers.index) if base_layers is not None else None),
                 _breakdown_section(result, chosen, base_layers), _metadata_section(result)]
     page = Template((resources.files("autocompress") / "templates" / "report.html").read_text())
@@ -265,9 +266,9 @@ def _subtitle(result: Result) -> str:
     return f"on {hw} · objectives {', '.join(result.objectives)} · {budgets}"
 
 
-def _section(title: str, body: str, note: str = "", css: str = "") -> str:
+def _section(title: str, body: str, note: str = "") -> str:
     note_html = f'<p class="note">{note}</p>' if note else ""
-    return f'<section class="{css}"><h2>{escape(title)}</h2>{note_html}{body}</section>'
+    return f'<section><h2>{escape(title)}</h2>{note_html}{body}</section>'
 
 
 def _frame_html(frame: pd.DataFrame, highlight: str | None = None) -> str:
@@ -284,7 +285,7 @@ def _is_number(v) -> bool:
     return v is pd.NA or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
 
 
-def _summary(result: Result) -> str:
+def _summary(result: Result, chosen: int | None) -> str:
     t = result.trials
     history = hypervolume_history(result)
     cards = [("trials finished", len(t)), ("within budget", int(t["feasible"].sum())),
@@ -297,8 +298,9 @@ def _summary(result: Result) -> str:
         html += (f'<div class="alert"><strong>{escape(_none_met(result))}</strong>'
                  f'{_frame_html(closest_table(result))}</div>')
     else:
-        html += _frame_html(pareto_table(result))
-        html += '<p class="note">binds: the budget each model is closest to, with the share of it used.</p>'
+        html += _frame_html(pareto_table(result), highlight=f"trial {chosen}")
+        html += ('<p class="note">binds: the budget each model is closest to, with the share of it used; '
+                 'highlighted: the model broken down per layer below.</p>')
     return f'<section>{html}</section>'
 
 
@@ -468,8 +470,6 @@ def _scale(lo: float, hi: float, log: bool):
 
 def _chosen(result: Result, trial: int | None) -> int | None:
     """The model whose costs are broken down: `trial`, else the first Pareto model, else the closest candidate."""
-    from .errors import AutocompressError
-
     if trial is not None:
         if trial not in result.trials.index:
             raise AutocompressError(f"no trial {trial!r} in this result; trials run from {result.trials.index.min()} "
