@@ -1,8 +1,9 @@
 """Export one trial's compressed model to a file (state_dict, TorchScript or ONNX) and prove it on the data.
 
-The model is rebuilt from the trial's policy and judged exactly as the search judged it (the
-built-in Evaluator: BatchNorm statistics re-estimated on the training data, then accuracy on the
-validation data), so the exported weights are the ones whose accuracy was reported. After writing,
+The model is rebuilt from the trial's policy and brought to the state the search judged it in by the
+same built-in evaluator (BatchNorm statistics and activation ranges re-estimated on the training
+data, the run's fine-tuning steps with distillation from the uncompressed model), so the exported
+weights are the ones whose accuracy was reported. After writing,
 the file is loaded back on its own (torch.load, torch.jit.load, onnxruntime) and its accuracy
 re-measured on the validation data.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AutocompressError, one_of
-from .evaluate import NORM_TYPES, Evaluator, accuracy
+from .evaluate import NORM_TYPES, accuracy, make_evaluator
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx"}
@@ -65,8 +66,8 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
             f"trial {trial}'s accuracy was measured after re-estimating BatchNorm statistics on the training data; "
             f"pass data=(train_loader, val_loader) (on the command line: --data) so the exported model gets them too")
     note = ""
-    if loaders is not None:
-        Evaluator(*loaders)(model)  # the search's judge: same recalibration, so the same weights
+    if loaders is not None:  # the search's judge, in place: same recalibration and fine-tuning, so the same weights
+        make_evaluator(loaders, None, result.config.get("finetune_steps", 0), teacher=result._base_model)(model)
     else:
         note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
