@@ -154,7 +154,7 @@ def colour(t: float) -> str:
 
 def heatmap(rows: list[str], cols: list[str], values, scale, legend: tuple, cell: int = 26) -> str:
     """A matrix of values (None = not set) coloured by `scale(v) -> [0, 1]`, each cell labelled with its value;
-    `legend` = (title, (low value, its label), (high value, its label)) for the colour bar."""
+    `legend` = (title, label of the low end, label of the high end) for the colour bar."""
     label_w = 8 + 7 * max((len(r) for r in rows), default=4)
     top = 12 + int(6.2 * max((len(c) for c in cols), default=4) * 0.72)
     bar_h = min(max(cell * len(rows), 90), 160)
@@ -192,13 +192,13 @@ def _short(v: float) -> str:
 
 
 def _colour_bar(x0: float, y0: float, height: float, legend) -> str:
-    """A vertical gradient with the legend's (value, label) end points."""
+    """A vertical gradient, high end on top, with the legend's title and end labels."""
+    title, lo_text, hi_text = legend
     stops = "".join(f'<stop offset="{k / (len(VIRIDIS) - 1):.2f}" stop-color="{c}"/>'
                     for k, c in enumerate(reversed(VIRIDIS)))
-    gid = f"cb-{escape(legend[0])}-{int(x0)}-{int(y0)}"  # identical ids would only share identical gradients
-    (lo_v, lo_text), (hi_v, hi_text) = legend[1], legend[2]
+    gid = f"cb-{escape(title)}-{int(x0)}-{int(y0)}"  # identical ids would only share identical gradients
     return (f'<defs><linearGradient id="{gid}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
-            f'<text x="{x0}" y="{y0 - 8}" font-size="11" fill="#202124">{escape(legend[0])}</text>'
+            f'<text x="{x0}" y="{y0 - 8}" font-size="11" fill="#202124">{escape(title)}</text>'
             f'<rect x="{x0}" y="{y0}" width="14" height="{height}" fill="url(#{gid})" stroke="#dadce0"/>'
             f'<text x="{x0 + 20}" y="{y0 + 10}" font-size="10.5" fill="#3c4043">{escape(hi_text)}</text>'
             f'<text x="{x0 + 20}" y="{y0 + height}" font-size="10.5" fill="#3c4043">{escape(lo_text)}</text>')

@@ -415,7 +415,7 @@ def _heatmap_section(result: Result, order: list[str] | None) -> str:
         if hi <= lo:  # a knob the space does not turn
             continue
         scale = _scale(lo, hi, log)
-        legend = (field, (lo, f"{plots.fmt(lo)} most compressed"), (hi, f"{plots.fmt(hi)} uncompressed"))
+        legend = (field, f"{plots.fmt(lo)} most compressed", f"{plots.fmt(hi)} uncompressed")
         title = FIELD_TITLES.get((technique, field), f"{technique} {field}, per target")
         figures.append(f'<figure class="plot heat"><figcaption>{escape(title)}</figcaption>'
                        f'{plots.heatmap(rows, cols, values, scale, legend)}</figure>')
