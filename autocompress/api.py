@@ -1,4 +1,4 @@
-"""The Python entry points: compress, estimate, apply, analyze."""
+"""The Python entry points: compress, work (join a shared study), estimate, apply, analyze."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ from . import search
 from .budgets import Budgets, check_objectives
 from .compress import apply as _apply
 from .cost.model import Estimate, estimate as _estimate
-from .cost.profiles import load_profile
+from .cost.profiles import HardwareProfile, load_profile
 from .errors import AutocompressError
 from .evaluate import Evaluator, accuracy, make_evaluator
 from .graph import LayerGraph, analyze as _analyze
@@ -40,24 +40,76 @@ def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
 def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware="host", budgets=None,
              objectives=None, space="default", trials: int = 100, seed: int = 0, sampler: str = "nsga2",
              storage=None, study_name: str = "autocompress", evaluator: Callable | None = None,
-             progress: bool = True, model_spec: dict | None = None) -> Result:
+             progress: bool = True, model_spec: dict | None = None, finetune_steps: int = 0) -> Result:
     """Search compressed versions of `model` within `budgets` and return every trial and the Pareto front.
 
     data: (train_loader, val_loader) for BN recalibration and accuracy, or None for a cost-only search.
     budgets: {"latency_ms": 2.0, "size_kb": 300} absolute, or {"latency": 0.5} relative to the model.
     objectives: metric names; default ("accuracy", "latency_ms"), or ("latency_ms", "size_kb") without data.
-    storage: an Optuna storage URL; the same storage and study name resume a study.
+    trials: the study holds this many trials when the call returns, plus any that workers joining it asked for.
+    storage: where the study lives: None (memory), sqlite:///PATH.db, journal:PATH, postgresql://... (see
+        autocompress.storage) or an Optuna storage; the same storage and study name resume a study.
+    model_spec: {"model_spec": ..., "checkpoint": ..., "data": ...} as `autocompress run` records it, which lets
+        `autocompress worker` (or `work`) rebuild the problem on another machine.
+    finetune_steps: fine-tune each candidate this many steps, distilling from `model` (built-in evaluator only).
     """
+    _check_trials(trials)
+    judge = make_evaluator(data, evaluator, finetune_steps, teacher=model)
+    study, problem = _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler,
+                           storage, study_name, model_spec, finetune_steps, sampler_seed=seed, trials_hint=trials)
+    search.ask_trials(study, "run", trials)
+    return _search(study, problem, progress)
+
+
+def work(storage, study_name: str = "autocompress", trials: int = 10, progress: bool = True) -> Result:
+    """Join a study that `autocompress run` made in a shared storage, add `trials` trials to its target, and
+    evaluate trials until the whole study reaches its target (retrying those other workers lost).
+
+    Everything else comes from the study: model spec, checkpoint, data, space, budgets, hardware profile,
+    objectives, seed. The model and checkpoint must be the same on this machine (their fingerprint is checked).
+    """
+    _check_trials(trials)
+    config, asked = search.peek(storage, study_name)
+    if not config.get("model_spec"):
+        raise AutocompressError(f"study {study_name!r} was made from Python without a model spec, so a worker "
+                                f"cannot rebuild its model; make it with `autocompress run --model ...`")
+    from .data import load_data
+    from .models import load_model
+
+    model = load_model(config["model_spec"], config.get("checkpoint"))
+    shape = tuple(config["input_shape"])
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # as `autocompress run` makes it
+    data = load_data(config["data"], shape) if config.get("data") else None
+    judge = make_evaluator(data, None, config.get("finetune_steps", 0), teacher=model)
+    profile = HardwareProfile.from_dict(config["hardware"], f"stored in study {study_name!r}")
+    space = SearchSpace(config["space"]["name"], config["space"]["techniques"], config["space"]["description"])
+    spec = {k: config[k] for k in MODEL_SPEC_KEYS if k in config}
+    study, problem = _open(model, example, judge, profile, config["budgets"], config["objectives"], space,
+                           config["seed"], config["sampler"], storage, study_name, spec,
+                           config.get("finetune_steps", 0), sampler_seed=None, trials_hint=asked + trials)
+    search.ask_trials(study, search.new_asker(), trials)
+    return _search(study, problem, progress)
+
+
+MODEL_SPEC_KEYS = ("model_spec", "checkpoint", "data")
+
+
+def _check_trials(trials) -> None:
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise AutocompressError(f"trials={trials!r} is not allowed; it must be an integer >= 0")
-    judge = make_evaluator(data, evaluator)
+
+
+def _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler, storage, study_name,
+          model_spec, finetune_steps, sampler_seed, trials_hint):
+    """Validate the inputs, open (or create) the study with this problem's configuration, and return it with
+    the Problem every trial needs. A new study gets the baseline and the warm-start policies."""
     if objectives is None:
         objectives = ("accuracy", "latency_ms") if judge is not None else ("latency_ms", "size_kb")
     objectives = check_objectives(objectives, judge is not None)
     budgets = budgets if isinstance(budgets, Budgets) else Budgets(budgets)
     profile = load_profile(hardware)
     search_space = SearchSpace.load(space)
-    sampler_obj = search.make_sampler(sampler, seed, trials)
+    search.check_sampler(sampler)
     model = model.eval()
     graph = _analyze(model, example_input)
     bound = search_space.bind(graph)
@@ -67,19 +119,23 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
     config = search.config_json({
         "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits, "hardware": profile.to_dict(),
         "space": search_space.to_dict(), "seed": seed, "sampler": sampler, "model": model_fingerprint(model),
-        "input_shape": list(example_input.shape), **(model_spec or {}),
+        "input_shape": list(example_input.shape), "finetune_steps": finetune_steps, **(model_spec or {}),
     })
-    study = search.open_study(storage, study_name, objectives, sampler_obj, config)
+    study = search.open_study(storage, study_name, objectives, config)
+    study.sampler = search.make_sampler(sampler, search.seed_for(study, sampler_seed), trials_hint)
     if "baseline" not in study.user_attrs:
         baseline["accuracy"] = _baseline_accuracy(judge, model)
         study.set_user_attr("baseline", baseline)
-    search.fail_stale_trials(study)
     search.enqueue_warm_start(study, bound)
-    problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge)
-    completed = search.run(study, problem, trials, progress)
-    result = Result.from_study(study, model, example_input)
+    return study, search.Problem(model, example_input, bound, profile, objectives, limits, judge)
+
+
+def _search(study, problem: search.Problem, progress: bool) -> Result:
+    completed = search.run(study, problem, progress)
+    result = Result.from_study(study, problem.model, problem.example_input)
     if not completed:
-        print(f"interrupted: {len(result.trials)} finished trials are kept in the study; run again to resume")
+        print(f"interrupted: {len(result.trials)} finished trials are kept in the study (the running one is "
+              f"queued again); run again to resume")
     return result
 
 

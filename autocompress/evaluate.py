@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from .compress import TECHNIQUES, get_meta
 from .compress.quantize import calibrate_activations
+from .errors import AutocompressError
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -285,6 +286,8 @@ def make_evaluator(data, evaluator: Callable | None, finetune_steps: int = 0,
                    teacher: nn.Module | None = None) -> Callable | None:
     """The user's evaluator if given, else the built-in one over `data` (train may be None: data-free), fine-tuning
     `finetune_steps` steps with `teacher`; None without either (cost-only search)."""
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise AutocompressError(f"finetune_steps={finetune_steps!r} is not allowed; it must be an integer >= 0")
     if evaluator is not None:
         return evaluator
     if data is None:

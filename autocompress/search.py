@@ -1,24 +1,46 @@
-"""The Optuna study: sampler, budgets as constraints, storage and resume, progress, fault tolerance.
+"""The Optuna study: sampler, budgets as constraints, a target shared by any number of workers, faults.
 
 Per trial: sample a policy, apply it, price the compressed module with the cost model; a candidate
 over budget is recorded as infeasible without spending an accuracy evaluation; the rest are judged
 by the evaluator. Every metric is stored as a trial user attribute, so the study alone is enough to
 rebuild results (and every model, from its policy).
+
+Many processes may work on one study (see storage.py for where it can live). What keeps them honest:
+- The target is the study's: `run` asks for its --trials, each worker adds its own (`trials_asked:*`
+  user attributes, one key per asker, so concurrent writes never collide). Every process evaluates
+  until the study holds that many counted trials: completed ones, and those whose evaluation failed
+  with a recorded error (a broken candidate is a result too, and a broken space cannot loop forever).
+- A trial is claimed before it is evaluated: after `ask`, a process that sees more live trials
+  (counted + running) than the target gives its trial back to the queue; of two that raced, at least
+  the later one sees the other, so the target is never overshot.
+- A policy is claimed the same way: written to the trial, then checked against every other live
+  trial; a process that sees its policy elsewhere records its trial as a PRUNED duplicate.
+- Running trials send heartbeats; one silent for the grace period is marked failed and its policy
+  queued again (at most MAX_RETRIES times), so a worker killed with kill -9 loses nothing. A failed
+  trial without an error is such a lost one and does not count. A worker whose trial was declared
+  lost while it still ran finds it finished when it reports, and drops its result: never counted twice.
+- Ctrl-C gives the running trial back to the queue: resuming evaluates the same policy.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
+import os
+import random
+import socket
+import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from . import storage as storages
 from .budgets import METRICS, violations
 from .compress import apply
 from .cost.model import estimate
@@ -27,8 +49,11 @@ from .errors import AutocompressError, one_of
 from .space import BoundSpace
 
 SAMPLERS = ("nsga2", "tpe", "random")
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 WARM_START = (0.25, 0.5, 0.75)  # uniform policies tried first: the front never loses to uniform compression
+ASKED = "trials_asked:"         # study user attributes: one per asker (`run`, each worker), summed into the target
+MAX_RETRIES = 2                 # a policy whose worker keeps dying is given up after this many retries
+MAX_DUPLICATES = 50             # consecutive duplicate samples before the space counts as exhausted
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -44,9 +69,14 @@ class Problem:
     evaluator: Callable | None
 
 
-def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+def check_sampler(name: str) -> None:
     if name not in SAMPLERS:
         raise one_of("sampler", name, SAMPLERS)
+
+
+def make_sampler(name: str, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """The named sampler; seed None (workers) draws a fresh seed, so that no two workers propose alike."""
+    check_sampler(name)
     constraints = _constraints
     if name == "nsga2":
         population = max(8, min(50, trials // 5))
@@ -61,17 +91,21 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return trial.user_attrs.get("constraints", [])
 
 
-def open_study(storage, study_name: str, objectives, sampler, config: dict) -> optuna.Study:
-    """Create the study, or load it to resume; refuse one that was made with another configuration."""
+def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Study:
+    """Create the study, or load it to resume; refuse one that was made with another configuration.
+    The caller sets its sampler (see `seed_for`)."""
     directions = [METRICS[o] for o in objectives]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    backend = storages.open_storage(storage)
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
-                                    sampler=sampler, load_if_exists=True)
+        study = optuna.create_study(storage=backend, study_name=study_name, directions=directions,
+                                    load_if_exists=True)
     except Exception as exc:
-        raise AutocompressError(f"cannot open study {study_name!r} in storage {storage!r}: {str(exc).splitlines()[0]}") from None
+        raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
+                                f"{_first_line(exc)}") from None
     stored = study.user_attrs.get("config")
     if stored is None:
+        study.set_user_attr("heartbeat_s", storages.default_heartbeat())
         study.set_user_attr("config", config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -79,17 +113,70 @@ def open_study(storage, study_name: str, objectives, sampler, config: dict) -> o
     elif stored != config:
         key = next(k for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k))
         raise AutocompressError(
-            f"study {study_name!r} in {storage!r} was made with another configuration ({key}: {stored.get(key)!r}, "
-            f"now {config.get(key)!r}); use a new output folder or study name, or the original settings")
+            f"study {study_name!r} in {_shown(storage)!r} was made with another configuration ({key}: "
+            f"{stored.get(key)!r}, now {config.get(key)!r}); use a new output folder or study name, or the "
+            f"original settings")
+    storages.arm(backend, study.user_attrs.get("heartbeat_s", storages.HEARTBEAT_S), requeue_lost)
     return study
 
 
-def fail_stale_trials(study: optuna.Study) -> int:
-    """Trials left RUNNING by a run that died: mark them failed so they are retried, not lost or doubled."""
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(stale)
+def seed_for(study: optuna.Study, seed: int | None) -> int | None:
+    """The sampler seed for this session: `seed` on a new study (reproducible runs), shifted by the trials
+    already there on a resumed one (the same seed would propose the first session's policies again)."""
+    return None if seed is None else seed + len(study.trials)
+
+
+def peek(storage, study_name: str) -> tuple[dict, int]:
+    """The configuration a study was made with, and its target, read without joining it (a worker rebuilds
+    its problem from the configuration)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storages.open_storage(storage))
+    except KeyError:
+        raise AutocompressError(f"no study {study_name!r} in storage {_shown(storage)!r}; create it with "
+                                f"`autocompress run ... --storage URL --study {study_name} --trials 0`") from None
+    except AutocompressError:
+        raise
+    except Exception as exc:
+        raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
+                                f"{_first_line(exc)}") from None
+    config = study.user_attrs.get("config")
+    if config is None:
+        raise AutocompressError(f"study {study_name!r} in {_shown(storage)!r} was not made by autocompress "
+                                f"(it stores no configuration)")
+    return config, target(study)
+
+
+def ask_trials(study: optuna.Study, asker: str, trials: int) -> None:
+    """Record that `asker` wants `trials` counted trials; the study's target is the sum over askers."""
+    study.set_user_attr(ASKED + asker, trials)
+
+
+def target(study: optuna.Study) -> int:
+    return sum(v for k, v in study.user_attrs.items() if k.startswith(ASKED))
+
+
+def counted(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial that counts toward the target: completed, or failed with its evaluation's error recorded."""
+    return t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+
+
+def requeue_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A lost trial's policy goes back to the queue (same parameters), unless it was already retried
+    MAX_RETRIES times: a policy that kills every worker that tries it is then given up."""
+    history = trial.system_attrs.get("retry_history", []) + [trial.number]
+    if len(history) > MAX_RETRIES:
+        return
+    system = {k: v for k, v in trial.system_attrs.items() if k != "heartbeat"}
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={**system, "retry_history": history}))
+
+
+def recover_lost(study: optuna.Study) -> None:
+    """Mark failed the running trials whose worker stopped beating, and requeue them (requeue_lost)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def enqueue_warm_start(study: optuna.Study, bound: BoundSpace) -> None:
@@ -106,10 +193,12 @@ def evaluate_policy(problem: Problem, policy) -> dict:
     metrics["feasible"] = all(v <= 0 for v in metrics["constraints"])
     metrics["accuracy"] = None
     if metrics["feasible"] and problem.evaluator is not None:
-        value = problem.evaluator(model)
+        judge = getattr(problem.evaluator, "judge", None)  # the built-in one also says if it stopped early
+        outcome = judge(model, metrics) if judge else {"accuracy": problem.evaluator(model)}
+        value = outcome.pop("accuracy")
         if value is None or not math.isfinite(float(value)):
             raise AutocompressError(f"the evaluator returned {value!r}, not a finite number")
-        metrics["accuracy"] = float(value)
+        metrics.update(outcome, accuracy=float(value))
     return metrics
 
 
@@ -119,52 +208,38 @@ def objective_values(metrics: dict, objectives) -> list[float]:
     return [(metrics[o] if metrics[o] is not None else 0.0) for o in objectives]
 
 
-def make_objective(problem: Problem, on_error: Callable[[int, str], None]):
-    def objective(trial: optuna.Trial):
-        start = time.perf_counter()
-        policy = problem.bound.sample(trial)
-        trial.set_user_attr("policy", policy.to_json())
-        try:
-            metrics = evaluate_policy(problem, policy)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # the study goes on; the trial is recorded as failed with its reason
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            trial.set_user_attr("error", f"{type(exc).__name__}: {reason}")
-            on_error(trial.number, reason)
-            return [math.nan] * len(problem.objectives)
-        metrics["duration_s"] = time.perf_counter() - start
-        for key, value in metrics.items():
-            trial.set_user_attr(key, value)
-        return objective_values(metrics, problem.objectives)
-
-    return objective
-
-
-def finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
-def run(study: optuna.Study, problem: Problem, trials: int, progress: bool = True) -> bool:
-    """Run until the study holds `trials` finished trials. Returns False if interrupted (Ctrl-C)."""
-    remaining = trials - finished(study)
-    if remaining <= 0:
-        return True
-    bar = _progress(study, remaining, problem.objectives) if progress else None
-    errors = []
-
-    def on_error(number, reason):
-        errors.append(number)
-        (bar.write if bar else print)(f"trial {number} failed and is recorded as such: {reason}")
-
-    callbacks = [bar.callback] if bar else []
+def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
+    """Evaluate trials until the study holds its target of counted trials, whoever evaluates them.
+    Returns False if interrupted (Ctrl-C)."""
+    bar = _Progress(problem.objectives) if progress else None
+    say = bar.write if bar else print
+    beating = optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
+    poll = min(2.0, study._storage.get_heartbeat_interval()) if beating else 0.0
+    duplicates = 0
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        while finished(study) < trials:  # failed trials count: a broken space cannot loop forever
-            study.optimize(make_objective(problem, on_error), n_trials=trials - finished(study),
-                           callbacks=callbacks, gc_after_trial=False)
-        return True
+        while True:
+            if beating:
+                recover_lost(study)
+            trials = study.get_trials(deepcopy=False)
+            goal, done = target(study), sum(map(counted, trials))
+            if bar:
+                bar.show(trials, goal)
+            if done >= goal:
+                return True
+            # Trials other workers run may still be lost; wait for them rather than leave them unretried.
+            if beating and done + sum(t.state == TrialState.RUNNING for t in trials) >= goal:
+                time.sleep(poll)
+                continue
+            outcome = run_trial(study, problem, goal, say)
+            if outcome == "surplus":
+                time.sleep(random.uniform(0, poll))  # both racers may have stepped back: retry out of step
+            duplicates = duplicates + 1 if outcome == "duplicate" else 0
+            if duplicates >= MAX_DUPLICATES:
+                say(f"stopping: the last {MAX_DUPLICATES} policies sampled had all been evaluated before, so the "
+                    f"space seems exhausted")
+                return True
     except KeyboardInterrupt:
         return False
     finally:
@@ -173,34 +248,160 @@ def run(study: optuna.Study, problem: Problem, trials: int, progress: bool = Tru
             bar.close()
 
 
-class _progress:
-    """A tqdm bar: trials done, feasible count, best value of each objective, ETA."""
+def run_trial(study: optuna.Study, problem: Problem, goal: int, say: Callable[[str], None]) -> str:
+    """Claim, sample, evaluate and record one trial; returns what happened: "surplus" (the target was
+    already met by others: the trial went back to the queue), "duplicate", "lost", "failed" or "complete"."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we beat ourselves, below
+        trial = study.ask()
+    start = time.perf_counter()
+    with _Heartbeat(study._storage, trial._trial_id):
+        try:
+            if _live(study, trial) > goal:
+                _release(study, trial)
+                return "surplus"
+            policy = problem.bound.sample(trial)
+            trial.set_user_attr("worker", WORKER)
+            trial.set_user_attr("policy", policy.to_json())
+            twin = _duplicate_of(study, trial)
+            if twin is not None:
+                trial.set_user_attr("policy", None)
+                trial.set_user_attr("duplicate_of", twin)
+                _tell(study, trial, TrialState.PRUNED)
+                return "duplicate"
+            try:
+                metrics = evaluate_policy(problem, policy)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # the study goes on; the trial is recorded as failed with its reason
+                reason = _first_line(exc)
+                trial.set_user_attr("error", f"{type(exc).__name__}: {reason}")
+                _tell(study, trial, TrialState.FAIL)
+                say(f"trial {trial.number} failed and is recorded as such: {reason}")
+                return "failed"
+            metrics["duration_s"] = time.perf_counter() - start
+            for key, value in metrics.items():
+                trial.set_user_attr(key, value)
+            _tell(study, trial, TrialState.COMPLETE, objective_values(metrics, problem.objectives))
+            return "complete"
+        except KeyboardInterrupt:
+            _release(study, trial)  # back to the queue: a resumed search evaluates the same policy
+            raise
+        except (UpdateFinishedTrialError, _FinishedElsewhere):
+            say(f"trial {trial.number} was declared lost (no heartbeat for the grace period) while it ran; "
+                f"its result is dropped and its retry counts instead")
+            return "lost"
 
-    def __init__(self, study, total: int, objectives):
+
+class _FinishedElsewhere(Exception):
+    """This process's trial was finished by another: declared lost (and requeued) while it ran."""
+
+
+def _tell(study: optuna.Study, trial, state: TrialState, values=None) -> None:
+    if study.tell(trial, values, state=state, skip_if_finished=True).state != state:
+        raise _FinishedElsewhere
+
+
+def _live(study: optuna.Study, trial) -> int:
+    """Trials counted or running, this one included (read after claiming it: see the module docstring)."""
+    return sum(counted(t) or t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+
+def _duplicate_of(study: optuna.Study, trial) -> int | None:
+    """The number of another live trial holding this trial's policy, if any."""
+    mine = study._storage.get_trial(trial._trial_id)
+    if mine.state != TrialState.RUNNING:
+        raise _FinishedElsewhere
+    for t in study.get_trials(deepcopy=False):
+        if (t.number != trial.number and t.user_attrs.get("policy") == mine.user_attrs["policy"]
+                and (counted(t) or t.state == TrialState.RUNNING)):
+            return t.number
+    return None
+
+
+def _release(study: optuna.Study, trial) -> None:
+    """Put a claimed trial back in the queue (WAITING), its parameters kept for whoever takes it next."""
+    try:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    except UpdateFinishedTrialError:  # already declared lost and requeued by another worker
+        pass
+
+
+class _Heartbeat:
+    """Beats for one trial from a thread while it is claimed, if the storage keeps heartbeats."""
+
+    def __init__(self, storage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.stop = threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if optuna.storages._heartbeat.is_heartbeat_enabled(self.storage):
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval()
+        while True:
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a finished trial (declared lost meanwhile) takes no beats; the trial's owner reports it
+                pass
+            if self.stop.wait(interval):
+                return
+
+
+class _Progress:
+    """A tqdm bar over the study's target (all workers' trials): trials counted, feasible, best of each objective."""
+
+    def __init__(self, objectives):
+        self.objectives = objectives
+        self.bar = None
+
+    def write(self, text: str) -> None:
+        (self.bar.write if self.bar else print)(text)
+
+    def show(self, trials, goal: int) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc="search", unit="trial", dynamic_ncols=True)
-        self.objectives = objectives
-        self.feasible = sum(t.user_attrs.get("feasible", False) for t in study.get_trials(deepcopy=False))
-        self.best: dict[str, float] = {}
-        self.write = self.bar.write
-
-    def callback(self, study, trial) -> None:
-        self.bar.update(1)
-        if trial.state == TrialState.COMPLETE and trial.user_attrs.get("feasible"):
-            self.feasible += 1
-            for o in self.objectives:
-                v = trial.user_attrs.get(o)
-                if v is not None:
-                    better = max if METRICS[o] == "maximize" else min
-                    self.best[o] = better(self.best.get(o, v), v)
-        shown = {"feasible": self.feasible, **{f"best {o}": f"{v:.4g}" for o, v in self.best.items()}}
+        done = [t for t in trials if counted(t)]
+        if self.bar is None:
+            self.bar = tqdm(total=goal, initial=len(done), desc="search", unit="trial", dynamic_ncols=True)
+        self.bar.total = goal
+        self.bar.update(len(done) - self.bar.n)
+        feasible = [t for t in done if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
+        shown = {"feasible": len(feasible)}
+        for o in self.objectives:
+            values = [t.user_attrs[o] for t in feasible if t.user_attrs.get(o) is not None]
+            if values:
+                shown[f"best {o}"] = f"{(max if METRICS[o] == 'maximize' else min)(values):.4g}"
         self.bar.set_postfix(shown, refresh=True)
 
-    def close(self):
-        self.bar.close()
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def new_asker() -> str:
+    """A name for one worker's ask, unique across machines."""
+    return f"worker:{WORKER}:{uuid.uuid4().hex[:8]}"
 
 
 def config_json(config: dict) -> dict:
     """Round-trip through JSON so stored and fresh configs compare equal."""
     return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def _shown(storage) -> str:
+    return storages.hide_password(storage) if isinstance(storage, str) else type(storage).__name__
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 META = "autocompress_meta"
@@ -56,6 +57,21 @@ def weight_layers(model: nn.Module, name: str) -> list[nn.Module]:
     except AttributeError:
         return []
     return [m for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q):
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Exactly `q` in the forward pass, the identity's gradient to `x` in the backward pass (fake-quant training)."""
+    return _StraightThrough.apply(x, q.detach())
 
 
 @dataclass(frozen=True)

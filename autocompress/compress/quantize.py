@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Technique, get_meta, layer_targets, set_meta, weight_layers
+from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 BITS = (1, 2, 4, 8, 16, 32)
 CALIBRATION_BATCH = 8
@@ -69,7 +69,7 @@ def _act_fake_quant(module: nn.Module, args):
     x = args[0]
     lo, hi = module.act_range.tolist()
     q = act_quantize(x.detach(), get_meta(module)["act_bits"], lo, hi)
-    return (x + (q - x).detach(), *args[1:])
+    return (straight_through(x, q), *args[1:])
 
 
 def add_act_quant(module: nn.Module, bits: int) -> None:
@@ -143,7 +143,7 @@ def calibrate_data_free(model: nn.Module, example_input: torch.Tensor) -> None:
         calibrate_activations(model, [random_like_input(example_input, CALIBRATION_BATCH)])
 
 
-def synthesize_inputs(model: nn.Module, example_input: torch.Tensor, n: int = 16, steps: int = 60,
+def synthesize_inputs(model: nn.Module, example_input: torch.Tensor, n: int = 8, steps: int = 30,
                       seed: int = 0) -> torch.Tensor:
     """Inputs whose BatchNorm batch statistics match the running ones (ZeroQ's distilled data): data-free
     calibration inputs for flows that need real inputs. The model is left untouched."""
@@ -221,7 +221,7 @@ class FakeQuant(nn.Module):
         self.bits, self.per_channel = bits, per_channel
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (fake_quantize(weight, self.bits, self.per_channel) - weight).detach()
+        return straight_through(weight, fake_quantize(weight, self.bits, self.per_channel))
 
 
 def constraint(module: nn.Module) -> nn.Module | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Technique, get_meta, layer_targets, set_meta, weight_layers
+from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 FIT_SAMPLE = 20_000
 
@@ -113,7 +113,7 @@ class Shared(nn.Module):
                 idx = _nearest(values, self.centres)
             snapped = torch.zeros_like(weight)
             snapped[nonzero] = self.centres[idx]
-        return weight + (snapped - weight).detach()
+        return straight_through(weight, snapped)
 
 
 def constraint(module: nn.Module) -> nn.Module | None:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Technique, get_meta, layer_targets, set_meta, weight_layers
+from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 SURGERY_EVERY = 10  # fine-tuning steps between mask updates
 
@@ -69,7 +69,7 @@ class Surgery(nn.Module):
             if self.steps and self.steps % self.every == 0:
                 self.mask = magnitude_mask(weight, self.keep)
             self.steps += 1
-        return weight + (weight * self.mask - weight).detach()
+        return straight_through(weight, weight * self.mask)
 
 
 def constraint(module: nn.Module) -> nn.Module | None:
