@@ -27,6 +27,7 @@ from .compress.quantize import _act_fake_quant, synthesize_inputs
 from .cost.measure import measure_latency_ms
 from .cost.model import estimate
 from .errors import AutocompressError
+from .evaluate import accuracy
 from .graph import analyze
 
 ENGINE = "x86"
@@ -94,9 +95,10 @@ def file_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
-def int8_report(model: nn.Module, example_input: torch.Tensor, calibration=None, hardware="host") -> dict:
+def int8_report(model: nn.Module, example_input: torch.Tensor, calibration=None, hardware="host",
+                val_loader=None) -> dict:
     """The cost model's estimate for `model` with 8-bit weights and activations, beside the real int8 model's
-    measured host latency and file size (and the float model's, for scale)."""
+    measured host latency and file size (and the float model's, for scale); accuracies with `val_loader`."""
     names = [name for name, _ in layer_targets(analyze(model, example_input, groups=False))]
     policy = {"quantize": {"weight_bits": dict.fromkeys(names, 8), "act_bits": dict.fromkeys(names, 8)}}
     est = estimate(apply(model, policy, example_input), example_input, hardware)
@@ -104,7 +106,11 @@ def int8_report(model: nn.Module, example_input: torch.Tensor, calibration=None,
     quantized = to_int8(model, example_input, calibration)
     with _engine(ENGINE):
         measured = measure_latency_ms(quantized, example_input)
-    return {"estimated_latency_ms": est.latency_ms, "measured_latency_ms": measured,
-            "float_latency_ms": measure_latency_ms(plain_copy(model), example_input),
-            "estimated_size_kb": est.size_kb, "file_size_kb": file_bytes(quantized) / 1024,
-            "float_file_kb": file_bytes(plain_copy(model)) / 1024}
+    report = {"estimated_latency_ms": est.latency_ms, "measured_latency_ms": measured,
+              "float_latency_ms": measure_latency_ms(plain_copy(model), example_input),
+              "estimated_size_kb": est.size_kb, "file_size_kb": file_bytes(quantized) / 1024,
+              "float_file_kb": file_bytes(plain_copy(model)) / 1024}
+    if val_loader is not None:
+        with _engine(ENGINE):
+            report.update(float_accuracy=accuracy(model, val_loader), int8_accuracy=accuracy(quantized, val_loader))
+    return report
