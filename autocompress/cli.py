@@ -1,4 +1,4 @@
-"""The command line: autocompress run | report | export | estimate | hardware | calibrate."""
+"""The command line: autocompress run | worker | report | export | estimate | hardware | calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -37,9 +37,38 @@ def _run(args) -> None:
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
                           progress=not args.no_progress, model_spec=spec)
+    if args.trials == 0:  # the study alone, for workers to fill
+        _print_joining(storage, args.study, result)
+        return
     result.save(out)
     print(report.format_table(result))
     print(f"\nwrote {out}/ (study.db, trials.csv, pareto.csv, config.json, models/) in {time.perf_counter() - start:.1f} s")
+
+
+def _worker(args) -> None:
+    from . import api, report
+    from .search import WORKER
+
+    start = time.perf_counter()
+    print(f"worker {WORKER}: joining study {args.study!r} in {_shown(args.storage)}, adding {args.trials} trials "
+          f"to its target", file=sys.stderr)
+    result = api.work(args.storage, args.study, args.trials, progress=not args.no_progress)
+    print(report.format_table(result))
+    print(f"\nworker {WORKER} done in {time.perf_counter() - start:.1f} s: the study holds "
+          f"{int((result.trials['state'] == 'COMPLETE').sum())} completed trials; see them again with "
+          f"`autocompress report --storage {_shown(args.storage)} --study {args.study}`")
+
+
+def _print_joining(storage: str, study: str, result) -> None:
+    print(f"study {study!r} is ready in {_shown(storage)} ({len(result.trials)} trials so far); "
+          f"add workers, on this machine or others, with\n"
+          f"  autocompress worker --storage {_shown(storage)} --study {study} --trials N")
+
+
+def _shown(storage: str) -> str:
+    from .storage import hide_password
+
+    return hide_password(storage)
 
 
 def _example_input(args, model):
@@ -83,6 +112,7 @@ def _load_result(args):
 
     from . import models
     from .result import Result
+    from .storage import open_storage
 
     base = models.load_model(args.model) if args.model else None
     if args.dir:
@@ -90,7 +120,7 @@ def _load_result(args):
     if not args.storage:
         raise AutocompressError(f"{args.command} needs a run folder (DIR) or --storage URL with --study NAME")
     try:
-        study = optuna.load_study(study_name=args.study, storage=args.storage)
+        study = optuna.load_study(study_name=args.study, storage=open_storage(args.storage))
     except Exception as exc:
         raise AutocompressError(f"cannot open study {args.study!r} in storage {args.storage!r}: "
                                 f"{str(exc).splitlines()[0]}") from None
@@ -163,11 +193,22 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, default=40)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--sampler", default="nsga2", help="nsga2, tpe or random")
-    run.add_argument("--storage", help="Optuna storage URL (default: sqlite in --out)")
+    run.add_argument("--storage", help="where the study lives (default: sqlite in --out): sqlite:///PATH.db, "
+                                       "journal:PATH (processes on one machine), postgresql://... or mysql://... "
+                                       "(many machines); with --trials 0 only creates the study, for workers")
     run.add_argument("--study", default="autocompress", help="study name inside the storage")
     run.add_argument("--out", help="output folder (default runs/<timestamp>); the same folder resumes")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_run)
+
+    wk = sub.add_parser("worker", help="join a study in a shared storage and evaluate more of its trials")
+    wk.add_argument("--storage", required=True, help="the study's storage: journal:PATH, postgresql://..., "
+                                                     "mysql://... or sqlite:///PATH.db")
+    wk.add_argument("--study", default="autocompress", help="study name inside the storage")
+    wk.add_argument("--trials", type=int, default=10, help="trials this worker adds to the study's target; it works "
+                                                           "until the whole target is met, retrying lost trials")
+    wk.add_argument("--no-progress", action="store_true")
+    wk.set_defaults(func=_worker)
 
     def source_args(sp):
         sp.add_argument("dir", nargs="?", help="a run folder (written by `run` or Result.save)")

@@ -1,0 +1,129 @@
+"""Where a study lives, and the heartbeats that let other workers tell a live trial from a lost one.
+
+Storage specs (`--storage`, or `storage=` in `compress`):
+
+    sqlite:///PATH.db                     one process at a time (SQLite locks under parallel writers);
+                                          the default of `autocompress run`, in its output folder
+    journal:PATH  (or any PATH ending .log)  an Optuna journal file: several processes on one machine
+    postgresql://USER:PASSWORD@HOST/DB    many machines (also mysql://..., and +driver forms such as
+                                          postgresql+psycopg2:// or mysql+pymysql://)
+
+Every one of them records heartbeats: each running trial's worker writes one every `interval` seconds,
+and a trial silent for GRACE_FACTOR intervals is marked failed and queued again (see search.recover_lost).
+The interval is a property of the study (its `heartbeat_s` user attribute, set when the study is made from
+$AUTOCOMPRESS_HEARTBEAT_S or HEARTBEAT_S), so every worker judges silence by the same clock.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from .errors import AutocompressError
+
+HEARTBEAT_S = 10     # seconds between a running trial's heartbeats
+GRACE_FACTOR = 3     # missed heartbeats before its trial counts as lost
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+ALLOWED = ("sqlite:///PATH.db, journal:PATH (or a PATH ending in .log), postgresql://USER:PASSWORD@HOST/DB "
+           "or mysql://USER:PASSWORD@HOST/DB")
+
+
+def default_heartbeat() -> int:
+    """The heartbeat interval a new study gets: $AUTOCOMPRESS_HEARTBEAT_S, else HEARTBEAT_S."""
+    text = os.environ.get("AUTOCOMPRESS_HEARTBEAT_S", str(HEARTBEAT_S))
+    if not text.isdigit() or int(text) < 1:
+        raise AutocompressError(f"AUTOCOMPRESS_HEARTBEAT_S={text!r} is not allowed; it must be a whole number of "
+                                f"seconds >= 1")
+    return int(text)
+
+
+def open_storage(spec):
+    """The Optuna storage a spec names (see the module docstring); None stays None (in memory, this process
+    only) and a storage object is used as given."""
+    if spec is None or isinstance(spec, BaseStorage):
+        return spec
+    text = str(spec)
+    if text.startswith("journal:") or (text.endswith(".log") and "://" not in text):
+        return _journal(text.removeprefix("journal:"))
+    scheme = re.match(r"([a-z]+)(\+\w+)?://", text)
+    if scheme is None or scheme.group(1) not in RDB_SCHEMES:
+        raise AutocompressError(f"storage {hide_password(text)!r} is not allowed; use {ALLOWED}")
+    url = text
+    if scheme.group(0) == "postgresql://":  # SQLAlchemy 2.1 would pick psycopg 3; psycopg2 is our dependency
+        url = "postgresql+psycopg2://" + text.removeprefix("postgresql://")
+    engine = {"connect_args": {"timeout": 60}} if scheme.group(1) == "sqlite" else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                              grace_period=GRACE_FACTOR * HEARTBEAT_S)
+    except ImportError:
+        raise AutocompressError(f"storage {hide_password(text)!r} needs a database driver that is not installed "
+                                f"(psycopg2-binary for postgresql://, pymysql for mysql+pymysql://)") from None
+    except Exception as exc:
+        raise AutocompressError(f"cannot open storage {hide_password(text)!r}: {_first_line(exc)}") from None
+
+
+def arm(storage, seconds: int, on_lost: Callable) -> None:
+    """Beat every `seconds` (the study's interval), count a trial lost after GRACE_FACTOR times that, and call
+    `on_lost(study, trial)` for each lost trial this process marks failed."""
+    if isinstance(storage, (RDBStorage, HeartbeatJournalStorage)):
+        storage.heartbeat_interval = seconds
+        storage.grace_period = GRACE_FACTOR * seconds
+        storage.heartbeat_stale_trial_callback = on_lost
+
+
+def hide_password(url: str) -> str:
+    """The URL as it may be printed: postgresql://user:***@host/db."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _journal(path: str) -> "HeartbeatJournalStorage":
+    if not path:
+        raise AutocompressError(f"storage 'journal:' names no file; use {ALLOWED}")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return HeartbeatJournalStorage(JournalFileBackend(path), HEARTBEAT_S)
+    except OSError as exc:
+        raise AutocompressError(f"cannot open journal file {path!r}: {exc.strerror or exc}") from None
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeats its RDB storage has: each beat is a trial system attribute
+    holding the writer's clock, which is sound because a journal file is shared by processes of one machine."""
+
+    def __init__(self, backend, heartbeat_interval: int):
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = GRACE_FACTOR * heartbeat_interval
+        self.heartbeat_stale_trial_callback = None
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # A trial not yet beating is judged by its start, so a worker killed before its first beat is caught too.
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running
+                if now - t.system_attrs.get("heartbeat", t.datetime_start.timestamp()) > self.grace_period]
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.heartbeat_stale_trial_callback
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
