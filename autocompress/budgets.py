@@ -6,10 +6,12 @@ import math
 from .errors import AutocompressError, one_of
 
 # metric -> direction; accuracy is measured, the rest come from the cost model
+# (peak_mem_kb: the largest set of feature maps alive at once, see cost/memory.py)
 METRICS = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minimize", "size_kb": "minimize",
-           "macs": "minimize", "params": "minimize"}
+           "peak_mem_kb": "minimize", "macs": "minimize", "params": "minimize"}
 COST_METRICS = tuple(m for m in METRICS if m != "accuracy")
-RELATIVE = {"latency": "latency_ms", "energy": "energy_mj", "size": "size_kb", "macs": "macs", "params": "params"}
+RELATIVE = {"latency": "latency_ms", "energy": "energy_mj", "size": "size_kb", "peak_mem": "peak_mem_kb",
+            "macs": "macs", "params": "params"}
 
 
 def check_objectives(objectives, have_accuracy: bool) -> tuple[str, ...]:

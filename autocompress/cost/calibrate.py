@@ -1,15 +1,19 @@
-"""Calibrate a hardware profile by timing real networks on this machine.
+"""Calibrate a hardware profile by timing real networks on this machine (its CPU, or its CUDA GPU).
 
-Small networks of varied shapes and block types (plain and residual convs, depthwise-separable
-inverted residuals, MLPs) are built at random, timed (median of repeats) and traced into the same
-per-op features the cost model prices. The profile's per-kind overheads and throughputs and its
-memory bandwidth are then fitted so that the summed roofline matches the measured networks (least
-squares on log latency). Timing whole networks, not isolated ops, captures how ops behave in
-context: caches, thread-pool hand-offs, the framework's per-module cost.
+Small networks of varied shapes and block types (plain, residual and bottleneck convs, inverted
+residuals with squeeze-excitation, inception and fire branches joined by concatenation, MLPs, chains
+of one op) are built at random, timed (median of repeats) and traced into the same per-op table the
+cost model prices (model.op_table). The roofline's free numbers are then fitted so that the summed
+per-op latencies match the measured networks (least squares on log latency): per-kind overheads and
+large-GEMM throughputs, the bandwidth, the GEMM sizes at which kernels reach half their efficiency
+(`gemm_half`), and, by trying each, the roofline's form (`overlap`, `im2col`, `channel_multiple`).
+Timing whole networks, not isolated ops, captures how ops behave in context: caches, the framework's
+per-op cost. None of the networks is a model the benchmark scores (scripts/bench_cost_model.py).
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import platform
 import random
@@ -17,153 +21,271 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from torch import nn
 
+from ..errors import AutocompressError
 from ..graph import analyze
+from .flow import dataflow
 from .measure import DEFAULT_THREADS, measure_latency_ms
-from .model import layer_features
-from .profiles import KINDS, HardwareProfile
+from .model import GEMM_KINDS, op_table, roofline_s, shape_efficiency
+from .profiles import KINDS, SHAPE_KEYS, HardwareProfile
 
+MODEL_VERSION = 2  # bump when the latency formula changes: cached host profiles are then re-fitted
 COMPUTE_KINDS = ("conv", "dwconv", "linear", "matmul")
-HORowitz_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.12, 2: 0.06, 1: 0.03}, "dram_pj_per_byte": 80.0,
+FORMS = {"overlap": (1.0, 0.5, 0.0), "im2col": (False, True), "channel_multiple": (1, 16)}
+HOROWITZ_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.065, 2: 0.02, 1: 0.01}, "dram_pj_per_byte": 80.0,
                    "sram_pj_per_byte": 1.25}
+ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
 
 
 class _Residual(nn.Module):
-    def __init__(self, body: nn.Module):
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None):
         super().__init__()
-        self.body = body
+        self.body, self.shortcut = body, shortcut or nn.Identity()
 
     def forward(self, x):
-        return x + self.body(x)
+        return self.shortcut(x) + self.body(x)
 
 
-def _conv_bn(cin, cout, k=3, stride=1, groups=1, act=True):
+class _Concat(nn.Module):
+    def __init__(self, *branches: nn.Module):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, act):
+        super().__init__()
+        hidden = max(8, channels // 4)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), act(),
+                                  nn.Conv2d(hidden, channels, 1), nn.Hardsigmoid())
+
+    def forward(self, x):
+        return x * self.gate(x)
+
+
+def _conv_bn(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU):
     layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return layers + [nn.ReLU(inplace=True)] if act else layers
+    return layers + [act(inplace=True) if act in (nn.ReLU, nn.ReLU6) else act()] if act else layers
+
+
+def _block(kind: str, width: int, rng: random.Random, act) -> tuple[list, int]:
+    """One block of `kind` on `width` channels: (layers, output width)."""
+    stride = 2 if rng.random() < 0.25 else 1
+    if kind == "plain":
+        out = rng.choice([width, width + 8 * rng.randint(1, 4)])
+        return _conv_bn(width, out, rng.choice([1, 3, 3, 5]), stride, act=act), out
+    if kind == "residual":
+        out = width if stride == 1 else width * 2
+        short = None if stride == 1 else nn.Sequential(*_conv_bn(width, out, 1, stride, act=None))
+        body = nn.Sequential(*_conv_bn(width, out, 3, stride, act=act), *_conv_bn(out, out, 3, act=None))
+        return [_Residual(body, short), act()], out
+    if kind == "bottleneck":  # ResNet's, or ResNeXt/RegNet's with a grouped 3x3 conv
+        mid = max(8, width // rng.choice([1, 2, 4]) // 8 * 8)
+        groups = mid // rng.choice([8, 16, mid]) if mid % 16 == 0 else 1
+        body = nn.Sequential(*_conv_bn(width, mid, 1, act=act), *_conv_bn(mid, mid, 3, groups=groups, act=act),
+                             *_conv_bn(mid, width, 1, act=None))
+        return [_Residual(body), act()], width
+    if kind == "inverted":
+        hidden = width * rng.choice([2, 4, 6])
+        parts = [*_conv_bn(width, hidden, 1, act=act), *_conv_bn(hidden, hidden, rng.choice([3, 5]), stride, hidden, act)]
+        if rng.random() < 0.4:
+            parts.append(_SqueezeExcite(hidden, act))
+        body = nn.Sequential(*parts, *_conv_bn(hidden, width, 1, act=None))
+        return [_Residual(body) if stride == 1 else body], width
+    if kind == "inception":
+        a, b, c = (8 * rng.randint(1, max(1, width // 16)) for _ in range(3))
+        branches = [nn.Sequential(*_conv_bn(width, a, 1, act=act)),
+                    nn.Sequential(*_conv_bn(width, b // 2 or 8, 1, act=act), *_conv_bn(b // 2 or 8, b, 3, act=act)),
+                    nn.Sequential(nn.MaxPool2d(3, 1, 1), *_conv_bn(width, c, 1, act=act))]
+        return [_Concat(*branches)], a + b + c
+    squeeze = max(8, width // 4)  # fire
+    return [*_conv_bn(width, squeeze, 1, act=act),
+            _Concat(nn.Sequential(*_conv_bn(squeeze, width // 2, 1, act=act)),
+                    nn.Sequential(*_conv_bn(squeeze, width // 2, 3, act=act)))], 2 * (width // 2)
 
 
 def random_network(rng: random.Random) -> tuple[nn.Module, torch.Tensor]:
     """One calibration network: a random mix of block types, widths and resolutions."""
-    kind = rng.choice(["plain", "residual", "inverted", "mlp", "single"])
+    kind = rng.choice(["plain", "residual", "bottleneck", "inverted", "inception", "fire", "mlp", "single"])
     if kind == "mlp":
         dims = [rng.choice([64, 128, 256, 512, 1024, 2048]) for _ in range(rng.randint(2, 4))]
         layers = []
         for a, b in zip(dims, dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         tokens = rng.choice([1, 1, 49, 197])
-        return nn.Sequential(*layers), torch.randn(1, tokens, dims[0]) if tokens > 1 else torch.randn(1, dims[0])
-    res = rng.choice([8, 14, 16, 28, 32, 56, 112])
-    width = rng.choice([8, 16, 24, 32, 48, 64, 96, 128, 192, 256])
+        return nn.Sequential(*layers).eval(), torch.randn(1, tokens, dims[0]) if tokens > 1 else torch.randn(1, dims[0])
+    res = rng.choice([8, 14, 16, 28, 32, 48, 56, 64])
+    width = rng.choice([8, 16, 24, 32, 40, 48, 64, 96, 128, 192, 256])
     width = min(width, max(8, 8 * (2 ** 13 // res ** 2)))  # about 50 MMACs per 3x3 conv at most: quick to time
-    cin = rng.choice([1, 3, width])
     if kind == "single":  # chains of one op type: separates per-kind overheads that always co-occur elsewhere
-        op = rng.choice(["conv", "dwconv", "norm", "act", "add"])
+        op = rng.choice(["conv", "dwconv", "norm", "act", "add", "pool"])
         x = torch.randn(1, width, res, res)
         n = rng.randint(1, 6)
         if op == "add":
             return _Residual(nn.Sequential(*[nn.Identity() for _ in range(n)])).eval(), x
-        make = {"conv": lambda: nn.Conv2d(width, width, 3, padding=1, bias=False),
+        make = {"conv": lambda: nn.Conv2d(width, width, rng.choice([1, 3]), padding="same", bias=False),
                 "dwconv": lambda: nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
-                "norm": lambda: nn.BatchNorm2d(width), "act": lambda: nn.ReLU()}[op]
+                "norm": lambda: nn.BatchNorm2d(width), "act": lambda: rng.choice(ACTS)(),
+                "pool": lambda: nn.MaxPool2d(3, 1, 1)}[op]
         return nn.Sequential(*[make() for _ in range(n)]).eval(), x
-    layers = _conv_bn(cin, width, rng.choice([1, 3, 5]))
+    act = rng.choice(ACTS)
+    cin = rng.choice([1, 3, width])
+    layers = _conv_bn(cin, width, rng.choice([1, 3, 5, 7]), rng.choice([1, 1, 2]), act=act)
     for _ in range(rng.randint(1, 4)):
-        if kind == "plain":
-            layers += _conv_bn(width, width, rng.choice([1, 3]))
-        elif kind == "residual":
-            layers.append(_Residual(nn.Sequential(*_conv_bn(width, width), *_conv_bn(width, width, act=False))))
-        else:
-            hidden = width * rng.choice([2, 4, 6])
-            layers.append(_Residual(nn.Sequential(*_conv_bn(width, hidden, 1),
-                                                  *_conv_bn(hidden, hidden, rng.choice([3, 5]), groups=hidden),
-                                                  *_conv_bn(hidden, width, 1, act=False))))
+        block, width = _block(kind, width, rng, act)
+        layers += block
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, rng.choice([10, 100, 1000]))]
     return nn.Sequential(*layers).eval(), torch.randn(1, cin, res, res)
 
 
 def measure_networks(n: int, repeats: int, seed: int = 0, device: str = "cpu", threads: int | None = None):
-    """Yield (features of every op, measured ms) for `n` random networks."""
+    """Yield (model, input, measured ms) for `n` random networks timed on `device`."""
     rng = random.Random(seed)
     for _ in range(n):
         model, x = random_network(rng)
         model, x = model.to(device), x.to(device)
+        ms = measure_latency_ms(model, x, repeats=repeats, threads=threads)
+        yield model.cpu(), x.cpu(), ms
+
+
+def traced(networks) -> list:
+    """(graph, flow) of every measured network: traced once, priced under every roofline form."""
+    out = []
+    for model, x, _ in networks:
         graph = analyze(model, x, groups=False)
-        feats = [layer_features(l) for l in graph.layers]
-        yield feats, measure_latency_ms(model, x, repeats=repeats, threads=threads)
+        out.append((graph, dataflow(model, graph)))
+    return out
 
 
-def _design(rows, im2col: bool):
-    """Per network: op count per kind, MACs per compute kind, and bytes of each op (for the roofline)."""
-    return [(np.array([sum(f["kind"] == k for f in feats) for k in KINDS], dtype=float),
-             np.array([[f["macs"] if f["kind"] == k else 0.0 for k in COMPUTE_KINDS] for f in feats]),
-             np.array([f["act_bytes"] + f["w_bytes"] + (f["unfold_bytes"] if im2col else 0) for f in feats],
-                      dtype=float), ms) for feats, ms in rows]
+def _template(channel_multiple: int) -> HardwareProfile:
+    """A profile whose op table has the device-independent quantities the fit needs (fp32, nothing fused)."""
+    return HardwareProfile("fit", {"fp32": 1.0}, {}, 1.0, 0.0, {}, channel_multiple=channel_multiple)
 
 
-def _predict_ms(theta: np.ndarray, overlap: float, counts, macs, nbytes) -> float:
-    overhead_us, gmacs, bw = np.exp(theta[:len(KINDS)]), np.exp(theta[len(KINDS):-1]), np.exp(theta[-1])
-    compute = (macs / (gmacs * 1e6)).sum(1)      # ms per op (an op has MACs of one kind at most)
-    memory = nbytes / (bw * 1e6)
-    bound = np.maximum(compute, memory) + (1 - overlap) * np.minimum(compute, memory)
-    return float(counts @ overhead_us * 1e-3 + bound.sum())
+def design(traces, channel_multiple: int) -> dict:
+    """Every op of every network as flat arrays: its network, kind, work, GEMM sizes and memory traffic (with
+    and without im2col's unfolded input)."""
+    parts = []
+    for i, (graph, flow) in enumerate(traces):
+        table = op_table(graph, flow, _template(channel_multiple))
+        parts.append(table[table["kind"] != "param"].assign(net=i))
+    ops = pd.concat(parts, ignore_index=True)
+    traffic = (ops["in_bytes"] + ops["out_bytes"] + ops["w_bytes"]).to_numpy(float)
+    return {"net": ops["net"].to_numpy(), "kind": np.array([KINDS.index(k) for k in ops["kind"]]),
+            "work": ops["work"].to_numpy(float), "traffic": {False: traffic, True: traffic + ops["unfold_bytes"].to_numpy(float)},
+            "m": ops["m"].to_numpy(float), "n": ops["n"].to_numpy(float), "k": ops["k"].to_numpy(float),
+            "gemm": ops["kind"].isin(GEMM_KINDS).to_numpy(), "networks": len(traces)}
 
 
-def fit(rows) -> dict:
-    """Per-kind overhead (us) and throughput (GMAC/s), bandwidth (GB/s), and the roofline's form
-    (overlap, im2col traffic), minimizing the log error over the measured networks."""
+def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, dict]:
+    n_kinds, n_compute = len(KINDS), len(COMPUTE_KINDS)
+    overhead_us = np.exp(theta[:n_kinds])
+    gmacs = np.ones(n_kinds)
+    gmacs[[KINDS.index(k) for k in COMPUTE_KINDS]] = np.exp(theta[n_kinds: n_kinds + n_compute])
+    bandwidth = float(np.exp(theta[n_kinds + n_compute]))
+    half = dict(zip(SHAPE_KEYS, np.exp(theta[n_kinds + n_compute + 1:])))
+    return overhead_us, gmacs, bandwidth, half
+
+
+def predict_ms(theta: np.ndarray, d: dict, overlap: float, im2col: bool) -> np.ndarray:
+    """Each network's latency from the fitted numbers: the cost model's per-op formula, summed."""
+    overhead_us, gmacs, bandwidth, half = _unpack(theta)
+    rate = gmacs[d["kind"]] * np.where(d["gemm"], shape_efficiency(d["m"], d["n"], d["k"], half), 1.0)
+    bound_s, _ = roofline_s(d["work"], rate, d["traffic"][im2col], bandwidth, overlap)
+    per_op = overhead_us[d["kind"]] * 1e-6 + bound_s
+    return np.bincount(d["net"], weights=per_op, minlength=d["networks"]) * 1e3
+
+
+def fit(networks, traces=None) -> dict:
+    """The profile numbers minimizing the log error over the measured networks, trying each roofline form."""
     from scipy.optimize import least_squares
 
-    theta0 = np.concatenate([np.log(np.full(len(KINDS), 5.0)), np.log(np.full(len(COMPUTE_KINDS), 50.0)), [np.log(20.0)]])
+    measured = np.array([ms for _, _, ms in networks])
+    traces = traces or traced(networks)
+    theta0 = np.log(np.concatenate([np.full(len(KINDS), 5.0), np.full(len(COMPUTE_KINDS), 50.0), [20.0],
+                                    np.full(len(SHAPE_KEYS), 1.0)]))
+    lower = np.log(np.concatenate([np.full(len(KINDS), 1e-3), np.full(len(COMPUTE_KINDS), 1e-2), [1e-2],
+                                   np.full(len(SHAPE_KEYS), 1e-2)]))
+    upper = np.log(np.concatenate([np.full(len(KINDS), 1e5), np.full(len(COMPUTE_KINDS), 1e7), [1e5],
+                                   np.full(len(SHAPE_KEYS), 1e4)]))
     best = None
-    for overlap in (1.0, 0.5, 0.0):
-        for im2col in (False, True):
-            design = _design(rows, im2col)
-
-            def residuals(theta):
-                return [np.log(_predict_ms(theta, overlap, c, m, b) / ms) for c, m, b, ms in design]
-
-            theta = least_squares(residuals, theta0, bounds=(np.log(1e-3), np.log(1e6))).x
-            cost = float(np.sum(np.square(residuals(theta))))
-            if best is None or cost < best[0]:
-                best = (cost, overlap, im2col, theta, np.exp(np.abs(residuals(theta))) - 1)
-    _, overlap, im2col, theta, errors = best
-    used = {f["kind"] for feats, _ in rows for f in feats}
-    return {"overhead_us": {k: float(np.exp(theta[i])) for i, k in enumerate(KINDS) if k in used},
-            "throughput_gmacs": {k: float(np.exp(theta[len(KINDS) + i])) for i, k in enumerate(COMPUTE_KINDS) if k in used},
-            "bandwidth_gbs": float(np.exp(theta[-1])), "overlap": overlap, "im2col": im2col,
+    designs = {}
+    for overlap, im2col, multiple in itertools.product(*FORMS.values()):
+        if multiple not in designs:
+            designs[multiple] = design(traces, multiple)
+        d = designs[multiple]
+        result = least_squares(lambda t: np.log(predict_ms(t, d, overlap, im2col) / measured), theta0,
+                               bounds=(lower, upper))
+        if best is None or result.cost < best[0]:
+            best = (result.cost, {"overlap": overlap, "im2col": im2col, "channel_multiple": multiple}, result.x, d)
+    _, form, theta, d = best
+    errors = np.abs(predict_ms(theta, d, form["overlap"], form["im2col"]) / measured - 1)
+    used = {KINDS[k] for k in np.unique(d["kind"])}
+    overhead_us, gmacs, bandwidth, half = _unpack(theta)
+    return {"overhead_us": {k: float(overhead_us[i]) for i, k in enumerate(KINDS) if k in used},
+            "throughput_gmacs": {k: float(gmacs[KINDS.index(k)]) for k in COMPUTE_KINDS if k in used},
+            "bandwidth_gbs": bandwidth, "gemm_half": {k: float(v) for k, v in half.items()}, **form,
             "median_error": float(np.median(errors)), "within_20pct": float(np.mean(errors <= 0.2))}
 
 
 def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed: int = 0,
               threads: int = DEFAULT_THREADS) -> HardwareProfile:
     """Time random networks on `device` with `threads` torch threads; return a fitted profile (no file written)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AutocompressError("calibrating on device 'cuda' needs a CUDA GPU, and torch sees none here")
+    if device not in ("cpu", "cuda"):
+        raise AutocompressError(f"calibration device {device!r} is not allowed; allowed: cpu, cuda")
+    start = time.perf_counter()
     _settle(device)
-    rows = list(measure_networks(40 if quick else 120, 10 if quick else 30, seed, device, threads))
-    fitted = fit(rows)
-    tp = fitted["throughput_gmacs"]
+    networks = list(measure_networks(40 if quick else 120, 10 if quick else 30, seed, device,
+                                     threads if device == "cpu" else None))
+    profile = fitted_profile(fit(networks), name, device, threads)
+    profile.calibration.update(networks=len(networks), seed=seed, seconds=round(time.perf_counter() - start, 1))
+    return profile
+
+
+def fitted_profile(fitted: dict, name: str, device: str = "cpu", threads: int | None = DEFAULT_THREADS) -> HardwareProfile:
+    """The profile holding `fit`'s numbers (energy: Horowitz's 45 nm figures, see SOURCES)."""
+    tp = {k: _sig(v) for k, v in fitted["throughput_gmacs"].items()}
     peak = max(tp.values())
-    overhead = fitted["overhead_us"]
+    overhead = {k: _sig(v) for k, v in fitted["overhead_us"].items()}
+    where = (f"{platform.node() or 'this machine'} ({_device_name(device)}, {os.cpu_count()} cores, "
+             f"{threads if device == 'cpu' else 'no'} torch threads)")
     return HardwareProfile(
         name=name,
-        description=(f"calibrated on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
-                     f"{os.cpu_count()} cores, {threads} torch threads, device {device}) on "
-                     f"{datetime.date.today().isoformat()}"),
-        peak_gmacs={"fp32": round(peak, 3)},
-        efficiency={k: round(tp.get(k, peak) / peak, 4) for k in COMPUTE_KINDS},
-        bandwidth_gbs=round(fitted["bandwidth_gbs"], 3),
-        overhead_us={k: round(overhead.get(k, overhead.get("act", 1.0)), 3) for k in KINDS},
-        # a host CPU's energy cannot be measured from user space: generic 45 nm figures (Horowitz, ISSCC 2014)
-        energy={**HORowitz_ENERGY, "static_w": 10.0},
+        description=f"calibrated on {where} on {datetime.date.today().isoformat()}",
+        peak_gmacs={"fp32": peak},
+        efficiency={k: _sig(tp.get(k, peak) / peak) for k in COMPUTE_KINDS},
+        bandwidth_gbs=_sig(fitted["bandwidth_gbs"]),
+        overhead_us={k: overhead.get(k, overhead.get("act", 1.0)) for k in KINDS},
+        energy={**HOROWITZ_ENERGY, "static_w": 10.0},
         overlap=fitted["overlap"],
         im2col=fitted["im2col"],
-        threads=threads,
-        extra={"calibration": {"networks": len(rows), "seed": seed,
-                               "fit_median_error": round(fitted["median_error"], 4),
-                               "fit_within_20pct": round(fitted["within_20pct"], 4)}},
+        channel_multiple=fitted["channel_multiple"],
+        gemm_half={k: _sig(v) for k, v in fitted["gemm_half"].items()},
+        threads=threads if device == "cpu" else None,
+        device=device,
+        calibration={"model_version": MODEL_VERSION, "fit_median_error": round(fitted["median_error"], 4),
+                     "fit_within_20pct": round(fitted["within_20pct"], 4)},
     )
+
+
+def _sig(value: float) -> float:
+    """Five significant digits: readable YAML, and well within what the timings can tell apart."""
+    return float(f"{value:.5g}")
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
 
 
 def _settle(device: str, seconds: float = 0.5) -> None:
@@ -172,19 +294,30 @@ def _settle(device: str, seconds: float = 0.5) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
     time.sleep(0.3)
+
+
+SOURCES = """\
+# Written by `autocompress calibrate`: every number below was fitted to timings on this machine (see
+# calibration:), except energy, which a program cannot measure from user space: mac_pj, dram_pj_per_byte
+# and sram_pj_per_byte are the 45 nm figures of M. Horowitz, "Computing's energy problem", ISSCC 2014
+# (fp32 mult 3.7 + add 0.9 pJ; int8 0.2 + 0.03 pJ; fp16 1.1 + 0.4 pJ; below 8 bits extrapolated with
+# multiplier energy ~ bits^2; DRAM 1.3-2.6 nJ per 64-bit access; 8 KB SRAM 10 pJ per 64-bit access),
+# and static_w is an estimate: replace it with a power-meter reading of this machine at idle.
+"""
 
 
 def write_profile(profile: HardwareProfile, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("# written by `autocompress calibrate`: every number below was fitted to timings on this machine\n"
-                   + yaml.safe_dump(profile.to_dict(), sort_keys=False))
+    tmp.write_text(SOURCES + yaml.safe_dump(profile.to_dict(), sort_keys=False))
     os.replace(tmp, path)
     return path
 
 
 def calibrate_host(path: Path, quick: bool = False) -> Path:
-    """Calibrate this machine and save it where `--hardware host` looks."""
+    """Calibrate this machine's CPU and save it where `--hardware host` looks."""
     return write_profile(calibrate("host", quick=quick), path)

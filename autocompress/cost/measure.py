@@ -4,9 +4,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 DEFAULT_THREADS = 1  # one intra-op thread: on small shared machines two threads time bimodally (1x or 2.3x)
@@ -27,19 +30,86 @@ def fixed_threads(threads: int | None):
 @torch.no_grad()
 def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 30, warmup: int = 5,
                        threads: int | None = DEFAULT_THREADS) -> float:
-    """Median wall time of one forward pass in milliseconds (eval mode, no grad, fixed thread count)."""
+    """Median wall time of one forward pass in milliseconds (eval mode, no grad, fixed thread count); on a CUDA
+    input each pass is timed up to the GPU's completion."""
     model = model.eval()
+    sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
     with fixed_threads(threads):
         for _ in range(warmup):
             model(example_input)
         times = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             model(example_input)
+            sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def wait_until_quiet(max_load: float, timeout_s: float = 3600.0, poll_s: float = 5.0) -> bool:
+    """Wait until the machine's 1-minute load average is below `max_load` (other work would disturb the
+    timings); False when `timeout_s` passes first. Unix only: elsewhere it returns at once."""
+    import os
+
+    if not hasattr(os, "getloadavg"):
+        return True
+    end = time.monotonic() + timeout_s
+    while os.getloadavg()[0] >= max_load:
+        if time.monotonic() > end:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def count_params(model: nn.Module) -> int:
     """Parameters counted independently of the cost model (each tensor once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def measure_peak_activation_bytes(model: nn.Module, example_input: torch.Tensor) -> int:
+    """The most bytes of floating-point tensors (the input included, weights and buffers not) alive at once
+    during one forward pass, tracked through every op PyTorch dispatches: an independent check of the cost
+    model's peak_mem_kb. Run it on `torch.fx.symbolic_trace(model)` to free values after their last use,
+    as a deployment runtime does, rather than when Python drops them. Integer tensors (max-pooling's
+    indices) are not feature maps and are left out."""
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    with _LiveTensors(weights) as tracker:
+        tracker.track(example_input)
+        model.eval()(example_input)
+    return tracker.peak
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Sums the bytes of live storages after every op; a storage dies with the last tensor that views it."""
+
+    def __init__(self, exclude: set):
+        super().__init__()
+        self.exclude, self.refs, self.live, self.peak = exclude, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.track(t)
+        return out
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if not ptr or ptr in self.exclude:
+            return
+        if ptr not in self.refs:
+            self.refs[ptr] = [storage.nbytes(), 0]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.refs[ptr][1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self.refs[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.refs[ptr]

@@ -1,26 +1,44 @@
-"""The cost model: latency, energy, size, MACs and parameters of a (compressed) module on a device.
+"""The cost model: latency, energy, size, peak memory, MACs and parameters of a (compressed) module on a device.
 
-It reads the module itself, never the policy: shapes come from tracing the module, bit-widths from
-the metadata each compressed module carries. Latency per op is a roofline (compute time at the
-dtype's peak times a per-kind efficiency, against memory traffic over bandwidth) plus a fixed
-per-op overhead; the model's latency is the sum over ops, which is how eager single-stream
-inference runs. Energy is per-MAC energy by bit-width plus per-byte memory energy plus static
-power over the latency.
+It reads the module itself, never the policy: shapes come from tracing the module, bit-widths,
+sparsity and codebooks from the metadata each compressed module carries (compress/base.py).
+
+Latency of one op (or of one fused group, see fusion.py) is a roofline plus a fixed overhead:
+
+    compute = work / (peak_gmacs[dtype] x efficiency[kind] x shape efficiency)
+    memory  = (activations in and out + weights [+ im2col unfold]) / bandwidth
+    latency = overhead[kind] + max(compute, memory) + (1 - overlap) x min(compute, memory)
+
+`dtype` is the narrowest one the profile supports that holds the layer's weight and activation bits;
+`work` is the MACs with channels padded to the profile's `channel_multiple`, and only the non-zero
+weights' MACs where the profile skips zeros (`sparse`); the shape efficiency m/(m + m_half) x ...
+makes small GEMMs (few output channels, pixels or reduction terms) slower per MAC. The model's
+latency is the sum over ops: single-stream, batch-1 inference. A lower bit-width therefore speeds a
+layer up only where the profile has a narrower dtype, and sparsity only where it skips zeros.
+
+Energy: MACs x energy per MAC at the dtype's width, weights read from DRAM at their stored size
+(packed bits, scales, sparse index: what compression saves even where it does not save time),
+activations at the SRAM energy per byte, plus static power x latency.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from ..compress.base import get_meta
 from ..graph import analyze
-from .profiles import HardwareProfile, load_profile
+from .flow import INPUT, Flow, dataflow
+from .fusion import fusion_groups
+from .memory import peak_activation_bytes
+from .profiles import DTYPE_BITS, HardwareProfile, load_profile
 
-ACT_BYTES = 4  # activations stay fp32 until activation quantization lands
+GEMM_KINDS = ("conv", "linear", "matmul")
+WEIGHT_KINDS = ("conv", "dwconv", "linear")
 
 
 @dataclass
@@ -30,6 +48,7 @@ class Estimate:
     latency_ms: float
     energy_mj: float
     size_kb: float
+    peak_mem_kb: float
     macs: int
     params: int
     hardware: str
@@ -37,11 +56,12 @@ class Estimate:
 
     def as_dict(self) -> dict:
         return {"latency_ms": self.latency_ms, "energy_mj": self.energy_mj, "size_kb": self.size_kb,
-                "macs": self.macs, "params": self.params}
+                "peak_mem_kb": self.peak_mem_kb, "macs": self.macs, "params": self.params}
 
     def __repr__(self) -> str:
         return (f"Estimate(hardware={self.hardware!r}, latency_ms={self.latency_ms:.4g}, energy_mj={self.energy_mj:.4g}, "
-                f"size_kb={self.size_kb:.4g}, macs={self.macs:,}, params={self.params:,})")
+                f"size_kb={self.size_kb:.4g}, peak_mem_kb={self.peak_mem_kb:.4g}, macs={self.macs:,}, "
+                f"params={self.params:,})")
 
 
 def weight_bits(module: nn.Module | None) -> int:
@@ -51,76 +71,191 @@ def weight_bits(module: nn.Module | None) -> int:
 def size_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as stored: each conv/linear weight as compress.storage.weight_bytes
     counts it (bit-packed values, per-channel scales, sparse index, codebook, optional Huffman), every other
-    tensor of the state_dict at its own dtype size."""
+    tensor of the state_dict at its own dtype size. cost/pack.py writes exactly these bytes."""
+    from .pack import tensor_entries
+
+    return sum(nbytes for _, _, _, nbytes in tensor_entries(model))
+
+
+def gemm_dims(layer) -> tuple[int, int, int]:
+    """(m, n, k) of the layer seen as a matrix product: output channels per group, output positions, reduction
+    length per output; (1, 1, 1) for ops that are not products."""
+    m = layer.module
+    if isinstance(m, nn.modules.conv._ConvNd) and layer.out_shape:
+        n = layer.out_numel // max(1, m.out_channels)
+        return m.out_channels // m.groups, n, (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    if isinstance(m, nn.Linear) and layer.out_shape:
+        return m.out_features, layer.out_numel // max(1, m.out_features), m.in_features
+    if layer.kind == "matmul" and layer.out_shape:
+        n = layer.out_shape[-1]
+        return n, max(1, layer.out_numel // max(1, n)), max(1, layer.macs // max(1, layer.out_numel))
+    return 1, 1, 1
+
+
+def padded(count: np.ndarray, multiple: int) -> np.ndarray:
+    return np.ceil(count / multiple) * multiple
+
+
+def shape_efficiency(m, n, k, half: dict) -> np.ndarray:
+    """Fraction of a kernel's large-GEMM efficiency reached at these sizes: d / (d + d_half) per dimension."""
+    eff = np.ones_like(np.asarray(m, dtype=float))
+    for dim, values in (("m", m), ("n", n), ("k", k)):
+        h = half.get(dim, 0.0)
+        if h:
+            eff = eff * values / (values + h)
+    return eff
+
+
+def roofline_s(work, rate_gmacs, traffic, bandwidth_gbs: float, overlap: float):
+    """(seconds, compute-bound?) per op: compute against memory time, overlapping by `overlap`."""
+    compute = work / (rate_gmacs * 1e9)
+    memory = traffic / (bandwidth_gbs * 1e9)
+    return np.maximum(compute, memory) + (1.0 - overlap) * np.minimum(compute, memory), compute >= memory
+
+
+def op_table(graph, flow: Flow, profile: HardwareProfile) -> pd.DataFrame:
+    """One row per layer with what its cost depends on, on this profile: dtype, work, GEMM sizes, traffic."""
+    layers = graph.layers
+    anchor = fusion_groups(graph, flow, profile.fuses)
+    rows = [_layer_facts(l, profile) for l in layers]
+    width = _output_widths(layers, flow, rows)
+    input_bytes = math.prod(graph.input_shape) * 4
+    for i, row in enumerate(rows):
+        row["out_bytes"] = layers[i].out_numel * width[i]
+        row["in_bytes"] = sum(input_bytes if p == INPUT else layers[p].out_numel * width[p]
+                              for p in flow.inputs[i] if p == INPUT or anchor[p] != anchor[i])
+        row["anchor"] = anchor[i]
+    table = pd.DataFrame(rows)
+    last = {a: i for i, a in enumerate(anchor)}  # the group's last member writes its output
+    table["out_bytes"] = [r["out_bytes"] if last[anchor[i]] == i else 0.0 for i, r in enumerate(rows)]
+    table["width"] = width
+    table.attrs["input_bytes"] = input_bytes
+    return table
+
+
+def _layer_facts(layer, profile: HardwareProfile) -> dict:
+    meta = get_meta(layer.module) if layer.module is not None else {}
+    weighted = layer.kind in WEIGHT_KINDS
+    wbits, abits = (int(meta.get("weight_bits", 32)), int(meta.get("act_bits", 32))) if weighted else (32, 32)
+    dtype = profile.dtype_for(max(wbits, abits)) if weighted or layer.kind == "matmul" else profile.dtype_for(32)
+    density = 1.0 - float(meta.get("sparsity", 0.0)) if profile.sparse else 1.0
+    m, n, k = gemm_dims(layer)
+    work = layer.macs * density
+    if layer.kind in GEMM_KINDS:
+        work *= padded(m, profile.channel_multiple) / m
+    elif layer.kind == "dwconv":
+        channels = layer.module.out_channels
+        work *= padded(channels, profile.channel_multiple) / channels
+    stored, dense = _weight_bytes(layer, dtype, density)
+    return {"name": layer.name, "kind": layer.kind, "type": layer.type, "out_shape": layer.out_shape,
+            "macs": layer.macs, "params": layer.params, "weight_bits": wbits, "act_bits": abits, "dtype": dtype,
+            "work": work, "m": m, "n": n, "k": k, "w_bytes": dense, "w_stored": stored,
+            "unfold_bytes": _unfold_elements(layer) * DTYPE_BITS[dtype] / 8,
+            "mac_bits": DTYPE_BITS[dtype], "exec_macs": layer.macs * density}
+
+
+def _weight_bytes(layer, dtype: str, density: float) -> tuple[float, float]:
+    """(bytes stored, bytes a kernel reads) of the layer's own tensors. A conv/linear weight is stored as
+    compress.storage counts it and read in the dtype the kernel computes in (only the non-zeros, plus their
+    index, where the profile skips zeros); other tensors (bias, BatchNorm) at their own size."""
+    from ..compress.sparsity import index_bytes
     from ..compress.storage import weight_bytes
 
-    total = 0
-    for module in model.modules():
-        meta = get_meta(module)
-        for name, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if name == "weight" and meta:
-                total += weight_bytes(p, meta)
-            else:
-                total += p.numel() * p.element_size()
-    return total
+    if layer.module is None:
+        return 0.0, 0.0
+    tensors = _named_own(layer.module)
+    weight = dict(tensors).get("weight") if layer.kind in WEIGHT_KINDS else None
+    other = float(sum(t.numel() * t.element_size() for _, t in tensors if t is not weight))
+    if weight is None:
+        return other, other
+    meta = get_meta(layer.module)
+    stored = weight_bytes(weight, meta) if meta else weight.numel() * weight.element_size()
+    read = weight.numel() * DTYPE_BITS[dtype] / 8
+    if density < 1.0:
+        read = read * density + index_bytes(weight.detach() != 0)
+    return stored + other, read + other
 
 
-def _mac_energy_pj(profile: HardwareProfile, bits: int) -> float:
-    table = profile.energy["mac_pj"]
-    wider = [b for b in table if b >= bits]
-    return table[min(wider)] if wider else table[max(table)]
+def _named_own(module: nn.Module):
+    return list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
 
 
-def layer_features(layer) -> dict:
-    """What the cost of one op depends on, independent of the device."""
-    bits = weight_bits(layer.module)
-    inputs = 2 if layer.kind == "elementwise" and layer.type in ("add", "iadd", "mul", "imul", "sub") else 1
-    return {"kind": layer.kind, "macs": layer.macs, "bits": bits,
-            "act_bytes": (inputs * layer.in_numel + layer.out_numel) * ACT_BYTES,
-            "w_bytes": math.ceil(layer.params * bits / 8), "unfold_bytes": _unfold_bytes(layer)}
-
-
-def _unfold_bytes(layer) -> int:
-    """Bytes an im2col convolution writes and reads back: the input unfolded to one column per output pixel."""
+def _unfold_elements(layer) -> int:
+    """Elements an im2col convolution writes and reads back: the input unfolded to one column per output pixel."""
     m = layer.module
     if layer.kind != "conv" or not isinstance(m, nn.modules.conv._ConvNd) or math.prod(m.kernel_size) == 1:
         return 0
     spatial = math.prod(layer.out_shape[2:]) * layer.out_shape[0]
-    return 2 * spatial * (m.in_channels // m.groups) * math.prod(m.kernel_size) * ACT_BYTES
+    return 2 * spatial * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
 
-def layer_latency_s(f: dict, profile: HardwareProfile) -> tuple[float, bool]:
-    """Roofline latency of one op plus its fixed overhead; also whether compute bounds it."""
-    dtype = profile.dtype_for(f["bits"])
-    compute_s = f["macs"] / (profile.peak_gmacs[dtype] * 1e9 * profile.efficiency.get(f["kind"], 1.0))
-    traffic = f["act_bytes"] + f["w_bytes"] + (f["unfold_bytes"] if profile.im2col else 0)
-    memory_s = traffic / (profile.bandwidth_gbs * 1e9)
-    # overlap 1 is the classic roofline (memory hidden under compute); CPUs' kernels overlap less
-    bound_s = max(compute_s, memory_s) + (1.0 - profile.overlap) * min(compute_s, memory_s)
-    return profile.overhead_for(f["kind"]) * 1e-6 + bound_s, compute_s >= memory_s
+def _output_widths(layers, flow: Flow, rows) -> list[float]:
+    """Bytes per element of every layer's output: a weight layer writes its dtype, other ops their input's."""
+    width = []
+    for i, l in enumerate(layers):
+        if l.kind in WEIGHT_KINDS or l.kind == "matmul":
+            width.append(DTYPE_BITS[rows[i]["dtype"]] / 8)
+        else:
+            first = flow.inputs[i][0] if flow.inputs[i] else INPUT
+            width.append(4.0 if first == INPUT else width[first])
+    return width
 
 
-def _layer_row(layer, profile: HardwareProfile) -> dict:
-    f = layer_features(layer)
-    latency_s, compute_bound = layer_latency_s(f, profile)
+def price(table: pd.DataFrame, profile: HardwareProfile) -> pd.DataFrame:
+    """Latency and energy of every op of `op_table`. A fused group is priced on its anchor's row (the anchor's
+    work, the group's traffic and weights, one overhead); its other members cost nothing of their own."""
+    anchor = table["anchor"].to_numpy()
+    is_anchor = anchor == np.arange(len(table))
+
+    def group_sum(column: str) -> np.ndarray:  # a group's total on its anchor's row, 0 elsewhere
+        return np.bincount(anchor, weights=table[column].to_numpy(float), minlength=len(table))
+
+    act_bytes = group_sum("in_bytes") + group_sum("out_bytes") + table["unfold_bytes"].to_numpy(float) * (
+        is_anchor & profile.im2col)
+    traffic = act_bytes + group_sum("w_bytes")
+    kinds = table["kind"].to_numpy()
+    rate = np.array([profile.peak_gmacs[d] * profile.efficiency.get(k, 1.0) for d, k in zip(table["dtype"], kinds)])
+    rate = rate * np.where(np.isin(kinds, GEMM_KINDS), shape_efficiency(
+        table["m"].to_numpy(float), table["n"].to_numpy(float), table["k"].to_numpy(float), profile.gemm_half), 1.0)
+    bound_s, compute_bound = roofline_s(table["work"].to_numpy(float) * is_anchor, rate, traffic,
+                                        profile.bandwidth_gbs, profile.overlap)
+    real = (kinds != "param") & is_anchor
+    latency_s = np.where(real, bound_s + np.array([profile.overhead_for(k) for k in kinds]) * 1e-6, 0.0)
     e = profile.energy
-    energy_j = (f["macs"] * _mac_energy_pj(profile, f["bits"]) + f["w_bytes"] * e["dram_pj_per_byte"]
-                + f["act_bytes"] * e["sram_pj_per_byte"]) * 1e-12 + e["static_w"] * latency_s
-    return {"name": layer.name, "kind": layer.kind, "type": layer.type, "out_shape": layer.out_shape,
-            "macs": layer.macs, "params": layer.params, "weight_bits": f["bits"], "dtype": profile.dtype_for(f["bits"]),
-            "bytes": f["act_bytes"] + f["w_bytes"], "bound": "compute" if compute_bound else "memory",
-            "latency_ms": latency_s * 1e3, "energy_mj": energy_j * 1e3}
+    mac_pj = np.array([_mac_energy_pj(e["mac_pj"], b) for b in table["mac_bits"]])
+    energy_j = (group_sum("exec_macs") * mac_pj + group_sum("w_stored") * e["dram_pj_per_byte"]
+                + act_bytes * e["sram_pj_per_byte"]) * 1e-12 + e["static_w"] * latency_s
+    names = table["name"].to_numpy()
+    return pd.DataFrame({
+        "name": names, "kind": kinds, "type": table["type"], "out_shape": table["out_shape"],
+        "macs": table["macs"], "params": table["params"], "weight_bits": table["weight_bits"],
+        "act_bits": table["act_bits"], "dtype": table["dtype"], "bytes": traffic,
+        "bound": np.where(real, np.where(compute_bound, "compute", "memory"), ""),
+        "latency_ms": latency_s * 1e3, "energy_mj": energy_j * 1e3,
+        "fused_into": [names[a] if a != i else "" for i, a in enumerate(anchor)],
+    }).set_index("name")
+
+
+def _mac_energy_pj(table: dict, bits: int) -> float:
+    """Energy of one MAC at `bits` bits: the table's entry for the narrowest width >= bits (else the widest)."""
+    wider = [b for b in table if b >= bits]
+    return table[min(wider)] if wider else table[max(table)]
 
 
 def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host") -> Estimate:
     """Price `model` on `hardware` (a profile name, a YAML path or a HardwareProfile)."""
     profile = load_profile(hardware)
     graph = analyze(model, example_input, groups=False)
-    layers = pd.DataFrame([_layer_row(l, profile) for l in graph.layers]).set_index("name")
+    flow = dataflow(model, graph)
+    table = op_table(graph, flow, profile)
+    layers = price(table, profile)
+    out_bytes = table["width"].to_numpy() * np.array([l.out_numel for l in graph.layers], dtype=float)
+    peak, _ = peak_activation_bytes(graph, flow, list(out_bytes), table.attrs["input_bytes"])
     return Estimate(
         latency_ms=float(layers["latency_ms"].sum()),
         energy_mj=float(layers["energy_mj"].sum()),
         size_kb=size_bytes(model) / 1024,
+        peak_mem_kb=peak / 1024,
         macs=int(layers["macs"].sum()),
         params=sum(p.numel() for p in model.parameters()),
         hardware=profile.name,

@@ -1,4 +1,10 @@
-"""Hardware profiles: YAML data describing a device's compute, memory and energy, validated on load."""
+"""Hardware profiles: YAML data describing a device's compute, memory and energy, validated on load.
+
+Built-in profiles live in `cost/profiles/*.yaml`, each number with its source in a comment. `host` is
+this machine: the latest calibration saved in the user's cache directory (made, quickly, on first
+use); `host-cuda` the same for this machine's GPU (made by `autocompress calibrate --device cuda`).
+Anything else with a `/` or a .yaml suffix is a path to a profile file.
+"""
 from __future__ import annotations
 
 import platform
@@ -11,18 +17,36 @@ import yaml
 from ..errors import AutocompressError
 
 KINDS = ("conv", "dwconv", "linear", "matmul", "norm", "act", "pool", "elementwise", "other")
-DTYPES = ("fp32", "fp16", "int8", "int4")
+DTYPE_BITS = {"fp32": 32, "fp16": 16, "int16": 16, "int8": 8, "int4": 4}
+DTYPES = tuple(DTYPE_BITS)
+FUSION_ANCHORS = ("conv", "linear", "add")
+FUSION_MEMBERS = ("bn", "relu", "act", "add")
+SHAPE_KEYS = ("m", "n", "k")
+REQUIRED = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
+OPTIONAL = ("description", "sparse", "fuses", "overlap", "im2col", "channel_multiple", "gemm_half", "threads",
+            "device", "calibration")
 
 
 @dataclass
 class HardwareProfile:
     """A device as the cost model sees it (units in the field names).
 
-    peak_gmacs:   multiply-accumulates per second (1e9) per natively supported dtype
-    efficiency:   fraction of that peak real kernels reach, per op kind
-    bandwidth_gbs: effective memory bandwidth in GB/s
-    overhead_us:  fixed cost of one op in microseconds: one number, or per op kind
-    energy:       mac_pj by bit-width, dram_pj_per_byte, sram_pj_per_byte, static_w
+    peak_gmacs:       multiply-accumulates per second (1e9) per natively supported dtype
+                      (fp32, fp16, int16, int8, int4); a layer runs in the narrowest one that holds
+                      both its weight and its activation bits, else in the widest one there is
+    efficiency:       fraction of that peak real kernels reach, per op kind
+    bandwidth_gbs:    effective memory bandwidth in GB/s
+    overhead_us:      fixed cost of one op (of a fused group) in microseconds: one number, or per op kind
+    energy:           mac_pj by bit-width, dram_pj_per_byte, sram_pj_per_byte, static_w
+    sparse:           zero weights are skipped (compute and weight traffic scale with the non-zeros)
+    fuses:            op chains the runtime runs as one kernel, e.g. conv+bn+relu, conv+bn+add+relu, add+relu
+    overlap:          how much memory traffic hides under compute: 1 = pure roofline, 0 = they add up
+    im2col:           convolutions unfold their input (PyTorch CPU), which costs memory traffic
+    channel_multiple: channels are padded to a multiple of this (SIMD lanes, PE-array width) for compute
+    gemm_half:        the GEMM sizes (m: output channels, n: output pixels, k: reduction) at which a
+                      conv/linear kernel reaches half its efficiency; small layers are slower per MAC
+    threads:          torch threads a calibration used (measurements use the same)
+    device:           torch device a calibration ran on (cpu, cuda)
     """
 
     name: str
@@ -33,17 +57,22 @@ class HardwareProfile:
     energy: dict
     sparse: bool = False
     description: str = ""
-    overlap: float = 1.0        # how much memory traffic hides under compute: 1 = pure roofline, 0 = they add up
-    im2col: bool = False        # convolutions unfold their input (PyTorch CPU), which costs memory traffic
-    threads: int | None = None  # torch threads the profile was calibrated with (measurements use the same)
-    extra: dict = field(default_factory=dict)
+    fuses: tuple = ()
+    overlap: float = 1.0
+    im2col: bool = False
+    channel_multiple: int = 1
+    gemm_half: dict = field(default_factory=dict)
+    threads: int | None = None
+    device: str = "cpu"
+    calibration: dict = field(default_factory=dict)
 
     def dtype_for(self, bits: int) -> str:
-        """The narrowest natively supported dtype able to hold `bits`-bit weights (fp32 otherwise)."""
-        for dtype, width in (("int4", 4), ("int8", 8), ("fp16", 16)):
-            if bits <= width and dtype in self.peak_gmacs:
-                return dtype
-        return "fp32"
+        """The narrowest supported dtype holding `bits` bits, else the widest supported one (an accelerator
+        without fp32 runs a float layer in its own format: deployment converts it)."""
+        fitting = [d for d in self.peak_gmacs if DTYPE_BITS[d] >= bits]
+        if not fitting:
+            return max(self.peak_gmacs, key=DTYPE_BITS.get)
+        return min(fitting, key=lambda d: (DTYPE_BITS[d], d == "int16"))  # 16-bit weights are fp16 first
 
     def overhead_for(self, kind: str) -> float:
         """Fixed cost of one op of `kind`, in microseconds."""
@@ -52,48 +81,103 @@ class HardwareProfile:
         return float(self.overhead_us)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "peak_gmacs": self.peak_gmacs,
-                "efficiency": self.efficiency, "bandwidth_gbs": self.bandwidth_gbs,
-                "overhead_us": self.overhead_us, "energy": self.energy, "sparse": self.sparse,
-                "overlap": self.overlap, "im2col": self.im2col,
-                **({"threads": self.threads} if self.threads else {}), **self.extra}
+        out = {"name": self.name, "description": self.description, "peak_gmacs": self.peak_gmacs,
+               "efficiency": self.efficiency, "bandwidth_gbs": self.bandwidth_gbs, "overhead_us": self.overhead_us,
+               "energy": self.energy, "sparse": self.sparse, "fuses": ["+".join(p) for p in self.fuses], "overlap": self.overlap,
+               "im2col": self.im2col, "channel_multiple": self.channel_multiple, "gemm_half": self.gemm_half,
+               "device": self.device}
+        if self.threads:
+            out["threads"] = self.threads
+        if self.calibration:
+            out["calibration"] = self.calibration
+        return out
 
     @classmethod
     def from_dict(cls, data, where: str) -> "HardwareProfile":
         if not isinstance(data, dict):
             raise AutocompressError(f"hardware profile {where} must be a YAML mapping")
-        required = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
-        missing = [k for k in required if k not in data]
+        missing = [k for k in REQUIRED if k not in data]
         if missing:
-            raise AutocompressError(f"hardware profile {where} lacks {missing[0]!r}; required: {', '.join(required)}")
+            raise AutocompressError(f"hardware profile {where} lacks {missing[0]!r}; required: {', '.join(REQUIRED)}")
+        unknown = sorted(set(data) - set(REQUIRED) - set(OPTIONAL))
+        if unknown:
+            raise AutocompressError(f"hardware profile {where} has unknown key {unknown[0]!r}; allowed: "
+                                    f"{', '.join(REQUIRED + OPTIONAL)}")
         _positive_map(data["peak_gmacs"], DTYPES, f"{where} peak_gmacs")
-        if "fp32" not in data["peak_gmacs"]:
-            raise AutocompressError(f"hardware profile {where} peak_gmacs needs an 'fp32' entry")
         _positive_map(data["efficiency"], KINDS, f"{where} efficiency")
-        bw = data["bandwidth_gbs"]
-        if not isinstance(bw, (int, float)) or bw <= 0:
-            raise AutocompressError(f"hardware profile {where} bandwidth_gbs = {bw!r}; it must be a positive number")
+        _positive_number(data["bandwidth_gbs"], f"{where} bandwidth_gbs")
         overhead = data["overhead_us"]
         if isinstance(overhead, dict):
             _positive_map(overhead, KINDS, f"{where} overhead_us", allow_zero=True)
-        elif not isinstance(overhead, (int, float)) or overhead < 0:
-            raise AutocompressError(f"hardware profile {where} overhead_us = {overhead!r}; it must be a number >= 0 or a mapping by op kind")
-        energy = data["energy"]
-        for key in ("mac_pj", "dram_pj_per_byte", "sram_pj_per_byte", "static_w"):
-            if not isinstance(energy, dict) or key not in energy:
-                raise AutocompressError(f"hardware profile {where} energy lacks {key!r}")
-        energy = dict(energy, mac_pj={int(k): float(v) for k, v in energy["mac_pj"].items()})
+        elif isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or overhead < 0:
+            raise AutocompressError(f"hardware profile {where} overhead_us = {overhead!r}; it must be a number >= 0 "
+                                    "or a mapping by op kind")
         threads = data.get("threads")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise AutocompressError(f"hardware profile {where} threads = {threads!r}; it must be an integer >= 1")
         overlap = data.get("overlap", 1.0)
-        if not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
             raise AutocompressError(f"hardware profile {where} overlap = {overlap!r}; it must be between 0 and 1")
-        known = set(required) | {"description", "sparse", "threads", "overlap", "im2col"}
-        return cls(str(data["name"]), dict(data["peak_gmacs"]), dict(data["efficiency"]), float(bw),
-                   overhead, energy, bool(data.get("sparse", False)), str(data.get("description", "")),
-                   float(overlap), bool(data.get("im2col", False)), threads,
-                   {k: v for k, v in data.items() if k not in known})
+        multiple = data.get("channel_multiple", 1)
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise AutocompressError(f"hardware profile {where} channel_multiple = {multiple!r}; it must be an integer >= 1")
+        gemm_half = data.get("gemm_half") or {}
+        if gemm_half:
+            _positive_map(gemm_half, SHAPE_KEYS, f"{where} gemm_half", allow_zero=True)
+        device = data.get("device", "cpu")
+        if device not in ("cpu", "cuda"):
+            raise AutocompressError(f"hardware profile {where} device = {device!r}; allowed: cpu, cuda")
+        return cls(str(data["name"]), dict(data["peak_gmacs"]), dict(data["efficiency"]), float(data["bandwidth_gbs"]),
+                   overhead, _energy(data["energy"], where), _flag(data, "sparse", where),
+                   str(data.get("description", "")), _fusions(data.get("fuses") or [], where), float(overlap),
+                   _flag(data, "im2col", where), multiple, {k: float(v) for k, v in gemm_half.items()}, threads,
+                   device, dict(data.get("calibration") or {}))
+
+
+def _energy(energy, where: str) -> dict:
+    keys = ("mac_pj", "dram_pj_per_byte", "sram_pj_per_byte", "static_w")
+    if not isinstance(energy, dict):
+        raise AutocompressError(f"hardware profile {where} energy must be a mapping with {', '.join(keys)}")
+    for key in keys:
+        if key not in energy:
+            raise AutocompressError(f"hardware profile {where} energy lacks {key!r}")
+    table = energy["mac_pj"]
+    if not isinstance(table, dict) or not table or not all(str(k).isdigit() for k in table):
+        raise AutocompressError(f"hardware profile {where} energy.mac_pj must map bit-widths (1, 8, 32...) to pJ")
+    for key in keys[1:]:
+        _positive_number(energy[key], f"{where} energy.{key}", allow_zero=True)
+    out = dict(energy, mac_pj={int(k): float(v) for k, v in table.items()})
+    for bits, pj in out["mac_pj"].items():
+        _positive_number(pj, f"{where} energy.mac_pj.{bits}")
+    return out
+
+
+def _fusions(patterns, where: str) -> tuple:
+    """Validated fusion patterns as tuples of tokens, e.g. ('conv', 'bn', 'relu')."""
+    if not isinstance(patterns, list):
+        raise AutocompressError(f"hardware profile {where} fuses must be a list like [conv+bn, conv+bn+relu]")
+    out = []
+    for p in patterns:
+        tokens = tuple(str(p).split("+"))
+        if (len(tokens) < 2 or tokens[0] not in FUSION_ANCHORS
+                or any(t not in FUSION_MEMBERS for t in tokens[1:])):
+            raise AutocompressError(f"hardware profile {where} fuses has {p!r}; a pattern is one of "
+                                    f"{', '.join(FUSION_ANCHORS)} followed by '+' and ops among "
+                                    f"{', '.join(FUSION_MEMBERS)}, e.g. conv+bn+relu")
+        out.append(tokens)
+    return tuple(out)
+
+
+def _flag(data: dict, key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise AutocompressError(f"hardware profile {where} {key} = {value!r}; it must be true or false")
+    return value
+
+
+def _positive_number(value, where: str, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        raise AutocompressError(f"{where} = {value!r}; it must be a {'non-negative' if allow_zero else 'positive'} number")
 
 
 def _positive_map(value, allowed, where: str, allow_zero: bool = False) -> None:
@@ -102,8 +186,7 @@ def _positive_map(value, allowed, where: str, allow_zero: bool = False) -> None:
     for k, v in value.items():
         if k not in allowed:
             raise AutocompressError(f"{where} has unknown key {k!r}; allowed: {', '.join(allowed)}")
-        if not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
-            raise AutocompressError(f"{where}.{k} = {v!r}; it must be a positive number")
+        _positive_number(v, f"{where}.{k}", allow_zero)
 
 
 def builtin_profiles() -> list[str]:
@@ -111,31 +194,57 @@ def builtin_profiles() -> list[str]:
     return sorted(["host"] + [p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")])
 
 
-def host_profile_path() -> Path:
+def host_profile_path(device: str = "cpu") -> Path:
+    """Where the calibration of this machine (its CPU, or its GPU with device='cuda') is saved."""
     from ..models import cache_dir
 
-    return cache_dir() / "profiles" / f"host-{platform.node() or 'local'}.yaml"
+    suffix = "-cuda" if device == "cuda" else ""
+    return cache_dir() / "profiles" / f"host-{platform.node() or 'local'}{suffix}.yaml"
 
 
 def load_profile(spec: "str | Path | HardwareProfile") -> HardwareProfile:
-    """A profile by name (`host`, a built-in) or a path to a YAML file."""
+    """A profile by name (`host`, `host-cuda`, a built-in) or a path to a YAML file."""
     if isinstance(spec, HardwareProfile):
         return spec
     spec = str(spec)
-    if spec == "host":
-        path = host_profile_path()
-        if not path.exists():
-            from .calibrate import calibrate_host
-
-            calibrate_host(path, quick=True)
-        return _load_file(path)
+    if spec in ("host", "host-cuda"):
+        return _cached_host("cuda" if spec == "host-cuda" else "cpu")
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         if not Path(spec).is_file():
             raise AutocompressError(f"hardware profile file {spec!r} does not exist")
         return _load_file(Path(spec))
     if spec not in builtin_profiles():
-        raise AutocompressError(f"unknown hardware {spec!r}; allowed: {', '.join(builtin_profiles())}, or a path to a profile YAML")
+        raise AutocompressError(f"unknown hardware {spec!r}; allowed: {', '.join(builtin_profiles())}, "
+                                "or a path to a profile YAML")
     return _load_file(resources.files("autocompress.cost") / "profiles" / f"{spec}.yaml")
+
+
+def profile_text(spec: str) -> str:
+    """The YAML text of a profile, comments (the sources of its numbers) included."""
+    profile = load_profile(spec)  # validates, and calibrates `host` on first use
+    if spec in ("host", "host-cuda"):
+        return host_profile_path(profile.device).read_text()
+    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+        return Path(spec).read_text()
+    return (resources.files("autocompress.cost") / "profiles" / f"{spec}.yaml").read_text()
+
+
+def _cached_host(device: str) -> HardwareProfile:
+    """This machine's saved calibration; on the CPU made now (quick) when missing or fitted to an older model."""
+    from .calibrate import MODEL_VERSION, calibrate_host
+
+    path = host_profile_path(device)
+    try:
+        profile = _load_file(path) if path.exists() else None
+    except AutocompressError:  # written by an older version: calibrate again
+        profile = None
+    if profile is not None and profile.calibration.get("model_version") == MODEL_VERSION:
+        return profile
+    if device == "cuda":
+        raise AutocompressError("hardware 'host-cuda' has no calibration for this cost model yet; run "
+                                "`autocompress calibrate --device cuda` on this machine (it needs a CUDA GPU)")
+    calibrate_host(path, quick=True)
+    return _load_file(path)
 
 
 def _load_file(path) -> HardwareProfile:

@@ -1,0 +1,158 @@
+"""How well the cost model predicts measured host latency, against a MACs-proportional baseline.
+
+Random compressed candidates of torchvision models (pruned widths through `ac.apply` with the default
+search space's knobs, weight bit-widths, dropped blocks when the depth technique exists) are priced
+by the cost model with the host profile and timed on this machine (median of repeated timings, one
+torch thread, the profile's). The host profile is calibrated on random networks (cost/calibrate.py),
+none of which is a torchvision model, so every scored candidate is held out. The baseline predicts
+latency = scale x MACs with the scale fitted on the scored candidates themselves (least squares on
+log latency): the best any MACs-proportional model can do. Prints, per model and overall, Spearman
+rho and the share of candidates within +-10 % and +-20 % of the measured latency.
+
+    .venv/bin/python scripts/bench_cost_model.py                      # the cached host profile
+    .venv/bin/python scripts/bench_cost_model.py --calibrate          # refit the host profile first
+    .venv/bin/python scripts/bench_cost_model.py --save m.csv         # keep the timings ...
+    .venv/bin/python scripts/bench_cost_model.py --measured m.csv     # ... and re-score a profile without re-timing
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import autocompress as ac  # noqa: E402
+from autocompress.compress import TECHNIQUES  # noqa: E402
+from autocompress.cost.measure import measure_latency_ms, wait_until_quiet  # noqa: E402
+from autocompress.cost.profiles import load_profile  # noqa: E402
+
+MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1",
+          "mnasnet0_5", "regnet_x_400mf", "efficientnet_b0", "googlenet")
+RESOLUTIONS = (64, 96)
+
+
+def space() -> ac.SearchSpace:
+    """The default space (pruned widths, weight bit-widths), plus dropped blocks where the technique exists."""
+    base = ac.SearchSpace.load("default")
+    if "depth" not in TECHNIQUES:
+        return base
+    return ac.SearchSpace("bench", {**base.techniques, "depth": {}})
+
+
+def random_values(bound, rng: random.Random, level: float) -> dict:
+    """Knob values scattered around one compression `level` (0 = most compressed, 1 = none)."""
+    values = {}
+    for k in bound.knobs:
+        d = k.distribution
+        position = min(1.0, max(0.0, level + rng.gauss(0, 0.2)))
+        if hasattr(d, "choices"):
+            ordered = sorted(d.choices)
+            values[k.param] = ordered[round(position * (len(ordered) - 1))]
+        else:
+            steps = round(position * (d.high - d.low) / d.step)
+            values[k.param] = d.low + steps * d.step
+    return values
+
+
+def make_model(name: str) -> torch.nn.Module:
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+
+
+def candidates(name: str, n: int, seed: int):
+    """(candidate id, resolution, compressed model, input) for `n` random candidates of model `name`."""
+    rng = random.Random(f"{name}-{seed}")
+    model, bound = make_model(name), {}
+    for i in range(n):
+        res = RESOLUTIONS[i % len(RESOLUTIONS)]
+        x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(i))
+        if res not in bound:
+            bound[res] = space().bind(ac.analyze(model, x))
+        level = 1.0 if i == 0 else rng.uniform(0, 1)
+        yield f"{name}/{i}", res, ac.apply(model, bound[res].policy(random_values(bound[res], rng, level)), x), x
+
+
+def measure(model, x, threads: int, repeats: int, rounds: int, max_load: float | None) -> float:
+    """Median over `rounds` of the median of `repeats` timings, each round once the load is below `max_load`."""
+    times = []
+    for _ in range(rounds):
+        if max_load and not wait_until_quiet(max_load):
+            print(f"  (load stayed above {max_load}: timing anyway)", file=sys.stderr)
+        times.append(measure_latency_ms(model, x, repeats=repeats, threads=threads))
+    return float(np.median(times))
+
+
+def score(pred: np.ndarray, meas: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+
+    err = np.abs(pred / meas - 1)
+    return {"n": len(meas), "rho": spearmanr(pred, meas)[0] if len(meas) > 2 else np.nan,
+            "within_10": float(np.mean(err <= 0.1)), "within_20": float(np.mean(err <= 0.2)),
+            "median_err": float(np.median(err))}
+
+
+def table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model and overall: the cost model's and the MACs baseline's scores."""
+    scale = np.exp(np.mean(np.log(frame["measured_ms"] / frame["macs"])))  # least squares on log latency
+    frame = frame.assign(macs_ms=frame["macs"] * scale)
+    rows = []
+    for model, part in list(frame.groupby("model", sort=False)) + [("all", frame)]:
+        cost, base = score(part["predicted_ms"].to_numpy(), part["measured_ms"].to_numpy()), \
+            score(part["macs_ms"].to_numpy(), part["measured_ms"].to_numpy())
+        rows.append({"model": model, "n": cost["n"], "rho": cost["rho"], "±10%": cost["within_10"],
+                     "±20%": cost["within_20"], "median err": cost["median_err"], "MACs rho": base["rho"],
+                     "MACs ±10%": base["within_10"], "MACs ±20%": base["within_20"], "MACs median err": base["median_err"]})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--per-model", type=int, default=8, help="candidates per model (the first is uncompressed)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-load", type=float, default=None,
+                   help="time only while the 1-minute load average is below this (waits; the bench itself adds ~1)")
+    p.add_argument("--hardware", default="host", help="the profile to score (host: the cached calibration)")
+    p.add_argument("--calibrate", action="store_true", help="refit the host profile (full calibration) first")
+    p.add_argument("--save", help="write the candidates' timings and predictions to this CSV")
+    p.add_argument("--measured", help="reuse the timings in this CSV (written by --save) instead of timing")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.calibrate:
+        from autocompress.cost.calibrate import calibrate_host
+        from autocompress.cost.profiles import host_profile_path
+
+        start = time.perf_counter()
+        calibrate_host(host_profile_path())
+        print(f"calibrated the host profile in {time.perf_counter() - start:.0f} s")
+    profile = load_profile(args.hardware)
+    known = pd.read_csv(args.measured).set_index("candidate")["measured_ms"] if args.measured else None
+    rows = []
+    for name in args.models.split(","):
+        for cid, res, model, x in candidates(name, args.per_model, args.seed):
+            est = ac.estimate(model, x, profile)
+            ms = float(known[cid]) if known is not None else measure(model, x, profile.threads or 1,
+                                                                       args.repeats, args.rounds, args.max_load)
+            rows.append({"candidate": cid, "model": name, "resolution": res, "macs": est.macs,
+                         "params": est.params, "predicted_ms": est.latency_ms, "measured_ms": ms})
+            print(f"  {cid:24s} {res:4d}px {est.macs / 1e6:8.1f} MMACs  predicted {est.latency_ms:7.2f} ms  "
+                  f"measured {ms:7.2f} ms", file=sys.stderr)
+    frame = pd.DataFrame(rows)
+    if args.save:
+        frame.to_csv(args.save, index=False)
+    print(f"\nprofile: {profile.name} ({profile.description}); load average {os.getloadavg()[0]:.2f}")
+    print(table(frame).to_string(float_format=lambda v: f"{v:.2f}"))
+
+
+if __name__ == "__main__":
+    main()

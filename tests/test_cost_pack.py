@@ -1,0 +1,113 @@
+"""The packed export: its file holds what size_kb counts (within 2 %), and loads back to the same module."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import autocompress as ac
+from autocompress.compress.base import layer_targets
+from autocompress.compress.share import huffman_bits
+from autocompress.cost.model import size_bytes
+from autocompress.cost.pack import (SYNC, huffman_decode, huffman_encode, huffman_lengths, load_packed, pack_bits,
+                                    packed_sections, save_packed, unpack_bits)
+from autocompress.graph import analyze
+
+
+def every_layer(model, x, **sections):
+    """A policy giving every conv/linear layer the same value for each field."""
+    names = [n for n, _ in layer_targets(analyze(model, x, groups=False))]
+    fields = {"weight_bits", "act_bits", "density", "bits"}
+    return {tech: {k: dict.fromkeys(names, v) if k in fields else v for k, v in cfg.items()}
+            for tech, cfg in sections.items()}
+
+
+CASES = {
+    "float": {},
+    "fp16": {"quantize": {"weight_bits": 16}},
+    "int4 weights, int8 activations": {"quantize": {"weight_bits": 4, "act_bits": 8}},
+    "ternary": {"quantize": {"weight_bits": 2}},
+    "sparse int8": {"sparsity": {"density": 0.1}, "quantize": {"weight_bits": 8}},
+    "sparse binary": {"sparsity": {"density": 0.5}, "quantize": {"weight_bits": 1}},
+    "shared huffman": {"share": {"bits": 4, "huffman": True}},
+    "deep compression": {"sparsity": {"density": 0.2}, "share": {"bits": 5},
+                         "quantize": {"weight_bits": 8, "huffman": True}},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_file_matches_size_and_round_trips(case, digits_model, digits_input, tmp_path):
+    policy = every_layer(digits_model, digits_input, **CASES[case])
+    model = ac.apply(digits_model, policy, digits_input)
+    written = save_packed(model, tmp_path / "m.acpk")
+    parts = packed_sections(tmp_path / "m.acpk")
+    assert written == sum(parts.values()) == (tmp_path / "m.acpk").stat().st_size
+    assert abs((parts["header"] + parts["tensors"]) / size_bytes(model) - 1) < 0.02  # header, Huffman restarts
+    restored = load_packed(tmp_path / "m.acpk")              # the architecture stored in the file
+    shell = copy.deepcopy(model)                               # or a module of the same architecture
+    for p in shell.parameters():
+        p.data.zero_()
+    into = load_packed(tmp_path / "m.acpk", shell)
+    with torch.no_grad():
+        expected = model(digits_input)
+        assert torch.allclose(restored(digits_input), expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(into(digits_input), expected, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+
+
+def test_estimate_reports_the_packed_size(digits_model, digits_input):
+    model = ac.apply(digits_model, every_layer(digits_model, digits_input, quantize={"weight_bits": 4}), digits_input)
+    assert ac.estimate(model, digits_input, "raspberry-pi-4").size_kb * 1024 == size_bytes(model)
+
+
+@pytest.mark.xfail(strict=True, reason="compress/storage.py counts Huffman codes of integer grids over the float "
+                                       "values (one alphabet per output channel), not over the grid codes the "
+                                       "packed file codes: its size_kb is ~2.5x the file (issue 5 owns storage.py)")
+def test_huffman_coded_grid_matches_size(digits_model, digits_input, tmp_path):
+    model = ac.apply(digits_model, every_layer(digits_model, digits_input, quantize={"weight_bits": 4, "huffman": True}),
+                     digits_input)
+    assert abs(save_packed(model, tmp_path / "w.acpk", architecture=False) / size_bytes(model) - 1) < 0.02
+
+
+def test_packed_weights_are_really_smaller(digits_model, digits_input, tmp_path):
+    full = save_packed(digits_model, tmp_path / "f.acpk", architecture=False)
+    int4 = ac.apply(digits_model, every_layer(digits_model, digits_input, quantize={"weight_bits": 4}), digits_input)
+    assert save_packed(int4, tmp_path / "q.acpk", architecture=False) < 0.15 * full
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 13])
+def test_bit_packing_round_trips(bits):
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, 1001)
+    data = pack_bits(codes, bits)
+    assert len(data) == -(-1001 * bits // 8)
+    assert np.array_equal(unpack_bits(data, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("n, alphabet", [(1, 1), (50, 3), (3 * SYNC + 17, 40), (10_000, 256)])
+def test_huffman_is_optimal_and_decodes(n, alphabet):
+    rng = np.random.default_rng(n)
+    symbols = np.minimum(rng.geometric(0.3, n) - 1, alphabet - 1)   # skewed: short codes for common symbols
+    present, inverse, counts = np.unique(symbols, return_inverse=True, return_counts=True)
+    lengths = huffman_lengths(counts)
+    stream, offsets = huffman_encode(inverse, lengths)
+    assert sum(l * c for l, c in zip(lengths, counts)) == huffman_bits(counts)   # the size model's optimum
+    assert len(stream) == -(-huffman_bits(counts) // 8)
+    assert np.array_equal(present[huffman_decode(stream, lengths, n, offsets)], symbols)
+
+
+def test_loader_rejects_other_files_and_architectures(digits_model, digits_input, tmp_path):
+    bad = tmp_path / "x.pt"
+    torch.save(digits_model.state_dict(), bad)
+    with pytest.raises(ac.AutocompressError, match="not a packed autocompress model"):
+        load_packed(bad)
+    pruned = ac.apply(digits_model, {"prune": {"keep": {"stem.0": 0.5}}}, digits_input)
+    save_packed(pruned, tmp_path / "p.acpk", architecture=False)
+    with pytest.raises(ac.AutocompressError, match="different architecture"):
+        load_packed(tmp_path / "p.acpk", ac.apply(digits_model, {}, digits_input))
+    quantized = ac.apply(digits_model, every_layer(digits_model, digits_input, quantize={"act_bits": 8}), digits_input)
+    save_packed(quantized, tmp_path / "q.acpk", architecture=False)   # its activation ranges have no place in
+    with pytest.raises(ac.AutocompressError, match="which the module lacks"):  # the plain model
+        load_packed(tmp_path / "q.acpk", ac.apply(digits_model, {}, digits_input))
+    with pytest.raises(ac.AutocompressError, match="holds no architecture"):
+        load_packed(tmp_path / "p.acpk")
