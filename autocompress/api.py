@@ -132,7 +132,8 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
 
 def _search(study, problem: search.Problem, progress: bool) -> Result:
     completed = search.run(study, problem, progress)
-    result = Result.from_study(study, problem.model, problem.example_input)
+    prepare = problem.evaluator.prepare if isinstance(problem.evaluator, Evaluator) else None
+    result = Result.from_study(study, problem.model, problem.example_input, prepare)
     if not completed:
         print(f"interrupted: {len(result.trials)} finished trials are kept in the study (the running one is "
               f"queued again); run again to resume")

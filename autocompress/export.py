@@ -61,14 +61,15 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     row = result.trials.loc[trial]
     reported = None if _missing(row["accuracy"]) else float(row["accuracy"])
     loaders = _loaders(result, data)
-    if reported is not None and loaders is None and _has_norm(model):
+    prepared = result.prepared(trial)
+    if reported is not None and loaders is None and not prepared and _has_norm(model):
         raise AutocompressError(
             f"trial {trial}'s accuracy was measured after re-estimating BatchNorm statistics on the training data; "
             f"pass data=(train_loader, val_loader) (on the command line: --data) so the exported model gets them too")
     note = ""
-    if loaders is not None:  # the search's judge, in place: same recalibration and fine-tuning, so the same weights
+    if loaders is not None and not prepared:  # the search's judge, in place: same recalibration and fine-tuning
         make_evaluator(loaders, None, result.config.get("finetune_steps", 0), teacher=result._base_model)(model)
-    else:
+    if loaders is None:
         note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ class Result:
     """What a search returns: `trials`, `pareto`, `baseline`, and `model(n)` for any trial."""
 
     def __init__(self, trials: pd.DataFrame, baseline: dict, config: dict, base_model=None, example_input=None,
-                 models_dir: Path | None = None):
+                 models_dir: Path | None = None, prepare=None):
         self.trials = trials
         self.baseline = baseline
         self.config = config
@@ -75,18 +75,28 @@ class Result:
         self._base_model = base_model
         self._example_input = example_input
         self._models_dir = models_dir
+        self._prepare = prepare  # the search's judge, minus the measuring: BN recalibration, fine-tuning
 
     @classmethod
-    def from_study(cls, study: optuna.Study, base_model=None, example_input=None) -> "Result":
+    def from_study(cls, study: optuna.Study, base_model=None, example_input=None, prepare=None) -> "Result":
+        """`prepare(model)`, when given, brings a rebuilt model to the state its accuracy was measured in."""
         config = study.user_attrs["config"]
-        return cls(trials_frame(study), study.user_attrs.get("baseline", {}), config, base_model, example_input)
+        return cls(trials_frame(study), study.user_attrs.get("baseline", {}), config, base_model, example_input,
+                   prepare=prepare)
 
     @property
     def pareto(self) -> pd.DataFrame:
         return pareto_front(self.trials, self.objectives)
 
+    def prepared(self, number: int) -> bool:
+        """Whether model(number) comes in the state its accuracy was measured in (saved, or re-prepared)."""
+        saved = self._models_dir / f"trial_{number}.pt" if self._models_dir else None
+        return (saved is not None and saved.exists()) or self._prepare is not None
+
     def model(self, number: int) -> torch.nn.Module:
-        """Trial `number`'s compressed model, rebuilt from its stored policy (saved weights if any)."""
+        """Trial `number`'s compressed model, rebuilt from its stored policy, in the state it was judged in:
+        its saved weights, else re-prepared by the search's judge (BN recalibration and fine-tuning) when this
+        result has it; otherwise the bare policy applied (see `prepared`)."""
         if number not in self.trials.index:
             raise AutocompressError(f"no trial {number!r} in this result; trials run from {self.trials.index.min()} "
                                     f"to {self.trials.index.max()}")
@@ -97,6 +107,8 @@ class Result:
         saved = self._models_dir / f"trial_{number}.pt" if self._models_dir else None
         if saved is not None and saved.exists():
             model.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+        elif self._prepare is not None and not pd.isna(self.trials.loc[number, "accuracy"]):
+            self._prepare(model)
         return model.eval()
 
     def save(self, path) -> Path:

@@ -8,6 +8,7 @@ import torch
 
 import autocompress as ac
 from autocompress.cost.measure import count_params
+from autocompress.evaluate import accuracy
 from autocompress.models import DigitsResNet
 
 BUDGETS = {"latency": 0.7, "size": 0.3}
@@ -76,9 +77,11 @@ def test_rebuilt_models_match_reported_numbers(run, digits_input, search_data):
         again = ac.estimate(model, digits_input, "host")
         assert again.latency_ms == pytest.approx(result.trials.loc[n, "latency_ms"])
         assert again.size_kb == pytest.approx(result.trials.loc[n, "size_kb"])
+        # rebuilt in the state it was judged in (BN statistics re-estimated), so it scores what was reported
+        assert accuracy(model, search_data[1]) == pytest.approx(result.trials.loc[n, "accuracy"])
 
 
-def test_save_and_load_round_trip(run, tmp_path, digits_input):
+def test_save_and_load_round_trip(run, tmp_path, digits_input, search_data):
     result, _ = run
     result.save(tmp_path)
     for name in ("trials.csv", "pareto.csv", "config.json", "base_model.pt"):
@@ -96,6 +99,7 @@ def test_save_and_load_round_trip(run, tmp_path, digits_input):
         loaded = again.model(n)
         assert count_params(loaded) == result.trials.loc[n, "params"]
         torch.testing.assert_close(loaded(digits_input), result.model(n)(digits_input))
+        assert accuracy(loaded, search_data[1]) == pytest.approx(result.trials.loc[n, "accuracy"])
 
 
 def test_seeded_runs_are_reproducible(digits_model, digits_input, search_data):
