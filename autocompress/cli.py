@@ -134,22 +134,25 @@ def _load_result(args):
 
 
 def _estimate(args) -> None:
+    import pandas as pd
+
     from . import api, models
 
     model = models.load_model(args.model, args.checkpoint)
     est = api.estimate(model, _example_input(args, model), args.hardware)
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", None, "display.width", 200):
-        print(est.layers.drop(columns=["out_shape"]).to_string(float_format=lambda v: f"{v:.4g}"))
+    table = est.layers.drop(columns=["out_shape", "type"])
+    table["bits"] = [f"{w}/{a}" for w, a in zip(table.pop("weight_bits"), table.pop("act_bits"))]
+    with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 40):
+        print(table[["kind", "macs", "params", "bits", "dtype", "bytes", "bound", "latency_ms", "energy_mj",
+                     "fused_into"]].to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"\ntotal on {est.hardware}: latency {est.latency_ms:.4g} ms, energy {est.energy_mj:.4g} mJ, "
-          f"size {est.size_kb:.4g} KB, {est.macs:,} MACs, {est.params:,} parameters")
+          f"size {est.size_kb:.4g} KB, peak activation memory {est.peak_mem_kb:.4g} KB, {est.macs:,} MACs, "
+          f"{est.params:,} parameters ({int((est.layers['latency_ms'] > 0).sum())} kernels, "
+          f"{int((est.layers['bound'] == 'compute').sum())} compute-bound)")
 
 
 def _hardware(args) -> None:
-    import yaml
-
-    from .cost.profiles import builtin_profiles, load_profile
+    from .cost.profiles import builtin_profiles, load_profile, profile_text
 
     if args.action == "list":
         for name in builtin_profiles():
@@ -158,20 +161,24 @@ def _hardware(args) -> None:
     else:
         if not args.name:
             raise AutocompressError("hardware show needs a profile name or path, e.g. `autocompress hardware show host`")
-        print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False), end="")
+        print(profile_text(args.name), end="")
 
 
 def _calibrate(args) -> None:
     from .cost.calibrate import calibrate, write_profile
     from .cost.profiles import host_profile_path
 
-    if args.hardware != "host" and not args.to:
-        raise AutocompressError(f"calibrating {args.hardware!r}: only 'host' is saved by name; pass --to FILE")
-    profile = calibrate(args.hardware, quick=args.quick, threads=args.threads)
-    path = write_profile(profile, Path(args.to) if args.to else host_profile_path())
-    fit = profile.extra["calibration"]
+    device = "cuda" if args.hardware == "host-cuda" else args.device
+    cached = args.hardware in ("host", "host-cuda")
+    if not cached and not args.to:
+        raise AutocompressError(f"calibrating {args.hardware!r}: only host and host-cuda are saved by name; "
+                                "pass --to FILE")
+    name = ("host-cuda" if device == "cuda" else "host") if cached else args.hardware
+    profile = calibrate(name, quick=args.quick, device=device, threads=args.threads)
+    path = write_profile(profile, Path(args.to) if args.to else host_profile_path(device))
+    fit = profile.calibration
     print(f"wrote {path}: median error {fit['fit_median_error']:.1%}, {fit['fit_within_20pct']:.0%} of "
-          f"{fit['networks']} calibration networks within 20 %")
+          f"{fit['networks']} calibration networks within 20 % ({fit['seconds']:.0f} s on {device})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -234,20 +241,21 @@ def parser() -> argparse.ArgumentParser:
                                     "e.g. digits, imagefolder:PATH or package.module:function")
     exp.set_defaults(func=_export)
 
-    est = sub.add_parser("estimate", help="per-layer cost of a model on a device")
+    est = sub.add_parser("estimate", help="per-layer cost of a model on a device (latency, energy, size, memory)")
     model_args(est)
     est.set_defaults(func=_estimate)
 
-    hw = sub.add_parser("hardware", help="list or show hardware profiles")
+    hw = sub.add_parser("hardware", help="list hardware profiles, or show one with the sources of its numbers")
     hw.add_argument("action", choices=["list", "show"])
-    hw.add_argument("name", nargs="?")
+    hw.add_argument("name", nargs="?", help="a profile name (see `hardware list`) or a YAML path")
     hw.set_defaults(func=_hardware)
 
     cal = sub.add_parser("calibrate", help="time this machine and write a hardware profile")
-    cal.add_argument("--hardware", default="host")
+    cal.add_argument("--hardware", default="host", help="host (this CPU), host-cuda (this GPU), or a name for --to")
+    cal.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="time on the CPU or the CUDA GPU")
     cal.add_argument("--to", help="profile YAML to write (default: the cached host profile)")
-    cal.add_argument("--quick", action="store_true")
-    cal.add_argument("--threads", type=int, default=1)
+    cal.add_argument("--quick", action="store_true", help="fewer networks and repeats (what first use runs)")
+    cal.add_argument("--threads", type=int, default=1, help="torch threads to time with (CPU)")
     cal.set_defaults(func=_calibrate)
     return p
 

@@ -48,10 +48,14 @@ def space() -> ac.SearchSpace:
 
 
 def random_values(bound, rng: random.Random, level: float) -> dict:
-    """Knob values scattered around one compression `level` (0 = most compressed, 1 = none)."""
+    """Knob values scattered around one compression `level` (0 = most compressed, 1 = none); a block is dropped
+    with probability 0.3 x (1 - level)."""
     values = {}
     for k in bound.knobs:
         d = k.distribution
+        if k.technique == "depth":
+            values[k.param] = 0 if rng.random() < 0.3 * (1 - level) else 1
+            continue
         position = min(1.0, max(0.0, level + rng.gauss(0, 0.2)))
         if hasattr(d, "choices"):
             ordered = sorted(d.choices)
