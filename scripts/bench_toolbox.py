@@ -5,8 +5,8 @@ from the original model, early stopping on). From each search it reports
   - the most accurate model within the same size budget (default 10% of the original), and
   - the largest size reduction reached at <= 1 point accuracy loss.
 Every reported model is rebuilt from its policy and re-measured independently: accuracy by judging it
-again (same seeded fine-tune), size by the cost model and by writing the packed file where
-autocompress.cost.pack exists, latency by timing it on this host (median, one thread; fake-quant
+again (same seeded fine-tune), size by the cost model and by writing the packed file
+(autocompress.cost.pack, weights only: it adds a small header), latency by timing it on this host (median, one thread; fake-quant
 models run float kernels, so their measured latency is that of the float model they simulate).
 A last table sets the real int8 model's measured latency and file size beside the estimate.
 
@@ -15,7 +15,6 @@ A last table sets the real int8 model's measured latency and file size beside th
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 import warnings
@@ -45,18 +44,12 @@ def space_of(name: str, spec) -> SearchSpace:
     return SearchSpace.load(spec) if isinstance(spec, str) else SearchSpace(name, spec)
 
 
-def packed_kb(model) -> float | None:
-    """Bytes of the packed file the cost engineer's exporter writes, when it exists (an independent size)."""
-    try:
-        from autocompress.cost import pack
-    except ImportError:
-        return None
-    writer = getattr(pack, "save_packed", None) or getattr(pack, "pack", None)
-    if writer is None:
-        return None
-    buffer = io.BytesIO()
-    writer(model, buffer)
-    return buffer.tell() / 1024
+def packed_kb(model) -> float:
+    """KB of the packed file autocompress.cost.pack writes (weights only): an independent size measurement."""
+    from autocompress.cost.pack import save_packed
+
+    with tempfile.TemporaryDirectory() as folder:
+        return save_packed(model, f"{folder}/model.acpack", architecture=False) / 1024
 
 
 def pick(trials: pd.DataFrame, base_acc: float, budget_kb: float) -> dict:
@@ -71,6 +64,7 @@ def pick(trials: pd.DataFrame, base_acc: float, budget_kb: float) -> dict:
 
 
 def remeasure(result, number: int, judge: Evaluator, x: torch.Tensor) -> dict:
+    """Rebuild trial `number` from its policy and measure it again, each number by its own route."""
     model = result.model(number)
     acc = judge(model)
     return {"accuracy": acc, "size_kb": ac.estimate(model, x, "host").size_kb, "packed_kb": packed_kb(model),
@@ -93,8 +87,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.10, help="size budget, fraction of the original")
     parser.add_argument("--batch", type=int, default=32, help="fine-tuning batch size")
     parser.add_argument("--only", nargs="*", help="run only these rows")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, x = digits_resnet(), torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     train, val = digits_loaders(batch_size=args.batch)
@@ -121,16 +117,13 @@ def main() -> None:
         row = {"search": name, "trials": trials, "early_stopped": int((table["early_stopped"] == True).sum()),  # noqa: E712
                "minutes": (time.time() - start) / 60}
         for key, number in chosen.items():
-            if number is None:
-                row.update({f"{key} acc": None, f"{key} size_kb": None, f"{key} x": None, f"{key} ms": None})
-                continue
-            again = remeasure(result, number, judge, x)
-            assert abs(again["accuracy"] - table.loc[number, "accuracy"]) < 1e-9, (name, number, again)
-            assert abs(again["size_kb"] - table.loc[number, "size_kb"]) < 1e-6, (name, number, again)
-            row.update({f"{key} acc": again["accuracy"], f"{key} size_kb": again["size_kb"],
-                        f"{key} x": base.size_kb / again["size_kb"], f"{key} ms": again["latency_ms"]})
-            if again["packed_kb"] is not None:
-                row[f"{key} packed_kb"] = again["packed_kb"]
+            again = remeasure(result, number, judge, x) if number is not None else {}
+            if again:
+                assert abs(again["accuracy"] - table.loc[number, "accuracy"]) < 1e-9, (name, number, again)
+                assert abs(again["size_kb"] - table.loc[number, "size_kb"]) < 1e-6, (name, number, again)
+                again["x"] = base.size_kb / again["size_kb"]
+            for column in ("accuracy", "size_kb", "packed_kb", "x", "latency_ms"):
+                row[f"{key} {column}"] = again.get(column)
         rows.append(row)
         print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
 

@@ -65,7 +65,7 @@ def test_a_candidate_behind_its_peers_stops_early(digits_model, digits_input, di
     rule = EarlyStopping(after=1, min_peers=1)
     cost = {"latency_ms": 2.0, "size_kb": 300.0}
     rule.record(cost, 1.0)
-    judge = Evaluator(train, val, finetune_steps=6, teacher=digits_model, early_stopping=rule)
+    judge = Evaluator(train, val, finetune_steps=3, teacher=digits_model, early_stopping=rule)
     stopped = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), cost)
     assert stopped["early_stopped"] and stopped["early_accuracy"] < 0.95 and 0 <= stopped["accuracy"] <= 1
     other = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), {"latency_ms": 9.0, "size_kb": 900.0})

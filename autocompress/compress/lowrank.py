@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..cost.measure import fixed_threads
 from .base import Technique, layer_targets, set_meta
 
 KXK_METHODS = ("tucker", "spatial")
@@ -138,14 +139,15 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
         if float(fraction) < 1.0 and isinstance(_get(model, name), (nn.Linear, nn.Conv2d)):
             chosen[name] = float(fraction)
     inputs = _layer_inputs(model, list(chosen), example_input) if chosen else {}
-    for name, fraction in chosen.items():
-        layer = model.get_submodule(name)
-        factors = factorize(layer, fraction, kxk)
-        if factors is None or name not in inputs:
-            continue
-        set_meta(factors, lowrank_error=relative_error(layer, factors, inputs[name]))
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, factors)
+    with fixed_threads(1):  # small SVDs: on a busy machine a thread pool costs 3-30x the work itself
+        for name, fraction in chosen.items():
+            layer = model.get_submodule(name)
+            factors = factorize(layer, fraction, kxk)
+            if factors is None or name not in inputs:
+                continue
+            set_meta(factors, lowrank_error=relative_error(layer, factors, inputs[name]))
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, factors)
     return model
 
 
