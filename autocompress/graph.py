@@ -1,12 +1,16 @@
-"""Trace a model into a LayerGraph: its layers with shapes, MACs and parameters, and its channel groups.
+"""Trace a model into a LayerGraph: its layers with shapes, MACs and parameters, its channel groups
+and its removable residual blocks.
 
 torch.fx is used where the model traces (every op, functional adds and matmuls included); where it
 does not, forward hooks on leaf modules give the layers. MACs of modules come from fvcore. Channel
-groups (channels that must be pruned together: residual adds, concats, depthwise convs, BN) come
-from Torch-Pruning's DependencyGraph.
+groups (channels that must be pruned together: residual adds, concats, depthwise and grouped convs,
+BN, attention heads) come from Torch-Pruning's DependencyGraph; every group is test-pruned once on a
+copy of the model, and a group whose removal breaks the forward pass is left out (named in one
+warning), so the search never turns a knob that cannot work.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
@@ -64,6 +68,7 @@ class ChannelGroup:
     members: list[str]      # layers whose output channels belong to the group
     channels: int
     stage: str              # layers at the same feature-map resolution form a stage
+    chunks: int = 1         # equal slices (conv groups, attention heads) that must keep equal widths
 
 
 @dataclass
@@ -75,6 +80,8 @@ class LayerGraph:
     traced_with: str        # "fx" or "hooks"
     output_layers: list[str]
     input_shape: tuple
+    blocks: list[tuple[str, str]] = field(default_factory=list)  # (residual block, stage): droppable whole
+    fixed: list[str] = field(default_factory=list)  # layers whose channels cannot be pruned safely
 
     @property
     def macs(self) -> int:
@@ -125,15 +132,15 @@ def analyze(model: nn.Module, example_input: torch.Tensor, groups: bool = True) 
     model = model.eval()
     check_forward(model, example_input)
     try:
-        layers, outputs = _fx_layers(model, example_input)
+        layers, outputs, blocks = _fx_layers(model, example_input)
         how = "fx"
     except Exception as exc:  # data-dependent control flow and friends: fall back to hooks
         log.debug("torch.fx could not trace the model (%s); using module hooks", exc)
-        layers, outputs = _hook_layers(model, example_input)
+        (layers, outputs), blocks = _hook_layers(model, example_input), []
         how = "hooks"
     _fill_module_macs(model, example_input, layers)
-    chan_groups = channel_groups(model, example_input, layers, outputs) if groups else []
-    return LayerGraph(layers, chan_groups, how, outputs, tuple(example_input.shape))
+    chan_groups, fixed = channel_groups(model, example_input, layers, outputs) if groups else ([], [])
+    return LayerGraph(layers, chan_groups, how, outputs, tuple(example_input.shape), blocks, fixed)
 
 
 def _module_kind(m: nn.Module) -> str:
@@ -212,7 +219,72 @@ def _fx_layers(model: nn.Module, example_input: torch.Tensor):
         macs = _matmul_macs(node, values) if kind == "matmul" and m is None else 0
         layers.append(Layer(name, kind, typ, in_shape, out_shape, macs, params, m))
     _add_get_attr_params(gm, layers)
-    return layers, _output_layers(gm, modules)
+    return layers, _output_layers(gm, modules), _residual_blocks(gm, values, modules)
+
+
+ADD_FUNCS = {"add", "iadd", "add_"}
+
+
+def _residual_blocks(gm, values, modules) -> list[tuple[str, str]]:
+    """Innermost modules computing `x + f(x)` of their single input x, with output shaped like x.
+
+    Such a block can be replaced by the identity (f := 0) and the network still runs with the same
+    shapes: the depth knob of Once-for-All style sub-networks. A module is found from the
+    `nn_module_stack` that torch.fx records on each node; a module called more than once is left out.
+    """
+    inside: dict[str, list] = {}
+    calls: dict[str, set] = {}
+    for node in gm.graph.nodes:
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            inside.setdefault(path, []).append(node)
+            calls.setdefault(path, set()).add(key)
+    found = {}
+    for path, nodes in inside.items():
+        if path and len(calls[path]) == 1 and _is_residual(nodes, values, modules):
+            found[path] = _shape(values.get(nodes[-1].name))
+    innermost = [p for p in found if not any(q.startswith(p + ".") for q in found)]
+    return [(p, "x".join(map(str, found[p][2:])) or "flat") for p in innermost]
+
+
+def _is_residual(nodes, values, modules) -> bool:
+    members = set(nodes)
+    sources = {a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
+    sinks = [n for n in nodes if any(u not in members for u in n.users)]
+    if len(sources) != 1 or len(sinks) != 1:
+        return False
+    (x,) = sources
+    in_shape, out_shape = _shape(values.get(x.name)), _shape(values.get(sinks[0].name))
+    if not in_shape or in_shape != out_shape:
+        return False
+    for n in nodes:  # an add of the block input and something computed from it inside the block
+        name = getattr(n.target, "__name__", str(n.target)).strip("_")
+        operands = [_through_identity(a, modules) for a in n.args[:2]]
+        if n.op in ("call_function", "call_method") and name in ADD_FUNCS and x in operands:
+            other = n.args[1] if operands[0] is x else n.args[0]
+            if other in members and _depends_on(other, x, members):
+                return True
+    return False
+
+
+def _through_identity(node, modules):
+    """The node an identity shortcut (nn.Identity, dropout) passes on, else `node` itself."""
+    while getattr(node, "op", None) == "call_module" and isinstance(modules[node.target], (nn.Identity, nn.Dropout)):
+        node = node.args[0]
+    return node
+
+
+def _depends_on(node, source, members) -> bool:
+    """Whether `node` is computed from `source` through nodes of `members`."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if n in seen or n not in members:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def _add_get_attr_params(gm, layers) -> None:
@@ -307,31 +379,218 @@ def _fill_module_macs(model: nn.Module, example_input: torch.Tensor, layers: lis
             l.macs = int(by_module.get(l.name, 0)) // occurrences[l.name]
 
 
+PROBE_KEEP = 0.25       # analysis test-prunes every group down to this fraction of its channels
+CLOSURE_LIMIT = 4096    # index-mapping steps one channel's dependency closure may take before it counts as unbounded
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+PRUNABLE_KINDS = ("conv", "dwconv", "linear")
+
+
 def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: list[Layer],
-                   output_layers: list[str]) -> list[ChannelGroup]:
-    """Coupled output channels of conv/linear layers, each group described once, in model order."""
+                   output_layers: list[str]) -> tuple[list[ChannelGroup], list[str]]:
+    """Coupled output channels that prune safely, in model order, and the conv/linear layers left whole.
+
+    Every group is test-pruned to PROBE_KEEP of its channels on a copy of the model (see
+    `prune_channels`) and kept only if the model still runs with the same output shape. The layers
+    that no safe group covers (besides the output layers, whose width is the model's output) are
+    named in one warning.
+    """
     resolution = {l.name: l.out_shape[2:] if len(l.out_shape) > 2 else () for l in layers}
-    out = []
-    for info, _ in iter_channel_groups(model, example_input, output_layers):
+
+    def probe(_model):
+        return lambda info, group: range(max(1, int(info.channels // info.chunks * PROBE_KEEP)), info.channels // info.chunks)
+
+    _, pruned, _ = prune_channels(copy.deepcopy(model), example_input, output_layers, probe)
+    safe = [info for info, _ in pruned]
+    for info in safe:
         info.stage = "x".join(map(str, resolution.get(info.id, ()))) or "flat"
-        out.append(info)
+    covered = {m for g in safe for m in g.members} | set(output_layers)
+    fixed = list(dict.fromkeys(l.name for l in layers if l.kind in PRUNABLE_KINDS and l.module is not None
+                               and l.name not in covered))
+    if fixed:
+        warnings.warn(f"channel pruning leaves {len(fixed)} conv/linear layer(s) whole because their channels "
+                      f"cannot be removed safely: {', '.join(fixed)}", stacklevel=3)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(out, key=lambda g: order[g.id])
+    return sorted(safe, key=lambda g: order[g.id]), fixed
 
 
-def iter_channel_groups(model: nn.Module, example_input: torch.Tensor, output_layers: list[str]):
-    """Yield (ChannelGroup, Torch-Pruning group) lazily, so a caller may prune each group as it comes."""
-    dg = dependency_graph(model, example_input)
-    if dg is None:
-        return
-    order = {m: (i, n) for i, (n, m) in enumerate(model.named_modules())}
-    ignored = [model.get_submodule(n) for n in output_layers]
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-        members = sorted(order[dep.target.module] for dep, _ in group
-                         if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in order)
-        if members:
-            names = [n for _, n in members]
-            yield ChannelGroup(names[0], names, len(group[0].idxs), ""), group
+def prune_channels(model: nn.Module, example_input: torch.Tensor, keep_whole: list[str], chooser):
+    """Prune channel groups of `model`; returns (pruned model, [(group, channels dropped per chunk)], failed groups).
+
+    `chooser(model)` gives `choose(info, tp_group)`: the channel indices within one chunk to drop
+    (empty: keep the group whole). All groups are pruned, then the model is run once; if that
+    fails, pruning restarts from an unpruned copy checking every group by a forward pass, and a
+    group that breaks the model is restored and reported as failed. Layers in `keep_whole` keep
+    their output width.
+    """
+    reference = output_shape(model, example_input)
+    pristine = copy.deepcopy(model)
+    try:
+        pruned, failed = ChannelPruner(model, example_input, keep_whole, reference).prune_all(chooser(model), check=False)
+        if output_shape(model, example_input) == reference:
+            return model, pruned, failed
+    except Exception:  # some group broke the model: redo it group by group
+        pass
+    pruned, failed = ChannelPruner(pristine, example_input, keep_whole, reference).prune_all(chooser(pristine), check=True)
+    return pristine, pruned, failed
+
+
+class ChannelPruner:
+    """Torch-Pruning's dependency graph of one model, and the safe removal of channels group by group.
+
+    Groups are enumerated as `DependencyGraph.get_all_groups` does, except that a root whose dependency
+    closure keeps growing is reported (with no Torch-Pruning group) instead of being expanded: the
+    index mapping through reshapes such as Swin's window partition can grow without bound. `prune`
+    removes channels of one group; with `check` it runs the model and, if the forward pass fails or its
+    output shape changed, restores every layer of the group as it was.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, keep_whole: list[str], reference: tuple):
+        self.model = model
+        self.example_input = example_input
+        self.dg = dependency_graph(model, example_input)
+        self.names = {m: n for n, m in model.named_modules()}
+        self.keep_whole = {model.get_submodule(n) for n in keep_whole}
+        self.reference = reference  # the output shape every pruned model must keep
+
+    def groups(self):
+        """Yield (ChannelGroup, Torch-Pruning group or None when unbounded) lazily, so each may be pruned as it comes."""
+        if self.dg is None:
+            return
+        dg = self.dg
+        ignored = self.keep_whole | set(dg.IGNORED_LAYERS_IN_TRACING)
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        visited = set()
+        for m in list(dg.module2node):
+            pruner = dg.get_pruner_of_module(m) if isinstance(m, ROOT_TYPES) and m in self.names else None
+            if pruner is None or m in ignored or m in visited or not pruner.get_out_channels(m):
+                continue
+            channels, name = pruner.get_out_channels(m), self.names[m]
+            if not self._bounded(m, pruner.prune_out_channels):
+                visited.add(m)
+                yield ChannelGroup(name, [name], channels, ""), None
+                continue
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(channels)))
+            outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(outs)
+            if any(o in ignored for o in outs):
+                continue
+            members = sorted((self.names[o] for o in outs if o in self.names), key=order.__getitem__)
+            yield ChannelGroup(members[0], members, channels, "", _chunks(group, channels)), group
+
+    def prune_all(self, choose, check: bool):
+        """Prune every group as `choose(info, group)` says; returns ([(group, dropped per chunk)], failed groups)."""
+        pruned, failed = [], []
+        for info, group in self.groups():
+            drop = list(choose(info, group))
+            if not drop:
+                continue
+            if group is not None and self.prune(info, group, drop, check):
+                pruned.append((info, len(drop)))
+            elif check or group is None:
+                failed.append(info)
+        return pruned, failed
+
+    def prune(self, info: ChannelGroup, group, drop, check: bool) -> bool:
+        """Remove channels `drop` (indices within one chunk, removed from every chunk) of a group.
+
+        Without `check` a failure raises; with it the group is restored and False returned."""
+        chunk = info.channels // info.chunks
+        idxs = sorted(int(i) + c * chunk for c in range(info.chunks) for i in drop)
+        saved = self._snapshot(group) if check else None
+        try:
+            group.prune(idxs)
+            _sync_attributes(self.model)
+            if not check or self.runs():
+                return True
+        except Exception:
+            if not check:
+                raise
+        self._restore(saved)
+        return False
+
+    def runs(self) -> bool:
+        """Whether the model's forward pass works and keeps its output shape."""
+        return output_shape(self.model, self.example_input) == self.reference
+
+    def _bounded(self, module: nn.Module, pruning_fn) -> bool:
+        """Walk the closure of removing one channel of `module` as Torch-Pruning would, within CLOSURE_LIMIT steps."""
+        from torch_pruning._helpers import _HybridIndex
+
+        # the index mappings are as the last get_pruning_group left them: recomputing them costs seconds
+        # on reshape-heavy models, and a probe of the closure's size does not need the latest widths
+        stack, seen, steps = [(self.dg.module2node[module], pruning_fn, [_HybridIndex(0, 0)])], set(), 0
+        while stack:
+            node, fn, idxs = stack.pop()
+            for dep in node.dependencies:
+                if not dep.is_triggered_by(fn):
+                    continue
+                new = idxs
+                for mapping in dep.index_mapping:
+                    new = mapping(new) if mapping is not None else new
+                key = (dep.target, dep.handler, tuple(new))
+                if not new or key in seen:
+                    continue
+                seen.add(key)
+                steps += len(new)
+                if steps > CLOSURE_LIMIT:
+                    return False
+                stack.append((dep.target, dep.handler, new))
+        return True
+
+    def _snapshot(self, group):
+        """What pruning `group` may change: its modules' attributes and tensors, and the graph's parameter records."""
+        modules, nodes = set(), []
+        for dep, _ in group:
+            target = dep.target.module
+            nodes.append((dep.target, target))
+            if isinstance(target, nn.Parameter):  # unwrapped parameters (class tokens...) are replaced on their owner
+                target = self.model.get_submodule(self.dg._param_to_name[target].rpartition(".")[0])
+            modules.update(target.modules())
+        state = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in modules]
+        return state, nodes, dict(self.dg._param_to_name), dict(self.dg.module2node)
+
+    def _restore(self, saved) -> None:
+        state, nodes, param_names, module2node = saved
+        for m, attrs, params, buffers in state:
+            m.__dict__.clear()
+            m.__dict__.update(attrs, _parameters=params, _buffers=buffers)
+        for node, module in nodes:
+            node.module = module
+        self.dg._param_to_name, self.dg.module2node = param_names, module2node
+        _sync_attributes(self.model)
+
+
+def output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
+    """Shape of the model's (first) output, or None when its forward pass fails."""
+    try:
+        with torch.no_grad():
+            return _shape(model(example_input))
+    except Exception:
+        return None
+
+
+def _chunks(group, channels: int) -> int:
+    """Equal slices a group's channels fall into (conv groups, group-norm groups, attention heads): each
+    slice must lose the same channels, or grouped weights and head splits stop lining up."""
+    counts = [1]
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.MultiheadAttention):
+            counts.append(m.num_heads)
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not m.groups == m.in_channels == m.out_channels:
+            counts.append(m.groups)
+        elif isinstance(m, nn.GroupNorm):
+            counts.append(m.num_groups)
+    n = max(counts)
+    return n if channels % n == 0 else 1
+
+
+def _sync_attributes(model: nn.Module) -> None:
+    """Widths that some models keep as plain attributes and read in forward (torchvision's ViT `hidden_dim`)."""
+    for m in model.modules():
+        proj = getattr(m, "conv_proj", None)
+        if isinstance(proj, nn.Conv2d) and isinstance(getattr(m, "hidden_dim", None), int):
+            m.hidden_dim = proj.out_channels
 
 
 def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from ..errors import AutocompressError
-from . import lowrank, prune, quantize, share, sparsity
+from . import depth, lowrank, prune, quantize, share, sparsity
 from .base import Technique, get_meta, set_meta
 
 # The order matters: structure first (pruning changes shapes), numerics last (quantization).
-TECHNIQUES: dict[str, Technique] = {t.name: t for t in (prune.TECHNIQUE, lowrank.TECHNIQUE, sparsity.TECHNIQUE,
-                                                          share.TECHNIQUE, quantize.TECHNIQUE)}
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in (depth.TECHNIQUE, prune.TECHNIQUE, lowrank.TECHNIQUE,
+                                                          sparsity.TECHNIQUE, share.TECHNIQUE, quantize.TECHNIQUE)}
 
 
 def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
