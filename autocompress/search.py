@@ -96,6 +96,7 @@ def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Stu
     The caller sets its sampler (see `seed_for`)."""
     directions = [METRICS[o] for o in objectives]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    heartbeat = storages.default_heartbeat()  # checked before a study is made
     backend = storages.open_storage(storage)
     try:
         study = optuna.create_study(storage=backend, study_name=study_name, directions=directions,
@@ -105,7 +106,7 @@ def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Stu
                                 f"{_first_line(exc)}") from None
     stored = study.user_attrs.get("config")
     if stored is None:
-        study.set_user_attr("heartbeat_s", storages.default_heartbeat())
+        study.set_user_attr("heartbeat_s", heartbeat)
         study.set_user_attr("config", config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -254,36 +255,13 @@ def run_trial(study: optuna.Study, problem: Problem, goal: int, say: Callable[[s
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we beat ourselves, below
         trial = study.ask()
-    start = time.perf_counter()
     with _Heartbeat(study._storage, trial._trial_id):
         try:
-            if _live(study, trial) > goal:
+            if _live(study) > goal:
                 _release(study, trial)
                 return "surplus"
-            policy = problem.bound.sample(trial)
-            trial.set_user_attr("worker", WORKER)
-            trial.set_user_attr("policy", policy.to_json())
-            twin = _duplicate_of(study, trial)
-            if twin is not None:
-                trial.set_user_attr("policy", None)
-                trial.set_user_attr("duplicate_of", twin)
-                _tell(study, trial, TrialState.PRUNED)
-                return "duplicate"
-            try:
-                metrics = evaluate_policy(problem, policy)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # the study goes on; the trial is recorded as failed with its reason
-                reason = _first_line(exc)
-                trial.set_user_attr("error", f"{type(exc).__name__}: {reason}")
-                _tell(study, trial, TrialState.FAIL)
-                say(f"trial {trial.number} failed and is recorded as such: {reason}")
-                return "failed"
-            metrics["duration_s"] = time.perf_counter() - start
-            for key, value in metrics.items():
-                trial.set_user_attr(key, value)
-            _tell(study, trial, TrialState.COMPLETE, objective_values(metrics, problem.objectives))
-            return "complete"
+            policy = _claim_policy(study, trial, problem.bound)
+            return "duplicate" if policy is None else _evaluate(study, trial, problem, policy, say)
         except KeyboardInterrupt:
             _release(study, trial)  # back to the queue: a resumed search evaluates the same policy
             raise
@@ -291,6 +269,41 @@ def run_trial(study: optuna.Study, problem: Problem, goal: int, say: Callable[[s
             say(f"trial {trial.number} was declared lost (no heartbeat for the grace period) while it ran; "
                 f"its result is dropped and its retry counts instead")
             return "lost"
+
+
+def _claim_policy(study: optuna.Study, trial, bound: BoundSpace):
+    """The trial's policy, or None when another live trial holds the same one (this trial is then recorded
+    as a PRUNED duplicate, without its policy, so no policy is ever evaluated twice)."""
+    policy = bound.sample(trial)
+    trial.set_user_attr("worker", WORKER)
+    trial.set_user_attr("policy", policy.to_json())
+    twin = _duplicate_of(study, trial)
+    if twin is None:
+        return policy
+    trial.set_user_attr("policy", None)
+    trial.set_user_attr("duplicate_of", twin)
+    _tell(study, trial, TrialState.PRUNED)
+    return None
+
+
+def _evaluate(study: optuna.Study, trial, problem: Problem, policy, say) -> str:
+    """Evaluate the policy and record its metrics; an evaluation error is recorded as a failed trial."""
+    start = time.perf_counter()
+    try:
+        metrics = evaluate_policy(problem, policy)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # the study goes on; the trial is recorded as failed with its reason
+        reason = _first_line(exc)
+        trial.set_user_attr("error", f"{type(exc).__name__}: {reason}")
+        _tell(study, trial, TrialState.FAIL)
+        say(f"trial {trial.number} failed and is recorded as such: {reason}")
+        return "failed"
+    metrics["duration_s"] = time.perf_counter() - start
+    for key, value in metrics.items():
+        trial.set_user_attr(key, value)
+    _tell(study, trial, TrialState.COMPLETE, objective_values(metrics, problem.objectives))
+    return "complete"
 
 
 class _FinishedElsewhere(Exception):
@@ -302,7 +315,7 @@ def _tell(study: optuna.Study, trial, state: TrialState, values=None) -> None:
         raise _FinishedElsewhere
 
 
-def _live(study: optuna.Study, trial) -> int:
+def _live(study: optuna.Study) -> int:
     """Trials counted or running, this one included (read after claiming it: see the module docstring)."""
     return sum(counted(t) or t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 

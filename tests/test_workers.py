@@ -147,9 +147,9 @@ def test_a_worker_killed_midway_changes_nothing(postgres, monkeypatch, tmp_path)
 
 def wait_for_trial_of(storage: str, study: str, worker: str, timeout: float = 120) -> optuna.trial.FrozenTrial:
     """The running trial `worker` has sampled a policy for (and is now evaluating)."""
-    deadline = time.time() + timeout
+    deadline, study = time.time() + timeout, load(storage, study)
     while time.time() < deadline:
-        for t in load(storage, study).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("worker") == worker and t.user_attrs.get("policy"):
                 return t
         time.sleep(0.2)
