@@ -77,6 +77,10 @@ def work(storage, study_name: str = "autocompress", trials: int = 10, progress: 
     from .models import load_model
 
     model = load_model(config["model_spec"], config.get("checkpoint"))
+    if model_fingerprint(model) != config["model"]:
+        raise AutocompressError(f"model {config['model_spec']!r} (checkpoint {config.get('checkpoint')!r}) on this "
+                                f"machine differs from the one study {study_name!r} was made with; a worker needs the "
+                                f"same model code and checkpoint file")
     shape = tuple(config["input_shape"])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # as `autocompress run` makes it
     data = load_data(config["data"], shape) if config.get("data") else None

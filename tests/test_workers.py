@@ -230,3 +230,17 @@ def test_a_worker_needs_a_study_made_by_run(tmp_path, capsys, tiny):
     ac.compress(*tiny, evaluator=lambda m: 0.5, trials=0, storage=storage, progress=False)
     assert main(["worker", "--storage", storage, "--trials", "1"]) == 2
     assert "was made from Python without a model spec" in capsys.readouterr().err
+
+
+def test_a_worker_refuses_a_checkpoint_that_differs(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    checkpoint, storage = tmp_path / "tiny.pt", f"journal:{tmp_path}/study.log"
+    model = worker_problem.tiny_model()
+    torch.save(model.state_dict(), checkpoint)
+    assert main([*RUN, "--checkpoint", str(checkpoint), "--storage", storage, "--trials", "0",
+                 "--out", str(tmp_path / "r")]) == 0
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    torch.save(model.state_dict(), checkpoint)  # another machine's copy of the file, say
+    assert main(["worker", "--storage", storage, "--trials", "1"]) == 2
+    assert "differs from the one study 'autocompress' was made with" in capsys.readouterr().err
