@@ -31,12 +31,14 @@ def one_run(folder: Path, workers: int, trials: int) -> tuple[float, float]:
     storage = f"journal:{folder / f'w{workers}.log'}"
     subprocess.run([*CLI, "run", "--data", "digits", "--storage", storage, "--study", "bench", "--trials", "0",
                     "--out", str(folder / "run"), "--no-progress"], check=True, capture_output=True)
+    logs = [folder / f"worker{i}.log" for i in range(workers)]
     start = time.perf_counter()
     procs = [subprocess.Popen([*CLI, "worker", "--storage", storage, "--study", "bench", "--trials",
-                               str(trials // workers), "--no-progress"], stdout=subprocess.DEVNULL)
-             for _ in range(workers)]
-    if any(p.wait() for p in procs):
-        raise SystemExit("a worker failed")
+                               str(trials // workers), "--no-progress"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for log in logs]
+    for proc, log in zip(procs, logs):
+        if proc.wait():
+            raise SystemExit(f"a worker failed:\n{log.read_text()[-2000:]}")
     wall = time.perf_counter() - start
     done = optuna.load_study(study_name="bench", storage=open_storage(storage)).get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == trials, f"{len(done)} trials completed, {trials} asked"
