@@ -28,7 +28,8 @@ CLI = [sys.executable, "-m", "autocompress.cli"]
 
 def one_run(folder: Path, workers: int, trials: int) -> tuple[float, float]:
     """(wall seconds, seconds from the first trial's start to the last one's end) for one fresh study."""
-    storage = f"journal:{folder / f'w{workers}.log'}"
+    folder.mkdir(parents=True)
+    storage = f"journal:{folder / 'study.log'}"
     subprocess.run([*CLI, "run", "--data", "digits", "--storage", storage, "--study", "bench", "--trials", "0",
                     "--out", str(folder / "run"), "--no-progress"], check=True, capture_output=True)
     logs = [folder / f"worker{i}.log" for i in range(workers)]
