@@ -258,19 +258,21 @@ def _is_residual(nodes, values, modules) -> bool:
         return False
     for n in nodes:  # an add of the block input and something computed from it inside the block
         name = getattr(n.target, "__name__", str(n.target)).strip("_")
-        operands = [_through_identity(a, modules) for a in n.args[:2]]
-        if n.op in ("call_function", "call_method") and name in ADD_FUNCS and x in operands:
-            other = n.args[1] if operands[0] is x else n.args[0]
-            if other in members and _depends_on(other, x, members):
+        if n.op not in ("call_function", "call_method") or name not in ADD_FUNCS or len(n.args) < 2:
+            continue
+        for shortcut, other in (n.args[:2], n.args[1::-1]):
+            if x in _identity_chain(shortcut, modules) and other in members and _depends_on(other, x, members):
                 return True
     return False
 
 
-def _through_identity(node, modules):
-    """The node an identity shortcut (nn.Identity, dropout) passes on, else `node` itself."""
+def _identity_chain(node, modules) -> list:
+    """`node` and the nodes it passes on unchanged through identity shortcuts (nn.Identity, dropout)."""
+    chain = [node]
     while getattr(node, "op", None) == "call_module" and isinstance(modules[node.target], (nn.Identity, nn.Dropout)):
         node = node.args[0]
-    return node
+        chain.append(node)
+    return chain
 
 
 def _depends_on(node, source, members) -> bool:
@@ -498,7 +500,7 @@ class ChannelPruner:
         idxs = sorted(int(i) + c * chunk for c in range(info.chunks) for i in drop)
         saved = self._snapshot(group) if check else None
         try:
-            group.prune(idxs)
+            _subgroup(group, idxs).prune()
             _sync_attributes(self.model)
             if not check or self.runs():
                 return True
@@ -567,6 +569,23 @@ def output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
             return _shape(model(example_input))
     except Exception:
         return None
+
+
+def _subgroup(group, root_idxs):
+    """The part of a full Torch-Pruning group that removing `root_idxs` of its root touches.
+
+    Each item of a group records, for every index, the root index it maps from; cutting the full group
+    gives what `group.prune(idxs)` would rebuild, without recomputing the index mappings (seconds
+    per group on reshape-heavy models)."""
+    from torch_pruning.dependency.group import Group
+
+    drop, sub = set(root_idxs), Group()
+    sub._DG = group._DG
+    for item in group:
+        kept = [i for i, r in zip(item.idxs, item.root_idxs) if r in drop]
+        if kept:
+            sub.add_dep(item.dep, kept)
+    return sub
 
 
 def _chunks(group, channels: int) -> int:
