@@ -38,6 +38,7 @@ from typing import Callable
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from . import storage as storages
@@ -214,7 +215,7 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
     Returns False if interrupted (Ctrl-C)."""
     bar = _Progress(problem.objectives) if progress else None
     say = bar.write if bar else print
-    beating = optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
+    beating = is_heartbeat_enabled(study._storage)
     poll = min(2.0, study._storage.get_heartbeat_interval()) if beating else 0.0
     duplicates = 0
     optuna_level = optuna.logging.get_verbosity()
@@ -277,6 +278,7 @@ def _claim_policy(study: optuna.Study, trial, bound: BoundSpace):
     policy = bound.sample(trial)
     trial.set_user_attr("worker", WORKER)
     trial.set_user_attr("policy", policy.to_json())
+    trial.set_user_attr("origin", "student" if "student" in policy else "compressed")
     twin = _duplicate_of(study, trial)
     if twin is None:
         return policy
@@ -349,7 +351,7 @@ class _Heartbeat:
         self.thread = None
 
     def __enter__(self):
-        if optuna.storages._heartbeat.is_heartbeat_enabled(self.storage):
+        if is_heartbeat_enabled(self.storage):
             self.thread = threading.Thread(target=self._beat, daemon=True)
             self.thread.start()
         return self
