@@ -18,6 +18,7 @@ from .evaluate import Evaluator, accuracy, make_evaluator
 from .graph import LayerGraph, analyze as _analyze
 from .result import Result
 from .space import Policy, SearchSpace
+from .students import supernet
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> LayerGraph:
@@ -117,6 +118,7 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     model = model.eval()
     graph = _analyze(model, example_input)
     bound = search_space.bind(graph)
+    supernet.prepare(bound, model, example_input, getattr(judge, "train_loader", None))  # student spaces only
 
     baseline = _estimate(model, example_input, profile).as_dict()
     limits = budgets.limits(baseline)

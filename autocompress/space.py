@@ -3,6 +3,15 @@
 A space names techniques and, for each, the choices of its knobs and the granularity at which
 they are sampled: one value per target (`layer`), per stage (`stage`: targets at the same
 feature-map resolution) or one for the whole model (`global`).
+
+A technique's `allowed_settings` bounds its settings and, for a field it names, every choice of that
+field (a tuple of allowed values, or an object supporting `in`, such as a range); a field whose allowed
+values are names may list names (`act: [relu, hswish]`).
+
+Students and compressed models in one study: a space holding the `student` technique together with
+compression techniques gets one more knob, `kind` (compressed | student). A policy then holds only the
+sections of its kind: a student is built from the student knobs alone, a compressed model from the
+compression knobs alone (the other kind's knobs are sampled but unused).
 """
 from __future__ import annotations
 
@@ -19,6 +28,9 @@ from .errors import AutocompressError
 from .graph import LayerGraph
 
 GRANULARITIES = ("layer", "stage", "global")
+STUDENT = "student"
+KIND = "kind"
+KINDS = ("compressed", STUDENT)
 
 
 class Policy(dict):
@@ -89,12 +101,14 @@ class SearchSpace:
             technique = TECHNIQUES[tname]
             targets = technique.targets(graph)
             for field in technique.fields:
-                dist = _distribution(cfg[field])
+                dist = _distribution(cfg[field], names=True)  # validated on load
                 if _fixed(dist):  # a single choice is a setting, not a knob: nothing for the sampler to do
                     fixed.append(Knob(f"{tname}.{field}.all", dist, tname, field, [t for t, _ in targets]))
                     continue
                 for key, members in _group_targets(targets, cfg["granularity"]).items():
                     knobs.append(Knob(f"{tname}.{field}.{key}", dist, tname, field, members))
+        if STUDENT in self.techniques and len(self.techniques) > 1:
+            knobs.insert(0, Knob(KIND, optuna.distributions.CategoricalDistribution(KINDS), "", KIND, []))
         return BoundSpace(self, knobs, fixed)
 
 
@@ -120,10 +134,15 @@ class BoundSpace:
             settings = {k: v for k, v in cfg.items() if k in TECHNIQUES[tname].settings}
             policy[tname] = dict(settings)
         for k in self.fixed + self.knobs:
+            if k.param == KIND:
+                continue
             value = values.get(k.param, _identity(k.distribution))
             section = policy[k.technique].setdefault(k.field, {})
             for target in k.targets:
                 section[target] = value
+        if any(k.param == KIND for k in self.knobs):
+            student = values.get(KIND, KINDS[0]) == STUDENT
+            policy = Policy({t: s for t, s in policy.items() if (t == STUDENT) == student})
         return policy
 
     def uniform(self, fraction: float) -> dict:
@@ -189,14 +208,22 @@ def _validate_technique(tname: str, cfg, where: str) -> dict:
         out[key] = value
     for key, default in technique.fields.items():
         out[key] = cfg.get(key, default)
-        _distribution(out[key], f"{tname}.{key}")  # validates
+        allowed = technique.allowed_settings.get(key)
+        names = isinstance(allowed, tuple) and all(isinstance(a, str) for a in allowed)
+        _distribution(out[key], f"{tname}.{key}", names=names)
+        chosen = out[key] if isinstance(out[key], list) else [out[key]["low"], out[key]["high"]]
+        bad = [v for v in chosen if allowed is not None and v not in allowed]
+        if bad:
+            shown = ", ".join(map(str, allowed)) if isinstance(allowed, tuple) else str(allowed)
+            raise AutocompressError(f"{tname}.{key} choice {bad[0]!r} is not allowed; allowed: {shown}")
     return out
 
 
-def _distribution(spec, where: str = "knob"):
+def _distribution(spec, where: str = "knob", names: bool = False):
     if isinstance(spec, list):
-        if not spec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-            raise AutocompressError(f"{where} must list numbers, got {spec!r}")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
+        if not spec or not (numbers or names and all(isinstance(v, str) for v in spec)):
+            raise AutocompressError(f"{where} must list {'names' if names else 'numbers'}, got {spec!r}")
         return optuna.distributions.CategoricalDistribution(sorted(set(spec)))
     if isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "step"}:
         low, high, step = spec["low"], spec["high"], spec.get("step")

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from ..errors import AutocompressError
-from . import depth, lowrank, prune, quantize, share, sparsity
+from . import depth, ghost, lowrank, prune, quantize, share, sparsity, student, tie
 from .base import Technique, get_meta, set_meta
 
 # The order matters: structure first (pruning changes shapes), numerics last (quantization).
-TECHNIQUES: dict[str, Technique] = {t.name: t for t in (depth.TECHNIQUE, prune.TECHNIQUE, lowrank.TECHNIQUE,
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in (student.TECHNIQUE, depth.TECHNIQUE, prune.TECHNIQUE,
+                                                          lowrank.TECHNIQUE, ghost.TECHNIQUE, tie.TECHNIQUE,
                                                           sparsity.TECHNIQUE, share.TECHNIQUE, quantize.TECHNIQUE)}
 
 

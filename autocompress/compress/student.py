@@ -1,0 +1,73 @@
+"""The student technique: replace the user's model by a compact network built from the policy.
+
+Its targets are the student's five stages (stage1 ... stage5), not the teacher's layers, and its knobs
+shape each stage (students/build.py lists them). `apply` keeps nothing of the teacher but its input
+shape and its number of classes (a teacher whose output is not class scores is refused), builds the
+student and, when the policy names a supernet (see students/supernet.py: `ac.compress` trains it once
+per teacher, data and space), gives it the supernet's weights; the evaluator then recalibrates its
+BatchNorm statistics and fine-tunes it with distillation from the teacher. A student policy is applied
+on its own: a space mixing students with compression techniques chooses one kind per policy (space.py).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..students.blocks import ACTIVATIONS
+from ..students.build import DEFAULTS, STAGES, TEMPLATES, build
+from .base import Technique, set_meta
+
+SUPERNET_STEPS = 300
+
+
+class Between:
+    """Allowed numeric choices: low < value <= high."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low < value <= self.high
+
+    def __str__(self) -> str:
+        return f"numbers above {self.low} up to {self.high}"
+
+
+ALLOWED = {
+    "block": tuple(TEMPLATES), "supernet": None, "supernet_steps": None,
+    "depth": Between(0, 4), "width": Between(0, 4), "expand": Between(0.5, 8), "kernel": (3, 5, 7), "se": (0, 1),
+    "act": tuple(ACTIVATIONS), "primary": Between(0, 1), "separate": (0, 1), "squeeze": Between(0, 1),
+    "bypass": (0, 1), "resolution": Between(0.1, 4),
+}
+
+
+def _targets(graph) -> list[tuple[str, str]]:
+    return [(stage, stage[len("stage"):]) for stage in STAGES]
+
+
+def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
+    from ..students import supernet
+
+    student = build(section, example_input.shape, supernet.class_count(model, example_input))
+    key = section.get("supernet")
+    if key:
+        bank = supernet.load(key)
+        if bank is None:
+            warnings.warn(f"student supernet {key} is not in this machine's cache; the student starts from "
+                          f"fresh weights", stacklevel=2)
+        else:
+            supernet.inherit(student, bank)
+    set_meta(student, student=section.get("block", "mbconv"), supernet=key)
+    return student
+
+
+TECHNIQUE = Technique(
+    name="student",
+    fields={f: [v] for f, v in DEFAULTS.items()},
+    settings={"block": "mbconv", "supernet": None, "supernet_steps": SUPERNET_STEPS},
+    allowed_settings=ALLOWED,
+    targets=_targets,
+    apply=apply,
+)
