@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from scipy.sparse import csr_matrix
 from torch import nn
 
 from ..errors import AutocompressError
@@ -181,7 +182,8 @@ def design(traces, channel_multiple: int) -> dict:
     return {"net": ops["net"].to_numpy(), "kind": np.array([KINDS.index(k) for k in ops["kind"]]),
             "work": ops["work"].to_numpy(float), "traffic": {False: traffic, True: traffic + ops["unfold_bytes"].to_numpy(float)},
             "m": ops["m"].to_numpy(float), "n": ops["n"].to_numpy(float), "k": ops["k"].to_numpy(float),
-            "gemm": ops["kind"].isin(GEMM_KINDS).to_numpy(), "networks": len(traces)}
+            "gemm": ops["kind"].isin(GEMM_KINDS).to_numpy(), "networks": len(traces),
+            "sum": csr_matrix((np.ones(len(ops)), (ops["net"].to_numpy(), np.arange(len(ops)))))}  # ops -> networks
 
 
 def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, dict]:
@@ -194,13 +196,47 @@ def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, dict]:
     return overhead_us, gmacs, bandwidth, half
 
 
-def predict_ms(theta: np.ndarray, d: dict, overlap: float, im2col: bool) -> np.ndarray:
-    """Each network's latency from the fitted numbers: the cost model's per-op formula, summed."""
+def op_seconds(theta: np.ndarray, d: dict, overlap: float, im2col: bool, jacobian: bool = False):
+    """Every op's latency from the fitted numbers (the cost model's per-op formula) and, with `jacobian`, its
+    derivative by each entry of theta (columns), for an exact-gradient least-squares fit."""
     overhead_us, gmacs, bandwidth, half = _unpack(theta)
     rate = gmacs[d["kind"]] * np.where(d["gemm"], shape_efficiency(d["m"], d["n"], d["k"], half), 1.0)
-    bound_s, _ = roofline_s(d["work"], rate, d["traffic"][im2col], bandwidth, overlap)
-    per_op = overhead_us[d["kind"]] * 1e-6 + bound_s
-    return np.bincount(d["net"], weights=per_op, minlength=d["networks"]) * 1e3
+    traffic = d["traffic"][im2col]
+    bound_s, compute_bound = roofline_s(d["work"], rate, traffic, bandwidth, overlap)
+    seconds = overhead_us[d["kind"]] * 1e-6 + bound_s
+    if not jacobian:
+        return seconds, None
+    compute, memory = d["work"] / (rate * 1e9), traffic / (bandwidth * 1e9)
+    to_compute = np.where(compute_bound, 1.0, 1.0 - overlap)     # d seconds / d compute time
+    to_memory = np.where(compute_bound, 1.0 - overlap, 1.0)
+    n_kinds, n_compute = len(KINDS), len(COMPUTE_KINDS)
+    cols = np.zeros((len(seconds), len(theta)))
+    cols[np.arange(len(seconds)), d["kind"]] = overhead_us[d["kind"]] * 1e-6
+    for j, kind in enumerate(COMPUTE_KINDS):
+        mine = d["kind"] == KINDS.index(kind)
+        cols[mine, n_kinds + j] = -(compute * to_compute)[mine]
+    cols[:, n_kinds + n_compute] = -memory * to_memory
+    for j, dim in enumerate(SHAPE_KEYS):
+        h = half[dim]
+        cols[:, n_kinds + n_compute + 1 + j] = np.where(d["gemm"], compute * to_compute * h / (d[dim] + h), 0.0)
+    return seconds, cols
+
+
+def predict_ms(theta: np.ndarray, d: dict, overlap: float, im2col: bool) -> np.ndarray:
+    """Each network's latency: its ops' latencies summed."""
+    return np.bincount(d["net"], weights=op_seconds(theta, d, overlap, im2col)[0], minlength=d["networks"]) * 1e3
+
+
+def _log_residuals(d: dict, measured: np.ndarray, overlap: float, im2col: bool):
+    """log(predicted / measured) per network, and its Jacobian by theta."""
+    def residuals(theta):
+        return np.log(predict_ms(theta, d, overlap, im2col) / measured)
+
+    def jacobian(theta):
+        seconds, cols = op_seconds(theta, d, overlap, im2col, jacobian=True)
+        return (d["sum"] @ cols) / (d["sum"] @ seconds)[:, None]
+
+    return residuals, jacobian
 
 
 def fit(networks, traces=None) -> dict:
@@ -221,8 +257,9 @@ def fit(networks, traces=None) -> dict:
         if multiple not in designs:
             designs[multiple] = design(traces, multiple)
         d = designs[multiple]
-        result = least_squares(lambda t: np.log(predict_ms(t, d, overlap, im2col) / measured), theta0,
-                               bounds=(lower, upper))
+        residuals, jacobian = _log_residuals(d, measured, overlap, im2col)
+        result = least_squares(residuals, theta0, jac=jacobian, bounds=(lower, upper), x_scale="jac",
+                               ftol=1e-6, xtol=1e-6)
         if best is None or result.cost < best[0]:
             best = (result.cost, {"overlap": overlap, "im2col": im2col, "channel_multiple": multiple}, result.x, d)
     _, form, theta, d = best
