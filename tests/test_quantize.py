@@ -152,3 +152,8 @@ def test_int8_without_calibration_data_synthesizes_its_inputs():
     real = to_int8(model, x[:1])
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in real.modules())
     assert (real(x) - model(x)).norm() / model(x).norm() < 0.2
+
+
+def test_a_bit_width_outside_the_list_is_one_clear_sentence(digits_model, digits_input, names):
+    with pytest.raises(ac.AutocompressError, match=r"quantize.weight_bits = 3 is not allowed; allowed: 1, 2, 4, 8, 16, 32"):
+        ac.apply(digits_model, _policy(names, weight_bits=3), digits_input)

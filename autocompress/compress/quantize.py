@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import AutocompressError
 from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 BITS = (1, 2, 4, 8, 16, 32)
@@ -196,15 +197,21 @@ def quantize_weight(module: nn.Module, bits: int, huffman: bool) -> None:
     set_meta(module, weight_bits=bits, huffman=bool(huffman or meta.get("huffman", False)), **extra)
 
 
+def _bits(value, field: str) -> int:
+    if value not in BITS:
+        raise AutocompressError(f"quantize.{field} = {value!r} is not allowed; allowed: {', '.join(map(str, BITS))}")
+    return int(value)
+
+
 def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
     huffman = bool(section.get("huffman", False))
     for name, bits in section.get("weight_bits", {}).items():
-        if int(bits) < 32:
+        if _bits(bits, "weight_bits") < 32:
             for module in weight_layers(model, name):
                 quantize_weight(module, int(bits), huffman)
     acted = False
     for name, bits in section.get("act_bits", {}).items():
-        if int(bits) < 32:
+        if _bits(bits, "act_bits") < 32:
             for module in weight_layers(model, name):
                 add_act_quant(module, int(bits))
                 acted = True
