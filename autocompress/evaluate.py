@@ -262,7 +262,8 @@ class Evaluator:
 
 
 def finalize(result, evaluator: Evaluator, steps: int, example_input: torch.Tensor, hardware="host"):
-    """Give every Pareto model of `result` a longer fine-tune (`steps`) and re-measure it.
+    """Give every Pareto model of `result` a longer fine-tune and re-measure it: `steps` more steps (distilled,
+    compression kept, no early stopping) from the state the search judged it in (`result.model`).
 
     Returns (table, models): one row per Pareto trial with its search accuracy, its final accuracy and the
     re-estimated cost of the fine-tuned model; models maps trial number -> fine-tuned module.
