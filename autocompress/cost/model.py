@@ -93,6 +93,7 @@ def gemm_dims(layer) -> tuple[int, int, int]:
 
 
 def padded(count: np.ndarray, multiple: int) -> np.ndarray:
+    """`count` rounded up to a multiple of `multiple` (channels filling whole SIMD lanes or PE rows)."""
     return np.ceil(count / multiple) * multiple
 
 
@@ -120,20 +121,19 @@ def op_table(graph, flow: Flow, profile: HardwareProfile) -> pd.DataFrame:
     rows = [_layer_facts(l, profile) for l in layers]
     width = _output_widths(layers, flow, rows)
     input_bytes = math.prod(graph.input_shape) * 4
-    for i, row in enumerate(rows):
-        row["out_bytes"] = layers[i].out_numel * width[i]
+    last = {a: i for i, a in enumerate(anchor)}
+    for i, row in enumerate(rows):  # a fused group reads its outside inputs and writes its last member's output
         row["in_bytes"] = sum(input_bytes if p == INPUT else layers[p].out_numel * width[p]
                               for p in flow.inputs[i] if p == INPUT or anchor[p] != anchor[i])
-        row["anchor"] = anchor[i]
+        row["out_bytes"] = layers[i].out_numel * width[i] if last[anchor[i]] == i else 0.0
+        row["anchor"], row["width"] = anchor[i], width[i]
     table = pd.DataFrame(rows)
-    last = {a: i for i, a in enumerate(anchor)}  # the group's last member writes its output
-    table["out_bytes"] = [r["out_bytes"] if last[anchor[i]] == i else 0.0 for i, r in enumerate(rows)]
-    table["width"] = width
     table.attrs["input_bytes"] = input_bytes
     return table
 
 
 def _layer_facts(layer, profile: HardwareProfile) -> dict:
+    """The device-dependent facts of one layer: its dtype, its work (padded, sparse-aware) and weight bytes."""
     meta = get_meta(layer.module) if layer.module is not None else {}
     weighted = layer.kind in WEIGHT_KINDS
     wbits, abits = (int(meta.get("weight_bits", 32)), int(meta.get("act_bits", 32))) if weighted else (32, 32)
