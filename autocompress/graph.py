@@ -398,10 +398,11 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: list[L
     """
     resolution = {l.name: l.out_shape[2:] if len(l.out_shape) > 2 else () for l in layers}
 
-    def probe(_model):
-        return lambda info, group: range(max(1, int(info.channels // info.chunks * PROBE_KEEP)), info.channels // info.chunks)
+    def probe(info, group):  # drop the last channels of each chunk: which ones does not matter for safety
+        chunk = info.channels // info.chunks
+        return range(max(1, int(chunk * PROBE_KEEP)), chunk)
 
-    _, pruned, _ = prune_channels(copy.deepcopy(model), example_input, output_layers, probe)
+    _, pruned, _ = prune_channels(copy.deepcopy(model), example_input, output_layers, lambda _model: probe)
     safe = [info for info, _ in pruned]
     for info in safe:
         info.stage = "x".join(map(str, resolution.get(info.id, ()))) or "flat"
@@ -427,12 +428,14 @@ def prune_channels(model: nn.Module, example_input: torch.Tensor, keep_whole: li
     reference = output_shape(model, example_input)
     pristine = copy.deepcopy(model)
     try:
-        pruned, failed = ChannelPruner(model, example_input, keep_whole, reference).prune_all(chooser(model), check=False)
-        if output_shape(model, example_input) == reference:
+        pruner = ChannelPruner(model, example_input, keep_whole, reference)
+        pruned, failed = pruner.prune_all(chooser(model), check=False)
+        if pruner.runs():
             return model, pruned, failed
     except Exception:  # some group broke the model: redo it group by group
         pass
-    pruned, failed = ChannelPruner(pristine, example_input, keep_whole, reference).prune_all(chooser(pristine), check=True)
+    pruner = ChannelPruner(pristine, example_input, keep_whole, reference)
+    pruned, failed = pruner.prune_all(chooser(pristine), check=True)
     return pristine, pruned, failed
 
 
@@ -455,7 +458,7 @@ class ChannelPruner:
         self.reference = reference  # the output shape every pruned model must keep
 
     def groups(self):
-        """Yield (ChannelGroup, Torch-Pruning group or None when unbounded) lazily, so each may be pruned as it comes."""
+        """Yield (ChannelGroup, Torch-Pruning group, None when unbounded) lazily: each may be pruned as it comes."""
         if self.dg is None:
             return
         dg = self.dg
@@ -488,7 +491,7 @@ class ChannelPruner:
                 continue
             if group is not None and self.prune(info, group, drop, check):
                 pruned.append((info, len(drop)))
-            elif check or group is None:
+            else:
                 failed.append(info)
         return pruned, failed
 
@@ -596,8 +599,8 @@ def _chunks(group, channels: int) -> int:
         m = dep.target.module
         if isinstance(m, nn.MultiheadAttention):
             counts.append(m.num_heads)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not m.groups == m.in_channels == m.out_channels:
-            counts.append(m.groups)
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups != m.out_channels:
+            counts.append(m.groups)  # grouped, not depthwise: depthwise convs prune channel by channel
         elif isinstance(m, nn.GroupNorm):
             counts.append(m.num_groups)
     n = max(counts)

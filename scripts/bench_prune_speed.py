@@ -20,6 +20,7 @@ import torchvision
 
 import autocompress as ac
 from autocompress.cost.measure import count_params, measure_latency_ms
+from autocompress.graph import analyze
 
 MODELS = ("resnet18", "mobilenet_v2")
 
@@ -41,7 +42,7 @@ def bench(name: str, keep: float, size: int, rounds: int, repeats: int) -> dict:
             times[label].append(measure_latency_ms(m, x, repeats=repeats, warmup=3))
     original, slim = statistics.median(times["original"]), statistics.median(times["pruned"])
     return {"model": name, "keep": keep,
-            "MACs (M)": f"{graph.macs / 1e6:.0f} -> {ac.analyze(pruned, x, groups=False).macs / 1e6:.0f}",
+            "MACs (M)": f"{graph.macs / 1e6:.0f} -> {analyze(pruned, x, groups=False).macs / 1e6:.0f}",
             "params (M)": f"{count_params(model) / 1e6:.2f} -> {count_params(pruned) / 1e6:.2f}",
             "original ms": round(original, 2), "pruned ms": round(slim, 2), "speedup": round(original / slim, 2)}
 

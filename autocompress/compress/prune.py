@@ -7,8 +7,9 @@ the search turns one keep ratio per channel group, and kept widths are rounded t
 
 - l1, l2: magnitude of the group's weights (filter pruning);
 - bn: BatchNorm scaling factors (network slimming);
-- taylor: first-order Taylor |weight x gradient| of the cross-entropy on calibration batches
-  (see `calibration_data`; without them, on the example input against the model's own predictions).
+- taylor: first-order Taylor |weight x gradient| of the cross-entropy, gradients as their RMS over
+  calibration batches (see `calibration_data`; without them, the example input against the model's
+  own predictions).
 
 A group a criterion cannot score (no BatchNorm for bn, no gradient for taylor) is scored by l1.
 All groups are pruned, then the model is run once; if that fails, pruning restarts from the
@@ -81,16 +82,31 @@ def _scorer(name: str, model: nn.Module, example_input: torch.Tensor):
 
 
 def _accumulate_gradients(model: nn.Module, example_input: torch.Tensor) -> None:
-    """Gradients of the cross-entropy over the calibration batches (labels: given, else the model's predictions)."""
-    model.zero_grad(set_to_none=True)
+    """Leave in each parameter's .grad the root-mean-square over the calibration batches of its gradient
+    of the cross-entropy (labels: given, else the model's own predictions).
+
+    Torch-Pruning's Taylor score of a channel is sum |weight x grad| over its parameters; with the RMS
+    that is each parameter's first-order loss change averaged over batches, where a plain sum of
+    gradients lets batches cancel out (a trained model's gradients point every which way).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    squares: list = [None] * len(params)   # stays None for a parameter the loss never reaches
+    batches = _calibration or [example_input]
     with torch.enable_grad():
-        for batch in _calibration or [example_input]:
+        for batch in batches:
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            model.zero_grad(set_to_none=True)
             out = _first_tensor(model(x))
             try:
                 nn.functional.cross_entropy(out, out.argmax(1).detach() if y is None else y).backward()
             except (RuntimeError, ValueError, IndexError):  # not a classifier's output: taylor falls back to l1
+                model.zero_grad(set_to_none=True)
                 return
+            for i, p in enumerate(params):
+                if p.grad is not None:
+                    squares[i] = p.grad.square() + (0 if squares[i] is None else squares[i])
+    for sq, p in zip(squares, params):
+        p.grad = None if sq is None else (sq / len(batches)).sqrt()
 
 
 def _targets(graph):
