@@ -599,12 +599,17 @@ def _chunks(group, channels: int) -> int:
         m = dep.target.module
         if isinstance(m, nn.MultiheadAttention):
             counts.append(m.num_heads)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups != m.out_channels:
-            counts.append(m.groups)  # grouped, not depthwise: depthwise convs prune channel by channel
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _depthwise(m):
+            counts.append(m.groups)
         elif isinstance(m, nn.GroupNorm):
             counts.append(m.num_groups)
     n = max(counts)
     return n if channels % n == 0 else 1
+
+
+def _depthwise(conv) -> bool:
+    """One input and one output channel per group: channels prune one by one, no slices to keep equal."""
+    return conv.groups == conv.in_channels == conv.out_channels
 
 
 def _sync_attributes(model: nn.Module) -> None:
