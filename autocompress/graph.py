@@ -458,7 +458,8 @@ class ChannelPruner:
         self.reference = reference  # the output shape every pruned model must keep
 
     def groups(self):
-        """Yield (ChannelGroup, Torch-Pruning group, None when unbounded) lazily: each may be pruned as it comes."""
+        """Yield (ChannelGroup, Torch-Pruning group or None when it cannot be built) lazily: each may be pruned as
+        it comes."""
         if self.dg is None:
             return
         dg = self.dg
@@ -470,11 +471,15 @@ class ChannelPruner:
             if pruner is None or m in ignored or m in visited or not pruner.get_out_channels(m):
                 continue
             channels, name = pruner.get_out_channels(m), self.names[m]
-            if not self._bounded(m, pruner.prune_out_channels):
+            try:
+                bounded = self._bounded(m, pruner.prune_out_channels)
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(channels))) if bounded else None
+            except Exception:  # Torch-Pruning cannot follow this root's dependencies
+                group = None
+            if group is None:
                 visited.add(m)
                 yield ChannelGroup(name, [name], channels, ""), None
                 continue
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(channels)))
             outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
             visited.update(outs)
             if any(o in ignored for o in outs):
@@ -486,7 +491,13 @@ class ChannelPruner:
         """Prune every group as `choose(info, group)` says; returns ([(group, dropped per chunk)], failed groups)."""
         pruned, failed = [], []
         for info, group in self.groups():
-            drop = list(choose(info, group))
+            try:
+                drop = list(choose(info, group))
+            except Exception:  # e.g. an importance criterion that fails on this group
+                if not check:
+                    raise
+                failed.append(info)
+                continue
             if not drop:
                 continue
             if group is not None and self.prune(info, group, drop, check):

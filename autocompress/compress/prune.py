@@ -149,8 +149,8 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
         for member in info.members:
             set_meta(model.get_submodule(member), keep=1 - dropped / (info.channels // info.chunks))
     for info in failed:
-        warnings.warn(f"channel group {info.id} breaks the model when pruned to {keep[info.id]:g} of its "
-                      "channels; it is left whole", stacklevel=3)
+        warnings.warn(f"channel group {info.id} cannot be pruned safely to {keep[info.id]:g} of its channels; "
+                      "it is left whole", stacklevel=3)
     return model
 
 
