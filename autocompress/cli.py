@@ -174,7 +174,7 @@ def _calibrate(args) -> None:
         raise AutocompressError(f"calibrating {args.hardware!r}: only host and host-cuda are saved by name; "
                                 "pass --to FILE")
     name = ("host-cuda" if device == "cuda" else "host") if cached else args.hardware
-    profile = calibrate(name, quick=args.quick, device=device, threads=args.threads)
+    profile = calibrate(name, quick=args.quick, device=device, threads=args.threads, clock=args.clock)
     path = write_profile(profile, Path(args.to) if args.to else host_profile_path(device))
     fit = profile.calibration
     print(f"wrote {path}: median error {fit['fit_median_error']:.1%}, {fit['fit_within_20pct']:.0%} of "
@@ -256,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--to", help="profile YAML to write (default: the cached host profile)")
     cal.add_argument("--quick", action="store_true", help="fewer networks and repeats (what first use runs)")
     cal.add_argument("--threads", type=int, default=1, help="torch threads to time with (CPU)")
+    cal.add_argument("--clock", choices=["wall", "cpu"], help="elapsed time, or the timing thread's CPU time "
+                                                             "(default: cpu with one thread on the CPU, else wall)")
     cal.set_defaults(func=_calibrate)
     return p
 

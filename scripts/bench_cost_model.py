@@ -84,13 +84,13 @@ def candidates(name: str, n: int, seed: int):
         yield f"{name}/{i}", res, ac.apply(model, bound[res].policy(random_values(bound[res], rng, level)), x), x
 
 
-def measure(model, x, threads: int, repeats: int, rounds: int, max_load: float | None) -> float:
-    """Median over `rounds` of the median of `repeats` timings, each round once the load is below `max_load`."""
+def measure(model, x, threads: int, args) -> float:
+    """Median over rounds of the median of repeated timings, each round once the load is below --max-load."""
     times = []
-    for _ in range(rounds):
-        if max_load and not wait_until_quiet(max_load):
-            print(f"  (load stayed above {max_load}: timing anyway)", file=sys.stderr)
-        times.append(measure_latency_ms(model, x, repeats=repeats, threads=threads))
+    for _ in range(args.rounds):
+        if args.max_load and not wait_until_quiet(args.max_load):
+            print(f"  (load stayed above {args.max_load}: timing anyway)", file=sys.stderr)
+        times.append(measure_latency_ms(model, x, repeats=args.repeats, threads=threads, clock=args.clock))
     return float(np.median(times))
 
 
@@ -124,6 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["wall", "cpu"], help="wall time, or the timing thread's CPU time (default: "
+                   "the clock the profile was calibrated with, see measure_latency_ms)")
     p.add_argument("--max-load", type=float, default=None,
                    help="time only while the 1-minute load average is below this (waits; the bench itself adds ~1)")
     p.add_argument("--hardware", default="host", help="the profile to score (host: the cached calibration)")
@@ -140,13 +142,13 @@ def main(argv=None) -> None:
         calibrate_host(host_profile_path())
         print(f"calibrated the host profile in {time.perf_counter() - start:.0f} s")
     profile = load_profile(args.hardware)
+    args.clock = args.clock or profile.calibration.get("clock", "wall")
     known = pd.read_csv(args.measured).set_index("candidate")["measured_ms"] if args.measured else None
     rows = []
     for name in args.models.split(","):
         for cid, res, model, x in candidates(name, args.per_model, args.seed):
             est = ac.estimate(model, x, profile)
-            ms = float(known[cid]) if known is not None else measure(model, x, profile.threads or 1,
-                                                                       args.repeats, args.rounds, args.max_load)
+            ms = float(known[cid]) if known is not None else measure(model, x, profile.threads or 1, args)
             rows.append({"candidate": cid, "model": name, "resolution": res, "macs": est.macs,
                          "params": est.params, "predicted_ms": est.latency_ms, "measured_ms": ms})
             print(f"  {cid:24s} {res:4d}px {est.macs / 1e6:8.1f} MMACs  predicted {est.latency_ms:7.2f} ms  "
@@ -154,7 +156,8 @@ def main(argv=None) -> None:
     frame = pd.DataFrame(rows)
     if args.save:
         frame.to_csv(args.save, index=False)
-    print(f"\nprofile: {profile.name} ({profile.description}); load average {os.getloadavg()[0]:.2f}")
+    print(f"\nprofile: {profile.name} ({profile.description}); {args.clock} clock; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(table(frame).to_string(float_format=lambda v: f"{v:.2f}"))
 
 

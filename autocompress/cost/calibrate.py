@@ -2,13 +2,14 @@
 
 Small networks of varied shapes and block types (plain, residual and bottleneck convs, inverted
 residuals with squeeze-excitation, inception and fire branches joined by concatenation, MLPs, chains
-of one op) are built at random, timed (median of repeats) and traced into the same per-op table the
+of one op, wide convs on few pixels whose weights overflow the caches) are built at random, timed (median of repeats) and traced into the same per-op table the
 cost model prices (model.op_table). The roofline's free numbers are then fitted so that the summed
 per-op latencies match the measured networks (least squares on log latency): per-kind overheads and
 large-GEMM throughputs, the bandwidth, the GEMM sizes at which kernels reach half their efficiency
 (`gemm_half`), and, by trying each, the roofline's form (`overlap`, `im2col`, `channel_multiple`).
 Timing whole networks, not isolated ops, captures how ops behave in context: caches, the framework's
 per-op cost. None of the networks is a model the benchmark scores (scripts/bench_cost_model.py).
+The size of the on-chip memory is the hardware's (the last-level cache), its bandwidth is fitted.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ from ..errors import AutocompressError
 from ..graph import analyze
 from .flow import dataflow
 from .measure import DEFAULT_THREADS, measure_latency_ms
-from .model import GEMM_KINDS, op_table, roofline_s, shape_efficiency
+from .model import GEMM_KINDS, memory_s, on_chip, op_table, roofline_s, shape_efficiency
 from .profiles import KINDS, SHAPE_KEYS, HardwareProfile
 
-MODEL_VERSION = 2  # bump when the latency formula changes: cached host profiles are then re-fitted
+MODEL_VERSION = 3  # bump when the latency formula changes: cached host profiles are then re-fitted
 COMPUTE_KINDS = ("conv", "dwconv", "linear", "matmul")
 FORMS = {"overlap": (1.0, 0.5, 0.0), "im2col": (False, True), "channel_multiple": (1, 16)}
 HOROWITZ_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.065, 2: 0.02, 1: 0.01}, "dram_pj_per_byte": 80.0,
@@ -114,7 +115,7 @@ def _block(kind: str, width: int, rng: random.Random, act) -> tuple[list, int]:
 
 def random_network(rng: random.Random) -> tuple[nn.Module, torch.Tensor]:
     """One calibration network: a random mix of block types, widths and resolutions."""
-    kind = rng.choice(["plain", "residual", "bottleneck", "inverted", "inception", "fire", "mlp", "single"])
+    kind = rng.choice(["plain", "residual", "bottleneck", "inverted", "inception", "fire", "mlp", "single", "wide"])
     if kind == "mlp":
         dims = [rng.choice([64, 128, 256, 512, 1024, 2048]) for _ in range(rng.randint(2, 4))]
         layers = []
@@ -122,6 +123,11 @@ def random_network(rng: random.Random) -> tuple[nn.Module, torch.Tensor]:
             layers += [nn.Linear(a, b), nn.ReLU()]
         tokens = rng.choice([1, 1, 49, 197])
         return nn.Sequential(*layers).eval(), torch.randn(1, tokens, dims[0]) if tokens > 1 else torch.randn(1, dims[0])
+    if kind == "wide":  # the tail of a CNN on a small input: many channels, few pixels, weights beyond the caches
+        width, res = rng.choice([256, 384, 512, 768, 1024]), rng.choice([2, 3, 4, 7])
+        layers = [m for _ in range(rng.randint(2, 5)) for m in _conv_bn(width, width, rng.choice([1, 3]))]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1000)]
+        return nn.Sequential(*layers).eval(), torch.randn(1, width, res, res)
     res = rng.choice([8, 14, 16, 28, 32, 48, 56, 64])
     width = rng.choice([8, 16, 24, 32, 40, 48, 64, 96, 128, 192, 256])
     width = min(width, max(8, 8 * (2 ** 13 // res ** 2)))  # about 50 MMACs per 3x3 conv at most: quick to time
@@ -146,13 +152,14 @@ def random_network(rng: random.Random) -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(*layers).eval(), torch.randn(1, cin, res, res)
 
 
-def measure_networks(n: int, repeats: int, seed: int = 0, device: str = "cpu", threads: int | None = None):
+def measure_networks(n: int, repeats: int, seed: int = 0, device: str = "cpu", threads: int | None = None,
+                     clock: str = "wall"):
     """Yield (model, input, measured ms) for `n` random networks timed on `device`."""
     rng = random.Random(seed)
     for _ in range(n):
         model, x = random_network(rng)
         model, x = model.to(device), x.to(device)
-        ms = measure_latency_ms(model, x, repeats=repeats, threads=threads)
+        ms = measure_latency_ms(model, x, repeats=repeats, threads=threads, clock=clock)
         yield model.cpu(), x.cpu(), ms
 
 
@@ -170,55 +177,69 @@ def _template(channel_multiple: int) -> HardwareProfile:
     return HardwareProfile("fit", {"fp32": 1.0}, {}, 1.0, 0.0, {}, channel_multiple=channel_multiple)
 
 
-def design(traces, channel_multiple: int) -> dict:
-    """Every op of every network as flat arrays: its network, kind, work, GEMM sizes and memory traffic (with
-    and without im2col's unfolded input)."""
+def design(traces, channel_multiple: int, cache_kb: float) -> dict:
+    """Every op of every network as flat arrays: its network, kind, work, GEMM sizes, feature-map traffic (with
+    and without im2col's unfolded input), weight traffic, and which of them the on-chip memory serves."""
     parts = []
     for i, (graph, flow) in enumerate(traces):
         table = op_table(graph, flow, _template(channel_multiple))
-        parts.append(table[table["kind"] != "param"].assign(net=i))
+        table = table[table["kind"] != "param"]
+        act = (table["in_bytes"] + table["out_bytes"]).to_numpy(float)
+        unfolded = act + table["unfold_bytes"].to_numpy(float)
+        weights = table["w_bytes"].to_numpy(float)
+        parts.append(table.assign(net=i, act=act, unfolded=unfolded, act_cached=on_chip(act, weights, cache_kb)[0],
+                                  unfolded_cached=on_chip(unfolded, weights, cache_kb)[0],
+                                  weights_cached=on_chip(act, weights, cache_kb)[1]))
     ops = pd.concat(parts, ignore_index=True)
-    traffic = (ops["in_bytes"] + ops["out_bytes"] + ops["w_bytes"]).to_numpy(float)
     return {"net": ops["net"].to_numpy(), "kind": np.array([KINDS.index(k) for k in ops["kind"]]),
-            "work": ops["work"].to_numpy(float), "traffic": {False: traffic, True: traffic + ops["unfold_bytes"].to_numpy(float)},
+            "work": ops["work"].to_numpy(float),
+            "act": {False: ops["act"].to_numpy(float), True: ops["unfolded"].to_numpy(float)},
+            "act_cached": {False: ops["act_cached"].to_numpy(bool), True: ops["unfolded_cached"].to_numpy(bool)},
+            "weights": ops["w_bytes"].to_numpy(float), "weights_cached": ops["weights_cached"].to_numpy(bool),
             "m": ops["m"].to_numpy(float), "n": ops["n"].to_numpy(float), "k": ops["k"].to_numpy(float),
             "gemm": ops["kind"].isin(GEMM_KINDS).to_numpy(), "networks": len(traces),
             "sum": csr_matrix((np.ones(len(ops)), (ops["net"].to_numpy(), np.arange(len(ops)))))}  # ops -> networks
 
 
-def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, dict]:
-    n_kinds, n_compute = len(KINDS), len(COMPUTE_KINDS)
-    overhead_us = np.exp(theta[:n_kinds])
-    gmacs = np.ones(n_kinds)
-    gmacs[[KINDS.index(k) for k in COMPUTE_KINDS]] = np.exp(theta[n_kinds: n_kinds + n_compute])
-    bandwidth = float(np.exp(theta[n_kinds + n_compute]))
-    half = dict(zip(SHAPE_KEYS, np.exp(theta[n_kinds + n_compute + 1:])))
-    return overhead_us, gmacs, bandwidth, half
+N_KINDS, N_COMPUTE = len(KINDS), len(COMPUTE_KINDS)
+BANDWIDTH, CACHE_BANDWIDTH, HALF = N_KINDS + N_COMPUTE, N_KINDS + N_COMPUTE + 1, N_KINDS + N_COMPUTE + 2
+
+
+def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, dict]:
+    """theta (logs): overhead per kind (us), GMAC/s per compute kind, bandwidth and cache bandwidth (GB/s),
+    gemm_half per GEMM dimension."""
+    overhead_us = np.exp(theta[:N_KINDS])
+    gmacs = np.ones(N_KINDS)
+    gmacs[[KINDS.index(k) for k in COMPUTE_KINDS]] = np.exp(theta[N_KINDS: BANDWIDTH])
+    half = dict(zip(SHAPE_KEYS, np.exp(theta[HALF:])))
+    return overhead_us, gmacs, float(np.exp(theta[BANDWIDTH])), float(np.exp(theta[CACHE_BANDWIDTH])), half
 
 
 def op_seconds(theta: np.ndarray, d: dict, overlap: float, im2col: bool, jacobian: bool = False):
     """Every op's latency from the fitted numbers (the cost model's per-op formula) and, with `jacobian`, its
     derivative by each entry of theta (columns), for an exact-gradient least-squares fit."""
-    overhead_us, gmacs, bandwidth, half = _unpack(theta)
+    overhead_us, gmacs, bandwidth, cache_bandwidth, half = _unpack(theta)
     rate = gmacs[d["kind"]] * np.where(d["gemm"], shape_efficiency(d["m"], d["n"], d["k"], half), 1.0)
-    traffic = d["traffic"][im2col]
-    bound_s, compute_bound = roofline_s(d["work"], rate, traffic, bandwidth, overlap)
+    compute = d["work"] / (rate * 1e9)
+    act, act_cached, weights = d["act"][im2col], d["act_cached"][im2col], d["weights"]
+    memory = memory_s(act, weights, act_cached, d["weights_cached"], bandwidth, cache_bandwidth)
+    bound_s, compute_bound = roofline_s(compute, memory, overlap)
     seconds = overhead_us[d["kind"]] * 1e-6 + bound_s
     if not jacobian:
         return seconds, None
-    compute, memory = d["work"] / (rate * 1e9), traffic / (bandwidth * 1e9)
     to_compute = np.where(compute_bound, 1.0, 1.0 - overlap)     # d seconds / d compute time
     to_memory = np.where(compute_bound, 1.0 - overlap, 1.0)
-    n_kinds, n_compute = len(KINDS), len(COMPUTE_KINDS)
     cols = np.zeros((len(seconds), len(theta)))
     cols[np.arange(len(seconds)), d["kind"]] = overhead_us[d["kind"]] * 1e-6
     for j, kind in enumerate(COMPUTE_KINDS):
         mine = d["kind"] == KINDS.index(kind)
-        cols[mine, n_kinds + j] = -(compute * to_compute)[mine]
-    cols[:, n_kinds + n_compute] = -memory * to_memory
+        cols[mine, N_KINDS + j] = -(compute * to_compute)[mine]
+    cached = act * act_cached + weights * d["weights_cached"]
+    cols[:, BANDWIDTH] = -(act + weights - cached) / (bandwidth * 1e9) * to_memory
+    cols[:, CACHE_BANDWIDTH] = -cached / (cache_bandwidth * 1e9) * to_memory
     for j, dim in enumerate(SHAPE_KEYS):
         h = half[dim]
-        cols[:, n_kinds + n_compute + 1 + j] = np.where(d["gemm"], compute * to_compute * h / (d[dim] + h), 0.0)
+        cols[:, HALF + j] = np.where(d["gemm"], compute * to_compute * h / (d[dim] + h), 0.0)
     return seconds, cols
 
 
@@ -239,52 +260,64 @@ def _log_residuals(d: dict, measured: np.ndarray, overlap: float, im2col: bool):
     return residuals, jacobian
 
 
-def fit(networks, traces=None) -> dict:
-    """The profile numbers minimizing the log error over the measured networks, trying each roofline form."""
+def fit(networks, cache_kb: float, traces=None) -> dict:
+    """The profile numbers minimizing the log error over the measured networks, trying each roofline form;
+    `cache_kb` is the device's on-chip memory (its bandwidth is fitted, its size is the hardware's)."""
     from scipy.optimize import least_squares
 
     measured = np.array([ms for _, _, ms in networks])
     traces = traces or traced(networks)
-    theta0 = np.log(np.concatenate([np.full(len(KINDS), 5.0), np.full(len(COMPUTE_KINDS), 50.0), [20.0],
-                                    np.full(len(SHAPE_KEYS), 1.0)]))
-    lower = np.log(np.concatenate([np.full(len(KINDS), 1e-3), np.full(len(COMPUTE_KINDS), 1e-2), [1e-2],
-                                   np.full(len(SHAPE_KEYS), 1e-2)]))
-    upper = np.log(np.concatenate([np.full(len(KINDS), 1e5), np.full(len(COMPUTE_KINDS), 1e7), [1e5],
-                                   np.full(len(SHAPE_KEYS), 1e4)]))
-    best = None
-    designs = {}
+    start, low, high = (np.log(np.concatenate([np.full(N_KINDS, o), np.full(N_COMPUTE, g), [b, b], np.full(len(SHAPE_KEYS), h)]))
+                        for o, g, b, h in ((5.0, 50.0, 20.0, 1.0), (1e-3, 1e-2, 1e-2, 1e-2), (1e5, 1e7, 1e5, 1e4)))
+    best, designs = None, {}
     for overlap, im2col, multiple in itertools.product(*FORMS.values()):
         if multiple not in designs:
-            designs[multiple] = design(traces, multiple)
+            designs[multiple] = design(traces, multiple, cache_kb)
         d = designs[multiple]
         residuals, jacobian = _log_residuals(d, measured, overlap, im2col)
-        result = least_squares(residuals, theta0, jac=jacobian, bounds=(lower, upper), x_scale="jac",
-                               ftol=1e-6, xtol=1e-6)
+        result = least_squares(residuals, start, jac=jacobian, bounds=(low, high), x_scale="jac", ftol=1e-6, xtol=1e-6)
         if best is None or result.cost < best[0]:
             best = (result.cost, {"overlap": overlap, "im2col": im2col, "channel_multiple": multiple}, result.x, d)
     _, form, theta, d = best
     errors = np.abs(predict_ms(theta, d, form["overlap"], form["im2col"]) / measured - 1)
     used = {KINDS[k] for k in np.unique(d["kind"])}
-    overhead_us, gmacs, bandwidth, half = _unpack(theta)
+    overhead_us, gmacs, bandwidth, cache_bandwidth, half = _unpack(theta)
     return {"overhead_us": {k: float(overhead_us[i]) for i, k in enumerate(KINDS) if k in used},
             "throughput_gmacs": {k: float(gmacs[KINDS.index(k)]) for k in COMPUTE_KINDS if k in used},
-            "bandwidth_gbs": bandwidth, "gemm_half": {k: float(v) for k, v in half.items()}, **form,
+            "bandwidth_gbs": bandwidth, "cache_kb": cache_kb, "cache_bandwidth_gbs": cache_bandwidth if cache_kb else 0.0,
+            "gemm_half": {k: float(v) for k, v in half.items()}, **form,
             "median_error": float(np.median(errors)), "within_20pct": float(np.mean(errors <= 0.2))}
 
 
+def cache_kb(device: str) -> float:
+    """The device's last-level cache in KB (Linux sysfs for the CPU, torch for a CUDA GPU; 0 when unknown)."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).L2_cache_size / 1024
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(float(text[:-1]) * (1024 if text.endswith("M") else 1) if text[-1] in "KM" else float(text) / 1024)
+    return max(sizes, default=0.0)
+
+
 def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed: int = 0,
-              threads: int = DEFAULT_THREADS) -> HardwareProfile:
-    """Time random networks on `device` with `threads` torch threads; return a fitted profile (no file written)."""
+              threads: int = DEFAULT_THREADS, clock: str | None = None) -> HardwareProfile:
+    """Time random networks on `device` with `threads` torch threads; return a fitted profile (no file written).
+
+    clock: "cpu" (the default with one thread on the CPU: the timing thread's CPU time, which other work on a
+    shared machine does not inflate) or "wall" (elapsed time; the default otherwise), see measure_latency_ms."""
     if device == "cuda" and not torch.cuda.is_available():
         raise AutocompressError("calibrating on device 'cuda' needs a CUDA GPU, and torch sees none here")
     if device not in ("cpu", "cuda"):
         raise AutocompressError(f"calibration device {device!r} is not allowed; allowed: cpu, cuda")
+    clock = clock or ("cpu" if device == "cpu" and threads == 1 else "wall")
     start = time.perf_counter()
     _settle(device)
     networks = list(measure_networks(40 if quick else 120, 10 if quick else 30, seed, device,
-                                     threads if device == "cpu" else None))
-    profile = fitted_profile(fit(networks), name, device, threads)
-    profile.calibration.update(networks=len(networks), seed=seed, seconds=round(time.perf_counter() - start, 1))
+                                     threads if device == "cpu" else None, clock))
+    profile = fitted_profile(fit(networks, cache_kb(device)), name, device, threads)
+    profile.calibration.update(networks=len(networks), seed=seed, clock=clock,
+                               seconds=round(time.perf_counter() - start, 1))
     return profile
 
 
@@ -301,6 +334,8 @@ def fitted_profile(fitted: dict, name: str, device: str = "cpu", threads: int | 
         peak_gmacs={"fp32": peak},
         efficiency={k: _sig(tp.get(k, peak) / peak) for k in COMPUTE_KINDS},
         bandwidth_gbs=_sig(fitted["bandwidth_gbs"]),
+        cache_kb=fitted["cache_kb"],
+        cache_bandwidth_gbs=_sig(fitted["cache_bandwidth_gbs"]) if fitted["cache_kb"] else 0.0,
         overhead_us={k: overhead.get(k, overhead.get("act", 1.0)) for k in KINDS},
         energy={**HOROWITZ_ENERGY, "static_w": 10.0},
         overlap=fitted["overlap"],

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..errors import AutocompressError
+
 
 DEFAULT_THREADS = 1  # one intra-op thread: on small shared machines two threads time bimodally (1x or 2.3x)
 
@@ -27,44 +29,37 @@ def fixed_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+CLOCKS = ("wall", "cpu")
+
+
 @torch.no_grad()
 def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 30, warmup: int = 5,
-                       threads: int | None = DEFAULT_THREADS) -> float:
-    """Median wall time of one forward pass in milliseconds (eval mode, no grad, fixed thread count); on a CUDA
-    input each pass is timed up to the GPU's completion."""
+                       threads: int | None = DEFAULT_THREADS, clock: str = "wall") -> float:
+    """Median time of one forward pass in milliseconds (eval mode, no grad, fixed thread count).
+
+    clock "wall": elapsed time (on a CUDA input, up to the GPU's completion). clock "cpu": the CPU time of
+    the calling thread, which with one torch thread is where all the work runs: on a machine shared with
+    other work it leaves out the time the thread waited for a core (what the load adds to wall time),
+    and on a quiet machine it equals the wall time."""
+    if clock not in CLOCKS:
+        raise AutocompressError(f"clock {clock!r} is not allowed; allowed: {', '.join(CLOCKS)}")
+    if clock == "cpu" and (example_input.is_cuda or threads != 1):
+        raise AutocompressError("clock 'cpu' times one torch thread on the CPU; use clock 'wall' with "
+                                f"threads={threads} on {example_input.device}")
     model = model.eval()
     sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
+    now = time.thread_time if clock == "cpu" else time.perf_counter
     with fixed_threads(threads):
         for _ in range(warmup):
             model(example_input)
         times = []
         for _ in range(repeats):
             sync()
-            start = time.perf_counter()
+            start = now()
             model(example_input)
             sync()
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
     return statistics.median(times) * 1e3
-
-
-def wait_until_quiet(max_load: float, timeout_s: float = 3600.0, poll_s: float = 5.0) -> bool:
-    """Wait until the machine's 1-minute load average is below `max_load` (other work would disturb the
-    timings); False when `timeout_s` passes first. Unix only: elsewhere it returns at once."""
-    import os
-
-    if not hasattr(os, "getloadavg"):
-        return True
-    end = time.monotonic() + timeout_s
-    while os.getloadavg()[0] >= max_load:
-        if time.monotonic() > end:
-            return False
-        time.sleep(poll_s)
-    return True
-
-
-def count_params(model: nn.Module) -> int:
-    """Parameters counted independently of the cost model (each tensor once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 @torch.no_grad()

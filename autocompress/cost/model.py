@@ -6,13 +6,16 @@ sparsity and codebooks from the metadata each compressed module carries (compres
 Latency of one op (or of one fused group, see fusion.py) is a roofline plus a fixed overhead:
 
     compute = work / (peak_gmacs[dtype] x efficiency[kind] x shape efficiency)
-    memory  = (activations in and out + weights [+ im2col unfold]) / bandwidth
+    memory  = activations in and out [+ im2col unfold] / their bandwidth + weights / theirs
     latency = overhead[kind] + max(compute, memory) + (1 - overlap) x min(compute, memory)
 
 `dtype` is the narrowest one the profile supports that holds the layer's weight and activation bits;
 `work` is the MACs with channels padded to the profile's `channel_multiple`, and only the non-zero
 weights' MACs where the profile skips zeros (`sparse`); the shape efficiency m/(m + m_half) x ...
-makes small GEMMs (few output channels, pixels or reduction terms) slower per MAC. The model's
+makes small GEMMs (few output channels, pixels or reduction terms) slower per MAC. Memory has two
+levels: feature maps that fit in the on-chip memory (`cache_kb`) move at its bandwidth, and so do
+the weights of a model whose weights all fit (they stay there between inferences); everything else
+moves at the main-memory bandwidth. The model's
 latency is the sum over ops: single-stream, batch-1 inference. A lower bit-width therefore speeds a
 layer up only where the profile has a narrower dtype, and sparsity only where it skips zeros.
 
@@ -107,11 +110,24 @@ def shape_efficiency(m, n, k, half: dict) -> np.ndarray:
     return eff
 
 
-def roofline_s(work, rate_gmacs, traffic, bandwidth_gbs: float, overlap: float):
+def roofline_s(compute_s, memory_s, overlap: float):
     """(seconds, compute-bound?) per op: compute against memory time, overlapping by `overlap`."""
-    compute = work / (rate_gmacs * 1e9)
-    memory = traffic / (bandwidth_gbs * 1e9)
-    return np.maximum(compute, memory) + (1.0 - overlap) * np.minimum(compute, memory), compute >= memory
+    return np.maximum(compute_s, memory_s) + (1.0 - overlap) * np.minimum(compute_s, memory_s), compute_s >= memory_s
+
+
+def on_chip(act_bytes, weight_bytes, cache_kb: float) -> tuple[np.ndarray, bool]:
+    """Which traffic the on-chip memory serves: per op, feature maps that fit in it; and the weights, when the
+    whole model's weights fit (they then stay between inferences; a model that does not fit streams them)."""
+    size = cache_kb * 1024
+    return np.asarray(act_bytes) <= size, bool(size) and float(np.sum(weight_bytes)) <= size
+
+
+def memory_s(act_bytes, weight_bytes, act_cached, weights_cached, bandwidth_gbs: float, cache_bandwidth_gbs: float):
+    """Seconds of memory traffic per op: each byte at the bandwidth of the memory level that serves it."""
+    cache = cache_bandwidth_gbs or bandwidth_gbs
+    act_bw = np.where(act_cached, cache, bandwidth_gbs)
+    w_bw = np.where(weights_cached, cache, bandwidth_gbs)
+    return (act_bytes / act_bw + weight_bytes / w_bw) / 1e9
 
 
 def op_table(graph, flow: Flow, profile: HardwareProfile) -> pd.DataFrame:
@@ -212,13 +228,17 @@ def price(table: pd.DataFrame, profile: HardwareProfile) -> pd.DataFrame:
 
     act_bytes = group_sum("in_bytes") + group_sum("out_bytes") + table["unfold_bytes"].to_numpy(float) * (
         is_anchor & profile.im2col)
-    traffic = act_bytes + group_sum("w_bytes")
+    w_bytes = group_sum("w_bytes")
+    act_cached, weights_cached = on_chip(act_bytes, w_bytes, profile.cache_kb)
     kinds = table["kind"].to_numpy()
     rate = np.array([profile.peak_gmacs[d] * profile.efficiency.get(k, 1.0) for d, k in zip(table["dtype"], kinds)])
     rate = rate * np.where(np.isin(kinds, GEMM_KINDS), shape_efficiency(
         table["m"].to_numpy(float), table["n"].to_numpy(float), table["k"].to_numpy(float), profile.gemm_half), 1.0)
-    bound_s, compute_bound = roofline_s(table["work"].to_numpy(float) * is_anchor, rate, traffic,
-                                        profile.bandwidth_gbs, profile.overlap)
+    bound_s, compute_bound = roofline_s(
+        table["work"].to_numpy(float) * is_anchor / (rate * 1e9),
+        memory_s(act_bytes, w_bytes, act_cached, weights_cached, profile.bandwidth_gbs, profile.cache_bandwidth_gbs),
+        profile.overlap)
+    traffic = act_bytes + w_bytes
     real = (kinds != "param") & is_anchor
     latency_s = np.where(real, bound_s + np.array([profile.overhead_for(k) for k in kinds]) * 1e-6, 0.0)
     e = profile.energy

@@ -23,8 +23,8 @@ FUSION_ANCHORS = ("conv", "linear", "add")
 FUSION_MEMBERS = ("bn", "relu", "act", "add")
 SHAPE_KEYS = ("m", "n", "k")
 REQUIRED = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
-OPTIONAL = ("description", "sparse", "fuses", "overlap", "im2col", "channel_multiple", "gemm_half", "threads",
-            "device", "calibration")
+OPTIONAL = ("description", "cache_kb", "cache_bandwidth_gbs", "sparse", "fuses", "overlap", "im2col",
+            "channel_multiple", "gemm_half", "threads", "device", "calibration")
 
 
 @dataclass
@@ -35,7 +35,11 @@ class HardwareProfile:
                       (fp32, fp16, int16, int8, int4); a layer runs in the narrowest one that holds
                       both its weight and its activation bits, else in the widest one there is
     efficiency:       fraction of that peak real kernels reach, per op kind
-    bandwidth_gbs:    effective memory bandwidth in GB/s
+    bandwidth_gbs:    effective main-memory (DRAM, or host-link) bandwidth in GB/s
+    cache_kb:         on-chip memory (last-level cache, weight SRAM) keeping data between ops and inferences:
+                      feature maps that fit move at cache_bandwidth_gbs, and so do the weights of a model
+                      whose weights all fit; the rest at bandwidth_gbs. 0: one memory level
+    cache_bandwidth_gbs: bandwidth of that on-chip memory in GB/s
     overhead_us:      fixed cost of one op (of a fused group) in microseconds: one number, or per op kind
     energy:           mac_pj by bit-width, dram_pj_per_byte, sram_pj_per_byte, static_w
     sparse:           zero weights are skipped (compute and weight traffic scale with the non-zeros)
@@ -57,6 +61,8 @@ class HardwareProfile:
     energy: dict
     sparse: bool = False
     description: str = ""
+    cache_kb: float = 0.0
+    cache_bandwidth_gbs: float = 0.0
     fuses: tuple = ()
     overlap: float = 1.0
     im2col: bool = False
@@ -82,7 +88,8 @@ class HardwareProfile:
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "description": self.description, "peak_gmacs": self.peak_gmacs,
-               "efficiency": self.efficiency, "bandwidth_gbs": self.bandwidth_gbs, "overhead_us": self.overhead_us,
+               "efficiency": self.efficiency, "bandwidth_gbs": self.bandwidth_gbs, "cache_kb": self.cache_kb,
+               "cache_bandwidth_gbs": self.cache_bandwidth_gbs, "overhead_us": self.overhead_us,
                "energy": self.energy, "sparse": self.sparse, "fuses": ["+".join(p) for p in self.fuses], "overlap": self.overlap,
                "im2col": self.im2col, "channel_multiple": self.channel_multiple, "gemm_half": self.gemm_half,
                "device": self.device}
@@ -106,6 +113,12 @@ class HardwareProfile:
         _positive_map(data["peak_gmacs"], DTYPES, f"{where} peak_gmacs")
         _positive_map(data["efficiency"], KINDS, f"{where} efficiency")
         _positive_number(data["bandwidth_gbs"], f"{where} bandwidth_gbs")
+        cache_kb, cache_bw = data.get("cache_kb", 0), data.get("cache_bandwidth_gbs", 0)
+        _positive_number(cache_kb, f"{where} cache_kb", allow_zero=True)
+        _positive_number(cache_bw, f"{where} cache_bandwidth_gbs", allow_zero=True)
+        if bool(cache_kb) != bool(cache_bw):
+            raise AutocompressError(f"hardware profile {where} gives cache_kb = {cache_kb!r} and cache_bandwidth_gbs = "
+                                    f"{cache_bw!r}; give both (an on-chip memory) or neither")
         overhead = data["overhead_us"]
         if isinstance(overhead, dict):
             _positive_map(overhead, KINDS, f"{where} overhead_us", allow_zero=True)
@@ -129,9 +142,9 @@ class HardwareProfile:
             raise AutocompressError(f"hardware profile {where} device = {device!r}; allowed: cpu, cuda")
         return cls(str(data["name"]), dict(data["peak_gmacs"]), dict(data["efficiency"]), float(data["bandwidth_gbs"]),
                    overhead, _energy(data["energy"], where), _flag(data, "sparse", where),
-                   str(data.get("description", "")), _fusions(data.get("fuses") or [], where), float(overlap),
-                   _flag(data, "im2col", where), multiple, {k: float(v) for k, v in gemm_half.items()}, threads,
-                   device, dict(data.get("calibration") or {}))
+                   str(data.get("description", "")), float(cache_kb), float(cache_bw),
+                   _fusions(data.get("fuses") or [], where), float(overlap), _flag(data, "im2col", where), multiple,
+                   {k: float(v) for k, v in gemm_half.items()}, threads, device, dict(data.get("calibration") or {}))
 
 
 def _energy(energy, where: str) -> dict:
