@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress as ac
 from autocompress.compress.student import TECHNIQUE as STUDENT
-from autocompress.evaluate import Evaluator
+from autocompress.evaluate import Evaluator, accuracy
 from autocompress.space import SearchSpace
 from autocompress.students import supernet
 from autocompress.students.build import Student, build
@@ -44,6 +44,11 @@ def small_data():
     return train, DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=128)
 
 
+@pytest.fixture(scope="module")
+def digits_graph(digits_model, digits_input):
+    return ac.analyze(digits_model, digits_input)
+
+
 def quick_judge(data):
     return Evaluator(*data, recal_batches=1)
 
@@ -75,10 +80,10 @@ def test_a_knob_the_block_type_lacks_is_refused_before_any_work(tmp_path, digits
 
 
 @pytest.mark.parametrize("name", ["mobilenet", "squeezenet", "efficientnet"])
-def test_builtin_student_spaces_bind_to_stages_and_fit_any_teacher(name, digits_model, digits_input):
+def test_builtin_student_spaces_bind_to_stages_and_fit_any_teacher(name, digits_model, digits_input, digits_graph):
     import torchvision
 
-    bound = SearchSpace.load(name).bind(ac.analyze(digits_model, digits_input))
+    bound = SearchSpace.load(name).bind(digits_graph)
     assert {k.technique for k in bound.knobs} == {"student"}
     assert all(set(t) <= {f"stage{i}" for i in range(1, 6)} for k in bound.knobs for t in [k.targets])
     for fraction in (0.0, 1.0):
@@ -106,8 +111,8 @@ def test_a_teacher_without_class_scores_gets_a_clear_error(digits_input):
 
 
 def test_supernet_is_trained_once_cached_and_students_inherit_exactly_its_slices(
-        tmp_path, cache, digits_model, digits_input, small_data):
-    bound = SearchSpace.load(write(tmp_path, TINY.format(block="mbconv"))).bind(ac.analyze(digits_model, digits_input))
+        tmp_path, cache, digits_model, digits_input, digits_graph, small_data):
+    bound = SearchSpace.load(write(tmp_path, TINY.format(block="mbconv"))).bind(digits_graph)
     said = []
     key = supernet.prepare(bound, digits_model, digits_input, small_data[0], log=said.append)
     assert (cache / f"{key}.pt").exists() and any("trained" in s for s in said)
@@ -142,7 +147,7 @@ def test_students_share_the_front_with_compressed_models_and_rebuild_from_their_
     text = TINY.format(block="fire").replace("separate: [1, 0]", "separate: [1, 0]\n    bypass: [0, 1]") + \
         "  prune:\n    keep: [0.5, 1.0]\n    granularity: global\n"
     result = ac.compress(digits_model, digits_input, data=small_data, evaluator=quick_judge(small_data),
-                         space=write(tmp_path, text), trials=4, sampler="random", budgets={"size": 0.9}, progress=False)
+                         space=write(tmp_path, text), trials=3, sampler="random", budgets={"size": 0.9}, progress=False)
     trials = result.trials
     assert set(trials["origin"]) == {"student", "compressed"}
     for number, row in trials.iterrows():
@@ -155,6 +160,12 @@ def test_students_share_the_front_with_compressed_models_and_rebuild_from_their_
         if row["feasible"]:
             assert 0.0 <= row["accuracy"] <= 1.0
     assert set(result.pareto["origin"]) <= {"student", "compressed"}
+    student = trials[(trials["origin"] == "student") & trials["accuracy"].notna()].index[0]
+    expected = accuracy(result.model(student), small_data[1])
+    assert expected == trials.loc[student, "accuracy"]  # rebuilt from its policy, judged as in the search
+    for fmt, suffix in (("state_dict", "pt"), ("torchscript", "ts.pt"), ("onnx", "onnx")):
+        info = result.export(student, fmt, tmp_path / f"student.{suffix}", data=small_data)
+        assert info.accuracy == pytest.approx(expected, abs=1 / 128)  # the file, loaded on its own
 
 
 def test_an_infeasible_student_is_never_trained_or_judged(tmp_path, digits_model, digits_input):
@@ -167,6 +178,6 @@ def test_an_infeasible_student_is_never_trained_or_judged(tmp_path, digits_model
     assert (result.trials["origin"] == "student").all()
 
 
-def test_student_technique_knobs_are_its_stages_not_the_teachers_layers(digits_model, digits_input):
-    assert [t for t, _ in STUDENT.targets(ac.analyze(digits_model, digits_input))] == [
+def test_student_technique_knobs_are_its_stages_not_the_teachers_layers(digits_graph):
+    assert [t for t, _ in STUDENT.targets(digits_graph)] == [
         "stage1", "stage2", "stage3", "stage4", "stage5"]

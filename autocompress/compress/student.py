@@ -19,7 +19,7 @@ from ..students.blocks import ACTIVATIONS
 from ..students.build import DEFAULTS, STAGES, TEMPLATES, build
 from .base import Technique, set_meta
 
-SUPERNET_STEPS = 300
+SUPERNET_STEPS = 200  # about a minute or two on two idle cores for the built-in spaces on digits
 
 
 class Between:

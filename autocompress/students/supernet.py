@@ -292,9 +292,13 @@ def check_section(cfg: dict) -> None:
             users = [b for b, fields in FIELDS_OF.items() if field in fields]
             raise AutocompressError(f"student.{field} applies to {' and '.join(users)} blocks only; this space's "
                                     f"block is {block}")
-    if cfg.get("resolution", [1.0]) != [1.0] and cfg.get("granularity") != "global" and len(cfg["resolution"]) > 1:
+    resolution = cfg.get("resolution", [1.0])
+    if cfg.get("granularity") != "global" and not (isinstance(resolution, list) and len(resolution) == 1):
         raise AutocompressError(f"student.resolution is one value for the whole network; give the space "
                                 f"granularity: global, not {cfg.get('granularity')!r}")
+    steps = cfg.get("supernet_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise AutocompressError(f"student.supernet_steps = {steps!r} is not allowed; it must be an integer >= 0")
 
 
 def prepare(bound, teacher: nn.Module, example_input: torch.Tensor, train_loader, log=None) -> str | None:
@@ -323,6 +327,7 @@ def prepare(bound, teacher: nn.Module, example_input: torch.Tensor, train_loader
         bank = make_bank(sampler, example_input.shape, classes)
         train_bank(bank, sampler, teacher, train_loader, int(cfg["supernet_steps"]), example_input.shape, classes,
                    log=log)
+        bank["seconds"] = time.perf_counter() - start
         save(key, bank)
-        log(f"supernet trained in {time.perf_counter() - start:.0f} s")
+        log(f"supernet trained in {bank['seconds']:.0f} s")
     return key
