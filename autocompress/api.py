@@ -41,7 +41,8 @@ def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
 def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware="host", budgets=None,
              objectives=None, space="default", trials: int = 100, seed: int = 0, sampler: str = "nsga2",
              storage=None, study_name: str = "autocompress", evaluator: Callable | None = None,
-             progress: bool = True, model_spec: dict | None = None, finetune_steps: int = 0) -> Result:
+             progress: bool = True, model_spec: dict | None = None, finetune_steps: int = 0,
+             repair: bool = True) -> Result:
     """Search compressed versions of `model` within `budgets` and return every trial and the Pareto front.
 
     data: (train_loader, val_loader) for BN recalibration and accuracy, or None for a cost-only search.
@@ -53,11 +54,13 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
     model_spec: {"model_spec": ..., "checkpoint": ..., "data": ...} as `autocompress run` records it, which lets
         `autocompress worker` (or `work`) rebuild the problem on another machine.
     finetune_steps: fine-tune each candidate this many steps, distilling from `model` (built-in evaluator only).
+    repair: a sampled policy over budget is scaled toward the budget before it is evaluated (see repair.py).
     """
     _check_trials(trials)
     judge = make_evaluator(data, evaluator, finetune_steps, teacher=model)
     study, problem = _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler,
-                           storage, study_name, model_spec, finetune_steps, sampler_seed=seed, trials_hint=trials)
+                           storage, study_name, model_spec, finetune_steps, repair, sampler_seed=seed,
+                           trials_hint=trials)
     search.ask_trials(study, "run", trials)
     return _search(study, problem, progress)
 
@@ -91,7 +94,8 @@ def work(storage, study_name: str = "autocompress", trials: int = 10, progress: 
     spec = {k: config[k] for k in MODEL_SPEC_KEYS if k in config}
     study, problem = _open(model, example, judge, profile, config["budgets"], config["objectives"], space,
                            config["seed"], config["sampler"], storage, study_name, spec,
-                           config.get("finetune_steps", 0), sampler_seed=None, trials_hint=asked + trials)
+                           config.get("finetune_steps", 0), config.get("repair", True), sampler_seed=None,
+                           trials_hint=asked + trials)
     search.ask_trials(study, search.new_asker(), trials)
     return _search(study, problem, progress)
 
@@ -105,7 +109,7 @@ def _check_trials(trials) -> None:
 
 
 def _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler, storage, study_name,
-          model_spec, finetune_steps, sampler_seed, trials_hint):
+          model_spec, finetune_steps, repair, sampler_seed, trials_hint):
     """Validate the inputs, open (or create) the study with this problem's configuration, and return it with
     the Problem every trial needs. A new study gets the baseline and the warm-start policies."""
     if objectives is None:
@@ -125,7 +129,8 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     config = search.config_json({
         "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits, "hardware": profile.to_dict(),
         "space": search_space.to_dict(), "seed": seed, "sampler": sampler, "model": model_fingerprint(model),
-        "input_shape": list(example_input.shape), "finetune_steps": finetune_steps, **(model_spec or {}),
+        "input_shape": list(example_input.shape), "finetune_steps": finetune_steps, "repair": bool(repair),
+        **(model_spec or {}),
     })
     study = search.open_study(storage, study_name, objectives, config)
     study.sampler = search.make_sampler(sampler, search.seed_for(study, sampler_seed), trials_hint)
@@ -133,7 +138,7 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
         baseline["accuracy"] = _baseline_accuracy(judge, model)
         study.set_user_attr("baseline", baseline)
     search.enqueue_warm_start(study, bound)
-    return study, search.Problem(model, example_input, bound, profile, objectives, limits, judge)
+    return study, search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair))
 
 
 def _search(study, problem: search.Problem, progress: bool) -> Result:

@@ -36,7 +36,7 @@ def _run(args) -> None:
     result = api.compress(model, example, data=loaders, hardware=args.hardware, budgets=budgets,
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
-                          progress=not args.no_progress, model_spec=spec)
+                          progress=not args.no_progress, model_spec=spec, repair=not args.no_repair)
     if args.trials == 0:  # the study alone, for workers to fill
         _print_joining(storage, args.study, result)
         return
@@ -204,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
                                        "journal:PATH (processes on one machine), postgresql://... or mysql://... "
                                        "(many machines); with --trials 0 only creates the study, for workers")
     run.add_argument("--study", default="autocompress", help="study name inside the storage")
+    run.add_argument("--no-repair", action="store_true", help="evaluate sampled policies as sampled: do not scale "
+                                                              "those over budget toward the budget first")
     run.add_argument("--out", help="output folder (default runs/<timestamp>); the same folder resumes")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_run)

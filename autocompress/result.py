@@ -16,7 +16,7 @@ from .errors import AutocompressError
 from .space import Policy
 
 COLUMNS = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state", "origin",
-           "policy", "error", "duration_s"]
+           "policy", "error", "duration_s", "repair"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -31,7 +31,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                    feasible=bool(a.get("feasible", False)) and t.state == TrialState.COMPLETE)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["number"] + COLUMNS).set_index("number")
-    for c in ("accuracy", "latency_ms", "energy_mj", "size_kb", "duration_s"):
+    for c in ("accuracy", "latency_ms", "energy_mj", "size_kb", "duration_s", "repair"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
     for c in ("macs", "params"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")

@@ -1,8 +1,8 @@
 """The Optuna study: sampler, budgets as constraints, a target shared by any number of workers, faults.
 
-Per trial: sample a policy, apply it, price the compressed module with the cost model; a candidate
-over budget is recorded as infeasible without spending an accuracy evaluation; the rest are judged
-by the evaluator. Every metric is stored as a trial user attribute, so the study alone is enough to
+Per trial: sample a policy, scale it toward the budgets if the cost model prices it over them
+(repair.py), apply it, price the compressed module; a candidate still over budget is recorded as
+infeasible without spending an accuracy evaluation; the rest are judged by the evaluator. Every metric is stored as a trial user attribute, so the study alone is enough to
 rebuild results (and every model, from its policy).
 
 Many processes may work on one study (see storage.py for where it can live). What keeps them honest:
@@ -47,6 +47,7 @@ from .compress import apply
 from .cost.model import estimate
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
+from .repair import repair
 from .space import BoundSpace
 
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -68,6 +69,7 @@ class Problem:
     objectives: tuple[str, ...]
     limits: dict[str, float]
     evaluator: Callable | None
+    repair: bool = True  # scale over-budget samples toward the budget before evaluating them (repair.py)
 
 
 def check_sampler(name: str) -> None:
@@ -261,7 +263,7 @@ def run_trial(study: optuna.Study, problem: Problem, goal: int, say: Callable[[s
             if _live(study) > goal:
                 _release(study, trial)
                 return "surplus"
-            policy = _claim_policy(study, trial, problem.bound)
+            policy = _claim_policy(study, trial, problem)
             return "duplicate" if policy is None else _evaluate(study, trial, problem, policy, say)
         except KeyboardInterrupt:
             _release(study, trial)  # back to the queue: a resumed search evaluates the same policy
@@ -272,10 +274,14 @@ def run_trial(study: optuna.Study, problem: Problem, goal: int, say: Callable[[s
             return "lost"
 
 
-def _claim_policy(study: optuna.Study, trial, bound: BoundSpace):
-    """The trial's policy, or None when another live trial holds the same one (this trial is then recorded
-    as a PRUNED duplicate, without its policy, so no policy is ever evaluated twice)."""
-    policy = bound.sample(trial)
+def _claim_policy(study: optuna.Study, trial, problem: Problem):
+    """The trial's policy (repaired toward the budgets when asked), or None when another live trial holds the
+    same one (this trial is then recorded as a PRUNED duplicate, without its policy, so no policy is ever
+    evaluated twice)."""
+    values = problem.bound.suggest(trial)
+    if problem.repair and problem.limits:
+        values = _repaired(trial, problem, values)
+    policy = problem.bound.policy(values)
     trial.set_user_attr("worker", WORKER)
     trial.set_user_attr("policy", policy.to_json())
     trial.set_user_attr("origin", "student" if "student" in policy else "compressed")
@@ -306,6 +312,23 @@ def _evaluate(study: optuna.Study, trial, problem: Problem, policy, say) -> str:
         trial.set_user_attr(key, value)
     _tell(study, trial, TrialState.COMPLETE, objective_values(metrics, problem.objectives))
     return "complete"
+
+
+def _repaired(trial, problem: Problem, values: dict) -> dict:
+    """Sampled values scaled to fit the budgets; the factor is recorded (1.0: fitted as sampled, None: nothing
+    fits). A policy that cannot be priced is left as sampled: its evaluation records the failure."""
+    def price(candidate: dict) -> dict:
+        model = apply(problem.model, problem.bound.policy(candidate), problem.example_input)
+        return estimate(model, problem.example_input, problem.profile).as_dict()
+
+    try:
+        values, factor = repair(problem.bound, values, price, problem.limits)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        return values
+    trial.set_user_attr("repair", factor)
+    return values
 
 
 class _FinishedElsewhere(Exception):

@@ -16,6 +16,7 @@ compression knobs alone (the other kind's knobs are sampled but unused).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -125,7 +126,11 @@ class BoundSpace:
         return {k.param: k.distribution for k in self.knobs}
 
     def sample(self, trial: optuna.Trial) -> Policy:
-        return self.policy({k.param: _suggest(trial, k) for k in self.knobs})
+        return self.policy(self.suggest(trial))
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        """Knob values (param -> value) sampled by the trial."""
+        return {k.param: _suggest(trial, k) for k in self.knobs}
 
     def policy(self, values: dict) -> Policy:
         """Expand knob values (param -> value) into a Policy; missing knobs take their identity value."""
@@ -157,6 +162,23 @@ class BoundSpace:
                 steps = round(fraction * (d.high - d.low) / d.step)
                 values[k.param] = d.low + steps * d.step
         return values
+
+
+    def scaled(self, values: dict, scale: float) -> dict:
+        """Every ordered knob moved toward its most compressed choice: relative position p -> scale x p
+        (0 = most compressed, 1 = none), rounded down to a choice. Knobs whose choices are names (block
+        type, activation, `kind`) are left as they are: they have no order."""
+        out = dict(values)
+        for k in self.knobs:
+            d, value = k.distribution, values.get(k.param)
+            if isinstance(d, optuna.distributions.CategoricalDistribution):
+                if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices):
+                    continue
+                ordered = sorted(d.choices)
+                out[k.param] = ordered[math.floor(scale * ordered.index(value) + 1e-9)]
+            else:
+                out[k.param] = d.low + math.floor(scale * (value - d.low) / d.step + 1e-9) * d.step
+        return out
 
 
 def _suggest(trial: optuna.Trial, knob: Knob):

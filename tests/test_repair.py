@@ -1,0 +1,53 @@
+"""Budget-aware sampling: over-budget samples are scaled toward the budget before they are evaluated."""
+import optuna
+import pytest
+import torchvision
+
+import autocompress as ac
+from autocompress.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    import torch
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    return model, torch.randn(1, 3, 64, 64)
+
+
+def test_scaling_moves_ordered_knobs_toward_the_most_compressed_choice(digits_model, digits_input):
+    space = SearchSpace("t", {"prune": {"keep": [0.25, 0.5, 0.75, 1.0]},
+                              "quantize": {"weight_bits": [4, 8, 32], "granularity": "global"}})
+    bound = space.bind(ac.analyze(digits_model, digits_input))
+    top = bound.uniform(1.0)
+    assert bound.scaled(top, 1.0) == top
+    assert bound.scaled(top, 0.0) == bound.uniform(0.0)
+    half = bound.scaled(top, 0.5)
+    assert {half[k.param] for k in bound.knobs if k.technique == "prune"} == {0.5}  # index 3 -> floor(1.5) = 1
+    assert {half[k.param] for k in bound.knobs if k.technique == "quantize"} == {8}
+    low = {k.param: (0.25 if k.technique == "prune" else 4) for k in bound.knobs}
+    assert bound.scaled(low, 0.7) == low  # never less compressed than sampled
+
+
+def test_repair_makes_most_evaluated_candidates_feasible_at_half_the_latency(resnet):
+    model, x = resnet
+    rates = {}
+    for repair in (False, True):
+        result = ac.compress(model, x, budgets={"latency": 0.5}, objectives=("latency_ms", "size_kb"), trials=12,
+                             sampler="random", seed=3, progress=False, repair=repair)
+        trials = result.trials
+        rates[repair] = trials["feasible"].mean()
+        assert (trials["latency_ms"][trials["feasible"]] <= result.limits["latency_ms"] * (1 + 1e-9)).all()
+        if repair:  # the recorded factor: 1 where the sample fitted as it was, below 1 where it was scaled
+            scaled = trials[trials["repair"] < 1]
+            assert len(scaled) > 0 and scaled["feasible"].all()
+        else:
+            assert trials["repair"].isna().all()
+    assert rates[True] >= 0.9 > rates[False]
+
+
+def test_a_budget_nothing_can_meet_leaves_the_sample_as_it_was(resnet):
+    model, x = resnet
+    result = ac.compress(model, x, budgets={"latency": 0.001}, objectives=("latency_ms", "size_kb"), trials=3,
+                         sampler="random", seed=0, progress=False)
+    assert not result.trials["feasible"].any() and result.trials["repair"].isna().all()
