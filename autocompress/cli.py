@@ -13,8 +13,6 @@ DEFAULT_BUDGETS = ["latency=60%", "size=30%"]
 
 
 def _run(args) -> None:
-    import torch
-
     from . import api, data as data_mod, models, report
     from .budgets import Budgets
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import operator
 import warnings
 from dataclasses import dataclass, field
 
@@ -184,7 +183,6 @@ def _own_params(m: nn.Module) -> int:
 def _fx_layers(model: nn.Module, example_input: torch.Tensor):
     """Every op of the fx graph with shapes from a real run; returns (layers, output layer names)."""
     import torch.fx
-    from torch.fx.passes.shape_prop import ShapeProp
 
     gm = torch.fx.symbolic_trace(model)
     values: dict[str, object] = {}

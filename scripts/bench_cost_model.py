@@ -31,7 +31,7 @@ import torchvision
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import autocompress as ac  # noqa: E402
 from autocompress.compress import TECHNIQUES  # noqa: E402
-from autocompress.cost.measure import measure_latency_ms, wait_until_quiet  # noqa: E402
+from autocompress.cost.measure import measure_latency_ms  # noqa: E402
 from autocompress.cost.profiles import load_profile  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1",
@@ -82,6 +82,16 @@ def candidates(name: str, n: int, seed: int):
             bound[res] = space().bind(ac.analyze(model, x))
         level = 1.0 if i == 0 else rng.uniform(0, 1)
         yield f"{name}/{i}", res, ac.apply(model, bound[res].policy(random_values(bound[res], rng, level)), x), x
+
+
+def wait_until_quiet(max_load: float, timeout_s: float = 120.0) -> bool:
+    """Wait until the 1-minute load average is below `max_load`; False if it stayed above for `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while os.getloadavg()[0] >= max_load:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(2.0)
+    return True
 
 
 def measure(model, x, threads: int, args) -> float:

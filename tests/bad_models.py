@@ -1,5 +1,4 @@
 """Model factories and data functions that misbehave on purpose, for the bad-input tests."""
-import torch
 from torch import nn
 
 

@@ -1,5 +1,4 @@
 """Budget-aware sampling: over-budget samples are scaled toward the budget before they are evaluated."""
-import optuna
 import pytest
 import torchvision
 

@@ -10,6 +10,7 @@ import autocompress as ac
 from autocompress.compress import share, storage
 from autocompress.compress.base import get_meta, layer_targets
 from autocompress.cost.model import size_bytes
+from autocompress.cost.pack import SYNC
 from autocompress.evaluate import compression_kept
 
 
@@ -67,16 +68,6 @@ def _huffman_lengths(counts):
     return lengths
 
 
-def test_huffman_size_is_the_optimal_prefix_code_length():
-    counts = [45, 13, 12, 16, 9, 5]  # the textbook example: 224 bits
-    assert share.huffman_bits(counts) == 224
-    counts = [1000, 3, 3, 40, 7, 1, 1, 200]
-    assert share.huffman_bits(counts) == sum(c * l for c, l in zip(counts, _huffman_lengths(counts)))
-    assert share.huffman_bits([7]) == 7 and share.huffman_bits([]) == 0
-    values = torch.tensor([0.5] * 90 + [-0.5] * 9 + [0.25])
-    assert share.huffman_bytes(values) == math.ceil((90 * 1 + 9 * 2 + 1 * 2) / 8) + 3  # stream + 3 code lengths
-
-
 def test_deep_compression_storage_is_sparse_values_index_and_huffman():
     w = torch.randn(8, 100)
     w[w.abs() < 1.0] = 0  # about 68% zeros
@@ -85,7 +76,9 @@ def test_deep_compression_storage_is_sparse_values_index_and_huffman():
     nonzero = w[w != 0]
     counts = torch.unique(nonzero, return_counts=True)[1].tolist()
     index = min(math.ceil(800 / 8), 4 * 9 + math.ceil(len(nonzero) * 7 / 8))  # bitmask vs CSR (7-bit columns)
-    expected = math.ceil(share.huffman_bits(counts) / 8) + len(counts) + index + 4 * 4
+    offsets = 4 * math.ceil(len(nonzero) / SYNC)  # where decoding can restart: one uint32 per SYNC codes
+    bits = sum(c * l for c, l in zip(counts, _huffman_lengths(counts)))
+    expected = math.ceil(bits / 8) + len(counts) + offsets + index + 4 * 4
     assert storage.weight_bytes(w, meta) == expected
     assert storage.weight_bytes(w, {**meta, "huffman": False}) == math.ceil(len(nonzero) * 2 / 8) + index + 16
 

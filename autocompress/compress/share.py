@@ -11,7 +11,6 @@ Compression.
 """
 from __future__ import annotations
 
-import heapq
 import math
 import warnings
 
@@ -53,26 +52,6 @@ def cluster(weight: torch.Tensor, bits: int, seed: int = 0) -> torch.Tensor:
     out = torch.zeros_like(weight)
     out[nonzero] = centres[_nearest(values, centres)]
     return out
-
-
-def huffman_bits(counts) -> int:
-    """Total bits of a stream with these symbol counts under an optimal Huffman code (one symbol: 1 bit each)."""
-    counts = [int(c) for c in counts if c > 0]
-    if len(counts) <= 1:
-        return sum(counts)
-    heapq.heapify(counts)
-    total = 0
-    while len(counts) > 1:
-        merged = heapq.heappop(counts) + heapq.heappop(counts)
-        total += merged  # every symbol under a merge gets one more bit
-        heapq.heappush(counts, merged)
-    return total
-
-
-def huffman_bytes(values: torch.Tensor) -> int:
-    """Bytes of `values` Huffman-coded: the coded stream plus a table of one code length byte per symbol."""
-    counts = torch.unique(values, return_counts=True)[1].tolist()
-    return math.ceil(huffman_bits(counts) / 8) + len(counts)
 
 
 def codebook_bytes(clusters: int, value_bits: int) -> int:

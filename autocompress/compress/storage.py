@@ -3,7 +3,8 @@
     stored values  the non-zeros when the layer is sparse, else every weight
     value codes    share_bits per value when shared (codebook index), else weight_bits (32: fp32,
                    16: fp16); Huffman-coded instead when `huffman` and the codes index a small
-                   alphabet (shared, or integer grids of < 16 bits): stream + code-length table
+                   alphabet (shared, or integer grids of < 16 bits): the bytes cost/pack.py writes
+                   (stream + code-length table + which codes occur + sync offsets)
     index          sparsity.index_bytes(mask): bitmask or CSR, whichever is smaller (sparse only)
     tables         shared: share.codebook_bytes(clusters, weight_bits); integer grids: one fp32
                    scale per output channel (quantize.scale_bytes)
@@ -23,6 +24,10 @@ def weight_bytes(weight: torch.Tensor, meta: dict) -> int:
     huffman = bool(meta.get("huffman")) and ("clusters" in meta or bits < 16)  # codes index a small alphabet
     if not meta.get("sparsity") and "clusters" not in meta and not huffman:
         return quantize.packed_bytes(weight.numel(), bits) + quantize.scale_bytes(weight, bits)
+    if huffman:  # a code's length depends on every code's frequency: count the packed file's own encoding
+        from ..cost.pack import encode_weight
+
+        return sum(len(section) for section in encode_weight(weight, meta)[1])
     w = weight.detach()
     mask = w != 0
     sparse = bool(meta.get("sparsity"))
@@ -32,5 +37,4 @@ def weight_bytes(weight: torch.Tensor, meta: dict) -> int:
         code_bits, tables = int(meta["share_bits"]), share.codebook_bytes(int(meta["clusters"]), bits)
     else:
         code_bits, tables = bits, quantize.scale_bytes(w, bits)
-    codes = share.huffman_bytes(values) if huffman else quantize.packed_bytes(values.numel(), code_bits)
-    return codes + index + tables
+    return quantize.packed_bytes(values.numel(), code_bits) + index + tables

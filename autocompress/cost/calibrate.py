@@ -1,6 +1,6 @@
 """Calibrate a hardware profile by timing real networks on this machine (its CPU, or its CUDA GPU).
 
-Small networks of varied shapes and block types (plain, residual and bottleneck convs, inverted
+Torchvision architectures not scored by the benchmark (ZOO) and small networks of varied shapes and block types (plain, residual and bottleneck convs, inverted
 residuals with squeeze-excitation, inception and fire branches joined by concatenation, MLPs, chains
 of one op, wide convs on few pixels whose weights overflow the caches) are built at random, timed (median of repeats) and traced into the same per-op table the
 cost model prices (model.op_table). The roofline's free numbers are then fitted so that the summed
@@ -9,7 +9,8 @@ large-GEMM throughputs, the bandwidth, the GEMM sizes at which kernels reach hal
 (`gemm_half`), and, by trying each, the roofline's form (`overlap`, `im2col`, `channel_multiple`).
 Timing whole networks, not isolated ops, captures how ops behave in context: caches, the framework's
 per-op cost. None of the networks is a model the benchmark scores (scripts/bench_cost_model.py).
-The size of the on-chip memory is the hardware's (the last-level cache), its bandwidth is fitted.
+The size of the on-chip memory is the hardware's, its bandwidth is fitted: on a CPU, the largest private cache
+of one core (L2; with one torch thread, the L3 is shared with other cores and, on a VM, other tenants).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from .measure import DEFAULT_THREADS, measure_latency_ms
 from .model import GEMM_KINDS, memory_s, on_chip, op_table, roofline_s, shape_efficiency
 from .profiles import KINDS, SHAPE_KEYS, HardwareProfile
 
-MODEL_VERSION = 3  # bump when the latency formula changes: cached host profiles are then re-fitted
-COMPUTE_KINDS = ("conv", "dwconv", "linear", "matmul")
+MODEL_VERSION = 4  # bump when the latency formula changes: cached host profiles are then re-fitted
+COMPUTE_KINDS = ("conv", "dwconv", "linear", "matmul", "pool")  # kinds with a fitted throughput (pool: reads/s)
 FORMS = {"overlap": (1.0, 0.5, 0.0), "im2col": (False, True), "channel_multiple": (1, 16)}
 HOROWITZ_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.065, 2: 0.02, 1: 0.01}, "dram_pj_per_byte": 80.0,
                    "sram_pj_per_byte": 1.25}
@@ -131,6 +132,8 @@ def random_network(rng: random.Random) -> tuple[nn.Module, torch.Tensor]:
     res = rng.choice([8, 14, 16, 28, 32, 48, 56, 64])
     width = rng.choice([8, 16, 24, 32, 40, 48, 64, 96, 128, 192, 256])
     width = min(width, max(8, 8 * (2 ** 13 // res ** 2)))  # about 50 MMACs per 3x3 conv at most: quick to time
+    if rng.random() < 0.5:  # a pruned model's widths are any number, not multiples of 8
+        width = max(4, width - rng.randint(1, 7))
     if kind == "single":  # chains of one op type: separates per-kind overheads that always co-occur elsewhere
         op = rng.choice(["conv", "dwconv", "norm", "act", "add", "pool"])
         x = torch.randn(1, width, res, res)
@@ -152,12 +155,32 @@ def random_network(rng: random.Random) -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(*layers).eval(), torch.randn(1, cin, res, res)
 
 
+# Real architectures too: random blocks alone miss how whole models use the caches (weights of deep stages that
+# stream from memory, pooling between stages). None of these is a model scripts/bench_cost_model.py scores, and
+# the resolutions differ from its 64 and 96 pixels.
+ZOO = ("resnet34", "resnet50", "mobilenet_v3_large", "shufflenet_v2_x0_5", "squeezenet1_0", "mnasnet1_0",
+       "regnet_y_400mf", "vgg11_bn", "densenet121", "efficientnet_b1")
+ZOO_RESOLUTIONS = (48, 80, 112)
+
+
+def zoo_networks(models=ZOO, per_model: int = 2):
+    """(model, input) of torchvision architectures (random weights), each at `per_model` of ZOO_RESOLUTIONS."""
+    import torchvision
+
+    for i, name in enumerate(models):
+        model = torchvision.models.get_model(name, weights=None).eval()
+        for j in range(per_model):
+            res = ZOO_RESOLUTIONS[(i + j) % len(ZOO_RESOLUTIONS)]
+            yield model, torch.randn(1, 3, res, res)
+
+
 def measure_networks(n: int, repeats: int, seed: int = 0, device: str = "cpu", threads: int | None = None,
-                     clock: str = "wall"):
-    """Yield (model, input, measured ms) for `n` random networks timed on `device`."""
+                     clock: str = "wall", zoo=()):
+    """Yield (model, input, measured ms) for `n` random networks, then those of the torchvision models `zoo`,
+    timed on `device`."""
     rng = random.Random(seed)
-    for _ in range(n):
-        model, x = random_network(rng)
+    networks = itertools.chain((random_network(rng) for _ in range(n)), zoo_networks(zoo, 1 if len(zoo) < 5 else 2))
+    for model, x in networks:
         model, x = model.to(device), x.to(device)
         ms = measure_latency_ms(model, x, repeats=repeats, threads=threads, clock=clock)
         yield model.cpu(), x.cpu(), ms
@@ -295,9 +318,18 @@ def cache_kb(device: str) -> float:
         return torch.cuda.get_device_properties(0).L2_cache_size / 1024
     sizes = []
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        if (f.parent / "shared_cpu_list").exists() and not _private(f.parent / "shared_cpu_list"):
+            continue
         text = f.read_text().strip()
         sizes.append(float(text[:-1]) * (1024 if text.endswith("M") else 1) if text[-1] in "KM" else float(text) / 1024)
     return max(sizes, default=0.0)
+
+
+def _private(shared_cpu_list: Path) -> bool:
+    """Whether a cache level belongs to one core (its sibling hyperthreads aside): shared_cpu_list like '0' or '0,1'
+    for SMT siblings is read as private only when it names a single CPU."""
+    text = shared_cpu_list.read_text().strip()
+    return "," not in text and "-" not in text
 
 
 def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed: int = 0,
@@ -314,7 +346,7 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
     start = time.perf_counter()
     _settle(device)
     networks = list(measure_networks(40 if quick else 120, 10 if quick else 30, seed, device,
-                                     threads if device == "cpu" else None, clock))
+                                     threads if device == "cpu" else None, clock, ZOO[:4] if quick else ZOO))
     profile = fitted_profile(fit(networks, cache_kb(device)), name, device, threads)
     profile.calibration.update(networks=len(networks), seed=seed, clock=clock,
                                seconds=round(time.perf_counter() - start, 1))

@@ -10,7 +10,7 @@ Latency of one op (or of one fused group, see fusion.py) is a roofline plus a fi
     latency = overhead[kind] + max(compute, memory) + (1 - overlap) x min(compute, memory)
 
 `dtype` is the narrowest one the profile supports that holds the layer's weight and activation bits;
-`work` is the MACs with channels padded to the profile's `channel_multiple`, and only the non-zero
+`work` is, for a pooling op, its window reads; otherwise the MACs with channels padded to the profile's `channel_multiple`, and only the non-zero
 weights' MACs where the profile skips zeros (`sparse`); the shape efficiency m/(m + m_half) x ...
 makes small GEMMs (few output channels, pixels or reduction terms) slower per MAC. Memory has two
 levels: feature maps that fit in the on-chip memory (`cache_kb`) move at its bandwidth, and so do
@@ -162,12 +162,23 @@ def _layer_facts(layer, profile: HardwareProfile) -> dict:
     elif layer.kind == "dwconv":
         channels = layer.module.out_channels
         work *= padded(channels, profile.channel_multiple) / channels
+    elif layer.kind == "pool":
+        work = pool_work(layer)
     stored, dense = _weight_bytes(layer, dtype, density)
     return {"name": layer.name, "kind": layer.kind, "type": layer.type, "out_shape": layer.out_shape,
             "macs": layer.macs, "params": layer.params, "weight_bits": wbits, "act_bits": abits, "dtype": dtype,
             "work": work, "m": m, "n": n, "k": k, "w_bytes": dense, "w_stored": stored,
             "unfold_bytes": _unfold_elements(layer) * DTYPE_BITS[dtype] / 8,
             "mac_bits": DTYPE_BITS[dtype], "exec_macs": layer.macs * density}
+
+
+def pool_work(layer) -> float:
+    """Window reads of a pooling op: output elements x window area for a fixed window, else every input once."""
+    kernel = getattr(layer.module, "kernel_size", None) if layer.module is not None else None
+    if kernel is None or isinstance(layer.module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return float(layer.in_numel)
+    kernel = kernel if isinstance(kernel, tuple) else (kernel,) * max(1, len(layer.out_shape) - 2)
+    return float(layer.out_numel * math.prod(kernel))
 
 
 def _weight_bytes(layer, dtype: str, density: float) -> tuple[float, float]:
