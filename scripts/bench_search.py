@@ -117,14 +117,14 @@ def baseline_job(job: tuple) -> list[dict]:
         keep, uniform = bisect(lambda r: ac.apply(model, bound.policy({bound.knobs[0].param: r}), x),
                                lambda m: ac.estimate(m, x, profile).latency_ms <= limit, 0.05, 1.0)
         macs = ac.estimate(uniform, x, profile).macs
-        _, tp_model = bisect(lambda r: torch_pruning(model, x, 1 - r),
-                             lambda m: ac.estimate(m, x, profile).macs <= macs, 0.05, 1.0)
-        for method, m in (("uniform", uniform), ("torch-pruning", tp_model)):
+        tp_keep, tp_model = bisect(lambda r: torch_pruning(model, x, 1 - r),
+                                   lambda m: ac.estimate(m, x, profile).macs <= macs, 0.05, 1.0)
+        for method, m, ratio in (("uniform", uniform, keep), ("torch-pruning", tp_model, tp_keep)):
             est = ac.estimate(m, x, profile)
             metrics = {"latency_ms": est.latency_ms, "size_kb": est.size_kb, "feasible": True,
                        "accuracy": judge(m) if judge else None}
             pt = points(pd.DataFrame([metrics]), full.as_dict(), objectives)[0]
-            rows.append({"problem": name, "target": target, "method": method, "keep": round(keep, 3),
+            rows.append({"problem": name, "target": target, "method": method, "keep": round(ratio, 3),
                          "x": pt[0], "y": pt[1], "accuracy": metrics["accuracy"], "latency_ms": est.latency_ms,
                          "size_kb": est.size_kb, "macs": est.macs})
     return rows
