@@ -80,7 +80,9 @@ class Result:
     @classmethod
     def from_study(cls, study: optuna.Study, base_model=None, example_input=None, prepare=None) -> "Result":
         """`prepare(model)`, when given, brings a rebuilt model to the state its accuracy was measured in."""
-        config = study.user_attrs["config"]
+        config = dict(study.user_attrs["config"])
+        if study.user_attrs.get("versions"):
+            config["versions"] = study.user_attrs["versions"]  # the environment that made the study
         return cls(trials_frame(study), study.user_attrs.get("baseline", {}), config, base_model, example_input,
                    prepare=prepare)
 

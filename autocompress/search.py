@@ -109,6 +109,9 @@ def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Stu
                                 f"{_first_line(exc)}") from None
     stored = study.user_attrs.get("config")
     if stored is None:
+        from .report import package_versions
+
+        study.set_user_attr("versions", package_versions())  # not part of config: a resumed study may upgrade
         study.set_user_attr("heartbeat_s", heartbeat)
         study.set_user_attr("config", config)
         with warnings.catch_warnings():

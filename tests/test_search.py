@@ -88,6 +88,7 @@ def test_save_and_load_round_trip(run, tmp_path, digits_input, search_data):
     with pytest.raises(ac.AutocompressError, match="no base model"):
         ac.Result.load(tmp_path).model(int(result.pareto.index[0]))
     again = ac.Result.load(tmp_path, model=DigitsResNet())  # the architecture; weights come from base_model.pt
+    assert again.config["versions"]["torch"] == torch.__version__.split("+")[0]  # what the run was made with
     pd.testing.assert_frame_equal(again.pareto.drop(columns=["policy"]), result.pareto.drop(columns=["policy"]),
                                   check_dtype=False)
     for n in result.pareto.index:
