@@ -18,6 +18,8 @@ def _run(args) -> None:
 
     if args.trials < 0:
         raise AutocompressError(f"--trials {args.trials} is not allowed; it must be 0 or more")
+    if args.finetune_steps < 0:
+        raise AutocompressError(f"--finetune-steps {args.finetune_steps} is not allowed; it must be 0 or more")
     start = time.perf_counter()
     model = models.load_model(args.model, args.checkpoint)
     example = _example_input(args, model)
@@ -34,7 +36,8 @@ def _run(args) -> None:
     result = api.compress(model, example, data=loaders, hardware=args.hardware, budgets=budgets,
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
-                          progress=not args.no_progress, model_spec=spec, repair=not args.no_repair)
+                          progress=not args.no_progress, model_spec=spec, repair=not args.no_repair,
+                          finetune_steps=args.finetune_steps)
     if args.trials == 0:  # the study alone, for workers to fill
         _print_joining(storage, args.study, result)
         return
@@ -202,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
                                        "journal:PATH (processes on one machine), postgresql://... or mysql://... "
                                        "(many machines); with --trials 0 only creates the study, for workers")
     run.add_argument("--study", default="autocompress", help="study name inside the storage")
+    run.add_argument("--finetune-steps", type=int, default=0, help="fine-tune every candidate this many steps, "
+                                                                   "distilling from the original model (needs data)")
     run.add_argument("--no-repair", action="store_true", help="evaluate sampled policies as sampled: do not scale "
                                                               "those over budget toward the budget first")
     run.add_argument("--out", help="output folder (default runs/<timestamp>); the same folder resumes")

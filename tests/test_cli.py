@@ -52,6 +52,7 @@ def test_run_writes_study_tables_models_and_config(tmp_path, capsys):
     (["--budget", "latency_ms=fast"], "not a number"),
     (["--objectives", "accuracy,beauty"], "unknown objective 'beauty'"),
     (["--trials", "-1"], "--trials -1 is not allowed"),
+    (["--finetune-steps", "-3"], "--finetune-steps -3 is not allowed"),
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
     (["--model", "torchvision:resnet999"], "unknown torchvision model 'resnet999'"),
     (["--model", "bad_models:shape_mismatch", "--input-shape", "1,3,8,8"], "forward fails on an example input"),
