@@ -206,6 +206,11 @@ def evaluate_policy(problem: Problem, policy) -> dict:
         if value is None or not math.isfinite(float(value)):
             raise AutocompressError(f"the evaluator returned {value!r}, not a finite number")
         metrics.update(outcome, accuracy=float(value))
+        # Judging may change what is stored (fine-tuning splices pruned weights back, moves shared values): the
+        # trial reports the model as judged, and is feasible only if that model still is.
+        metrics.update(estimate(model, problem.example_input, problem.profile).as_dict())
+        metrics["constraints"] = violations(metrics, problem.limits)
+        metrics["feasible"] = all(v <= 0 for v in metrics["constraints"])
     return metrics
 
 

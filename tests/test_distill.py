@@ -98,3 +98,17 @@ def test_data_free_evaluator_and_bad_steps(digits_model, digits_input, digits_da
     assert judge(model) > 0.9 and torch.equal(model.get_submodule(names[2]).act_range, ranges)
     with pytest.raises(AutocompressError, match="finetune_steps=-1"):
         make_evaluator(None, None, finetune_steps=-1)
+
+
+def test_a_fine_tuned_trial_reports_the_cost_of_the_model_as_judged(digits_model, digits_input, digits_data):
+    """Surgery may splice weights back and Huffman code lengths follow the values: the trial's size is that of the
+    fine-tuned model, which Result.model(n) rebuilds."""
+    space = ac.SearchSpace("dc", {"sparsity": {"density": [0.3], "granularity": "global"},
+                                  "share": {"bits": [3, 4], "huffman": True, "granularity": "global"}})
+    result = ac.compress(digits_model, digits_input, data=digits_data, space=space, trials=2, finetune_steps=3,
+                         sampler="random", seed=1, progress=False, objectives=("accuracy", "size_kb"))
+    done = result.trials[result.trials["state"] == "COMPLETE"]
+    assert len(done) == 2
+    for number, row in done.iterrows():
+        again = ac.estimate(result.model(number), digits_input)
+        assert again.size_kb == pytest.approx(row["size_kb"], rel=1e-9) and again.params == row["params"]
