@@ -30,6 +30,7 @@ import random
 import socket
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -310,7 +311,7 @@ def _evaluate(study: optuna.Study, trial, problem: Problem, policy, say) -> str:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # the study goes on; the trial is recorded as failed with its reason
-        reason = _first_line(exc)
+        reason = _first_line(exc) + _where(exc)
         trial.set_user_attr("error", f"{type(exc).__name__}: {reason}")
         _tell(study, trial, TrialState.FAIL)
         say(f"trial {trial.number} failed and is recorded as such: {reason}")
@@ -446,6 +447,18 @@ def config_json(config: dict) -> dict:
 
 def _shown(storage) -> str:
     return storages.hide_password(storage) if isinstance(storage, str) else type(storage).__name__
+
+
+def _where(exc: Exception) -> str:
+    """' (at module.py:line)': the innermost frame of this package an unexpected error came from, so that a
+    failed trial says where without a traceback; empty for our own errors, which name the bad value."""
+    if isinstance(exc, AutocompressError):
+        return ""
+    ours = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}autocompress{os.sep}" in f.filename]
+    if not ours:
+        return ""
+    frame = ours[-1]
+    return f" (at {frame.filename.split(f'{os.sep}autocompress{os.sep}', 1)[1]}:{frame.lineno})"
 
 
 def _first_line(exc: Exception) -> str:
