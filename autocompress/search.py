@@ -49,10 +49,11 @@ from .cost.model import estimate
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
 from .repair import repair
-from .space import BoundSpace
+from .space import KIND, STUDENT, BoundSpace
 
 SAMPLERS = ("nsga2", "tpe", "random")
 WARM_START = (0.25, 0.5, 0.75)  # uniform policies tried first: the front never loses to uniform compression
+ALONE_START = 0.25              # ... and each technique alone at this position, in a space of several
 ASKED = "trials_asked:"         # study user attributes: one per asker (`run`, each worker), summed into the target
 MAX_RETRIES = 2                 # a policy whose worker keeps dying is given up after this many retries
 MAX_DUPLICATES = 50             # consecutive duplicate samples before the space counts as exhausted
@@ -188,9 +189,16 @@ def recover_lost(study: optuna.Study) -> None:
 
 
 def enqueue_warm_start(study: optuna.Study, bound: BoundSpace) -> None:
-    if not study.trials:
-        for fraction in WARM_START:
-            study.enqueue_trial(bound.uniform(fraction), skip_if_exists=True)
+    """Uniform policies first, so the front is never worse than them: every knob at each WARM_START position,
+    and, in a space of several compression techniques, each technique alone at ALONE_START."""
+    if study.trials:
+        return
+    warm = [bound.uniform(fraction) for fraction in WARM_START]
+    techniques = sorted({k.technique for k in bound.knobs if k.param != KIND and k.technique != STUDENT})
+    if len(techniques) > 1:
+        warm += [bound.uniform(ALONE_START, only=t) for t in techniques]
+    for values in warm:
+        study.enqueue_trial(values, skip_if_exists=True)
 
 
 def evaluate_policy(problem: Problem, policy) -> dict:

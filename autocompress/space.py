@@ -150,11 +150,15 @@ class BoundSpace:
             policy = Policy({t: s for t, s in policy.items() if (t == STUDENT) == student})
         return policy
 
-    def uniform(self, fraction: float) -> dict:
-        """Knob values at the same relative position `fraction` (0 = most compressed, 1 = none)."""
+    def uniform(self, fraction: float, only: str | None = None) -> dict:
+        """Knob values at the same relative position `fraction` (0 = most compressed, 1 = none); with `only`, the
+        knobs of that compression technique alone, every other knob at its identity value."""
         values = {}
         for k in self.knobs:
             d = k.distribution
+            if only is not None and k.technique != only:
+                values[k.param] = KINDS[0] if k.param == KIND else _identity(d)
+                continue
             if isinstance(d, optuna.distributions.CategoricalDistribution):
                 ordered = sorted(d.choices)
                 values[k.param] = ordered[round(fraction * (len(ordered) - 1))]

@@ -1,4 +1,6 @@
-"""Budget-aware sampling: over-budget samples are scaled toward the budget before they are evaluated."""
+"""Budget-aware sampling: over-budget samples are scaled toward the budget before they are evaluated; warm start."""
+import json
+
 import pytest
 import torchvision
 
@@ -50,3 +52,14 @@ def test_a_budget_nothing_can_meet_leaves_the_sample_as_it_was(resnet):
     result = ac.compress(model, x, budgets={"latency": 0.001}, objectives=("latency_ms", "size_kb"), trials=3,
                          sampler="random", seed=0, progress=False)
     assert not result.trials["feasible"].any() and result.trials["repair"].isna().all()
+
+
+def test_warm_start_tries_each_technique_alone_as_well_as_all_together(digits_model, digits_input):
+    result = ac.compress(digits_model, digits_input, evaluator=lambda m: 0.5, objectives=("accuracy", "size_kb"),
+                         trials=5, progress=False)
+    policies = [json.loads(p) for p in result.trials["policy"]]
+    keeps = [set(p["prune"]["keep"].values()) for p in policies]
+    bits = [set(p["quantize"]["weight_bits"].values()) for p in policies]
+    assert all(k != {1.0} for k in keeps[:3]) and all(b != {32} for b in bits[:3])  # everything at once
+    assert keeps[3] != {1.0} and bits[3] == {32}  # pruning alone
+    assert keeps[4] == {1.0} and bits[4] != {32}  # quantization alone
