@@ -3,7 +3,8 @@
 Each configuration gets a fresh study (`autocompress run --data digits --trials 0` into a journal file), then N
 workers that each add trials/N trials; the clock runs from starting the workers until the last one exits. Two rates
 are printed: over that wall time (process start-up included) and over the trials themselves (first trial start
-to last trial end, from the study's timestamps). Median over --repeats runs. Usage:
+to last trial end, from the study's timestamps). Each worker gets cores / N torch threads. Median over --repeats
+runs. Usage:
 
     .venv/bin/python scripts/bench_workers.py [--trials 12] [--workers 1 2] [--repeats 2]
 """
@@ -34,8 +35,12 @@ def one_run(folder: Path, workers: int, trials: int) -> tuple[float, float]:
                     "--out", str(folder / "run"), "--no-progress"], check=True, capture_output=True)
     logs = [folder / f"worker{i}.log" for i in range(workers)]
     start = time.perf_counter()
+    # the cores shared out: workers that each start one torch thread per core oversubscribe them, and spinning
+    # OpenMP threads then slow every worker down many times over
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     procs = [subprocess.Popen([*CLI, "worker", "--storage", storage, "--study", "bench", "--trials",
-                               str(trials // workers), "--no-progress"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+                               str(trials // workers), "--no-progress"], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              env=env)
              for log in logs]
     for proc, log in zip(procs, logs):
         if proc.wait():
