@@ -168,9 +168,9 @@ def test_resume_retries_a_trial_whose_process_died(kind, tmp_path, monkeypatch, 
     study = load(storage, "autocompress")
     dead = study.ask()  # what a killed run leaves: it took the third warm-start policy, beat once, and vanished
     study._storage.record_heartbeat(dead._trial_id)
-    resumed = ac.compress(*tiny, trials=4, **kwargs)
+    resumed = ac.compress(*tiny, trials=6, **kwargs)  # the retry is queued behind the last two warm-start policies
     states = resumed.trials["state"]
-    assert (states == "COMPLETE").sum() == 4 and list(states[states != "COMPLETE"].index) == [dead.number]
+    assert (states == "COMPLETE").sum() == 6 and list(states[states != "COMPLETE"].index) == [dead.number]
     study = load(storage, "autocompress")
     retry = next(t for t in study.trials if t.system_attrs.get("retry_history") == [dead.number])
     assert retry.state == TrialState.COMPLETE and retry.params == study.trials[dead.number].system_attrs["fixed_params"]
@@ -181,16 +181,17 @@ def test_a_policy_already_evaluated_is_not_evaluated_again(tmp_path, tiny):
     calls = []
     kwargs = dict(evaluator=lambda m: calls.append(1) or 0.5, objectives=("accuracy", "macs"), progress=False,
                   storage=f"sqlite:///{tmp_path}/study.db")
-    first = ac.compress(*tiny, trials=3, **kwargs)
+    warm = len(search.WARM_START) + 2  # every knob at once, then pruning alone and quantization alone
+    first = ac.compress(*tiny, trials=warm, **kwargs)
     study = load(kwargs["storage"], "autocompress")
     study.enqueue_trial(study.trials[0].params)  # e.g. a sampler proposing trial 0's policy again
     calls.clear()
-    second = ac.compress(*tiny, trials=4, **kwargs)
-    assert second.trials.loc[3, "state"] == "PRUNED" and load(kwargs["storage"], "autocompress").trials[3].user_attrs[
-        "duplicate_of"] == 0
+    second = ac.compress(*tiny, trials=warm + 1, **kwargs)
+    assert second.trials.loc[warm, "state"] == "PRUNED" and load(kwargs["storage"], "autocompress").trials[
+        warm].user_attrs["duplicate_of"] == 0
     done = second.trials[second.trials["state"] == "COMPLETE"]
-    assert len(done) == 4 and done["policy"].is_unique and len(calls) == 1
-    assert list(done.index[:3]) == list(first.trials.index)
+    assert len(done) == warm + 1 and done["policy"].is_unique and len(calls) == 1
+    assert list(done.index[:warm]) == list(first.trials.index)
 
 
 def test_a_claimed_trial_beyond_the_target_goes_back_to_the_queue(tmp_path):
