@@ -159,12 +159,7 @@ class BoundSpace:
             if only is not None and k.technique != only:
                 values[k.param] = KINDS[0] if k.param == KIND else _identity(d)
                 continue
-            if isinstance(d, optuna.distributions.CategoricalDistribution):
-                ordered = sorted(d.choices)
-                values[k.param] = ordered[round(fraction * (len(ordered) - 1))]
-            else:
-                steps = round(fraction * (d.high - d.low) / d.step)
-                values[k.param] = d.low + steps * d.step
+            values[k.param] = value_at(d, fraction)
         return values
 
 
@@ -183,6 +178,14 @@ class BoundSpace:
             else:
                 out[k.param] = d.low + math.floor(scale * (value - d.low) / d.step + 1e-9) * d.step
         return out
+
+
+def value_at(d: optuna.distributions.BaseDistribution, position: float):
+    """The choice of a knob at relative `position` (0 = its smallest choice, 1 = its largest), rounded to the nearest."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        ordered = sorted(d.choices)
+        return ordered[round(position * (len(ordered) - 1))]
+    return d.low + round(position * (d.high - d.low) / d.step) * d.step
 
 
 def _suggest(trial: optuna.Trial, knob: Knob):

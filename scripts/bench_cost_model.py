@@ -33,6 +33,7 @@ import autocompress as ac  # noqa: E402
 from autocompress.compress import TECHNIQUES  # noqa: E402
 from autocompress.cost.measure import measure_latency_ms  # noqa: E402
 from autocompress.cost.profiles import load_profile  # noqa: E402
+from autocompress.space import value_at  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1",
           "mnasnet0_5", "regnet_x_400mf", "efficientnet_b0", "googlenet")
@@ -56,13 +57,7 @@ def random_values(bound, rng: random.Random, level: float) -> dict:
         if k.technique == "depth":
             values[k.param] = 0 if rng.random() < 0.3 * (1 - level) else 1
             continue
-        position = min(1.0, max(0.0, level + rng.gauss(0, 0.2)))
-        if hasattr(d, "choices"):
-            ordered = sorted(d.choices)
-            values[k.param] = ordered[round(position * (len(ordered) - 1))]
-        else:
-            steps = round(position * (d.high - d.low) / d.step)
-            values[k.param] = d.low + steps * d.step
+        values[k.param] = value_at(d, min(1.0, max(0.0, level + rng.gauss(0, 0.2))))
     return values
 
 

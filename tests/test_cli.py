@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from autocompress.cli import main
+from counting import count_params
 
 ROOT = Path(__file__).resolve().parent
 
@@ -96,6 +97,3 @@ def test_console_script_entry_point_runs_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def count_params(model) -> int:
-    """Parameters counted here, independently of the cost model (each tensor once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

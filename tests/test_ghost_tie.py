@@ -13,12 +13,8 @@ from autocompress.compress.base import get_meta
 from autocompress.evaluate import finetune
 from autocompress.students.blocks import GhostConv
 from autocompress.students.build import build
+from counting import count_params
 
-
-
-def count_params(model) -> int:
-    """Parameters counted independently of the cost model: distinct storages among every use of a tensor."""
-    return sum(p.numel() for p in {p.data_ptr(): p for _, p in model.named_parameters(remove_duplicate=False)}.values())
 
 def _saved_bytes(model):
     buf = io.BytesIO()

@@ -11,11 +11,8 @@ import autocompress as ac
 from autocompress.compress.prune import calibration_data, kept_channels
 from autocompress.cost.measure import fixed_threads
 from autocompress.errors import AutocompressError
+from counting import count_params
 
-
-def _params(model) -> int:
-    """Parameters counted from the modules, each tensor once: independent of the cost model."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -184,8 +181,8 @@ def test_resnet_blocks_with_matching_shapes_are_droppable(resnet18):
     assert [b for b, _ in graph.blocks] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     slim = ac.apply(model, {"depth": {"keep": {"layer1.1": 0, "layer3.1": 0, "layer4.1": 1}}}, x)
     assert isinstance(slim.layer1[1], nn.Identity) and isinstance(slim.layer3[1], nn.Identity)
-    removed = _params(model.layer1[1]) + _params(model.layer3[1])
-    assert _params(slim) == _params(model) - removed
+    removed = count_params(model.layer1[1]) + count_params(model.layer3[1])
+    assert count_params(slim) == count_params(model) - removed
     assert torch.equal(slim.layer4[1].conv1.weight, model.layer4[1].conv1.weight)   # kept blocks inherit weights
     assert _out(slim, x).shape == (1, 1000)
 
@@ -196,7 +193,7 @@ def test_depth_finds_inverted_residual_and_convnext_blocks(name, blocks):
     graph = ac.analyze(model, x)
     assert len(graph.blocks) == blocks
     slim = ac.apply(model, {"depth": {"keep": {b: 0 for b, _ in graph.blocks}}}, x)
-    assert _params(slim) < _params(model) and _out(slim, x).shape == (1, 1000)
+    assert count_params(slim) < count_params(model) and _out(slim, x).shape == (1, 1000)
 
 
 def test_unknown_block_is_one_clear_error(resnet18):
@@ -217,4 +214,4 @@ def test_slim_space_samples_depth_and_stage_widths_that_run(digits_model, digits
         policy = bound.sample(study.ask())
         slim = ac.apply(digits_model, policy, digits_input)
         assert _out(slim, digits_input).shape == (1, 10)
-        assert ac.estimate(slim, digits_input, hardware="raspberry-pi-4").params == _params(slim)
+        assert ac.estimate(slim, digits_input, hardware="raspberry-pi-4").params == count_params(slim)

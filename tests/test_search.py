@@ -9,6 +9,7 @@ import torch
 import autocompress as ac
 from autocompress.evaluate import accuracy
 from autocompress.models import DigitsResNet
+from counting import count_params
 
 BUDGETS = {"latency": 0.7, "size": 0.3}
 
@@ -195,6 +196,3 @@ def test_a_model_that_fails_forward_is_reported(digits_model):
         ac.compress(digits_model, torch.randn(1, 3, 8, 8), trials=1, progress=False, objectives=("macs",))
 
 
-def count_params(model) -> int:
-    """Parameters counted here, independently of the cost model (each tensor once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

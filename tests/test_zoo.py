@@ -17,6 +17,7 @@ import torchvision
 
 import autocompress as ac
 from autocompress.cost.measure import fixed_threads
+from counting import count_params
 
 FULL, PARTLY, NONE = "full", "partly", "none"
 COVERAGE = {
@@ -33,10 +34,6 @@ INPUT_SIZE = {"inception_v3": 96, "maxvit_t": 224}   # inception needs 75+, MaxV
 BUILD_ARGS = {"vit_b_16": {"image_size": 64}}
 RUN_SLOW = bool(os.environ.get("AUTOCOMPRESS_SLOW_TESTS"))
 
-
-def _params(model) -> int:
-    """Parameters counted from the modules, each tensor once: independent of the cost model."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -80,6 +77,6 @@ def test_random_policies_prune_the_zoo(name):
     assert not [w for w in caught if "cannot be pruned safely" in str(w.message)]   # analysis kept only safe groups
     with torch.no_grad():
         assert pruned(x).shape == reference.shape
-    params = _params(pruned)
+    params = count_params(pruned)
     assert ac.estimate(pruned, x, hardware="raspberry-pi-4").params == params
-    assert params < _params(model) if graph.groups else params == _params(model)
+    assert params < count_params(model) if graph.groups else params == count_params(model)
