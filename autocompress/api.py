@@ -39,7 +39,7 @@ def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
 
 
 def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware="host", budgets=None,
-             objectives=None, space="default", trials: int = 100, seed: int = 0, sampler: str = "nsga2",
+             objectives=None, space="default", trials: int = 100, seed: int = 0, sampler: str = "tpe",
              storage=None, study_name: str = "autocompress", evaluator: Callable | None = None,
              progress: bool = True, model_spec: dict | None = None, finetune_steps: int = 0,
              repair: bool = True) -> Result:

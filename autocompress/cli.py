@@ -200,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--space", default="default", help="a built-in search space name or a YAML path")
     run.add_argument("--trials", type=int, default=40)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--sampler", default="nsga2", help="nsga2, tpe or random")
+    run.add_argument("--sampler", default="tpe",
+                     help="tpe (multivariate; the default, best in scripts/bench_search.py), nsga2 or random")
     run.add_argument("--storage", help="where the study lives (default: sqlite in --out): sqlite:///PATH.db, "
                                        "journal:PATH (processes on one machine), postgresql://... or mysql://... "
                                        "(many machines); with --trials 0 only creates the study, for workers")

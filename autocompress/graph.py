@@ -474,6 +474,8 @@ class ChannelPruner:
                 group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(channels))) if bounded else None
             except Exception:  # Torch-Pruning cannot follow this root's dependencies
                 group = None
+            if group is not None and _crosses_unmapped(dg, group):
+                group = None  # its channels pass a reshape whose channel order Torch-Pruning could not map
             if group is None:
                 visited.add(m)
                 yield ChannelGroup(name, [name], channels, ""), None
@@ -644,6 +646,7 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor):
     """Build Torch-Pruning's DependencyGraph, or None (with a warning) when it cannot."""
     import torch_pruning as tp
 
+    _guard_reshape_mapping()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -652,3 +655,32 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor):
         warnings.warn(f"channel dependencies could not be traced ({type(exc).__name__}: {exc}); "
                       "channel pruning is disabled for this model", stacklevel=2)
         return None
+
+
+def _guard_reshape_mapping() -> None:
+    """Let Torch-Pruning skip a reshape whose channel mapping it cannot infer instead of failing on the whole model.
+
+    Torch-Pruning 1.6 divides by an inferred channel count of 0 at reshapes such as ShuffleNet's channel shuffle
+    (a 5-d view), which aborts the dependency graph of every group. The guarded version records such nodes on
+    the graph (`unmapped`) and leaves their mapping unset; `_crosses_unmapped` then keeps every group that
+    passes one whole, since its channel order there is unknown. Installed once, in place of the library's.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "guarded", False):
+        return
+
+    def guarded(graph, node):
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            graph.unmapped = getattr(graph, "unmapped", set()) | {node}
+
+    guarded.guarded = True
+    index_mapping.update_reshape_index_mapping = guarded
+
+
+def _crosses_unmapped(dg, group) -> bool:
+    unmapped = getattr(dg, "unmapped", set())
+    return bool(unmapped) and any(dep.source in unmapped or dep.target in unmapped for dep, _ in group)

@@ -49,7 +49,7 @@ from .cost.model import estimate
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
 from .repair import repair
-from .space import KIND, STUDENT, BoundSpace
+from .space import KIND, KINDS, STUDENT, BoundSpace
 
 SAMPLERS = ("nsga2", "tpe", "random")
 WARM_START = (0.25, 0.5, 0.75)  # uniform policies tried first: the front never loses to uniform compression
@@ -189,11 +189,13 @@ def recover_lost(study: optuna.Study) -> None:
 
 
 def enqueue_warm_start(study: optuna.Study, bound: BoundSpace) -> None:
-    """Uniform policies first, so the front is never worse than them: every knob at each WARM_START position,
-    and, in a space of several compression techniques, each technique alone at ALONE_START."""
+    """Uniform policies first, so the front is never worse than them: every knob at each WARM_START position
+    (for your model compressed and, in a space with a `kind` knob, for a student too), and, in a space of
+    several compression techniques, each technique alone at ALONE_START."""
     if study.trials:
         return
-    warm = [bound.uniform(fraction) for fraction in WARM_START]
+    kinds = KINDS if any(k.param == KIND for k in bound.knobs) else KINDS[:1]
+    warm = [bound.uniform(fraction, kind=kind) for kind in kinds for fraction in WARM_START]
     techniques = sorted({k.technique for k in bound.knobs if k.param != KIND and k.technique != STUDENT})
     if len(techniques) > 1:
         warm += [bound.uniform(ALONE_START, only=t) for t in techniques]

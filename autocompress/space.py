@@ -150,16 +150,18 @@ class BoundSpace:
             policy = Policy({t: s for t, s in policy.items() if (t == STUDENT) == student})
         return policy
 
-    def uniform(self, fraction: float, only: str | None = None) -> dict:
+    def uniform(self, fraction: float, only: str | None = None, kind: str = KINDS[0]) -> dict:
         """Knob values at the same relative position `fraction` (0 = most compressed, 1 = none); with `only`, the
-        knobs of that compression technique alone, every other knob at its identity value."""
+        knobs of that compression technique alone, every other knob at its identity value. In a space with a
+        `kind` knob, `kind` says which candidate it is: your model compressed (default) or a student."""
         values = {}
         for k in self.knobs:
-            d = k.distribution
-            if only is not None and k.technique != only:
-                values[k.param] = KINDS[0] if k.param == KIND else _identity(d)
-                continue
-            values[k.param] = value_at(d, fraction)
+            if k.param == KIND:
+                values[k.param] = kind
+            elif only is not None and k.technique != only:
+                values[k.param] = _identity(k.distribution)
+            else:
+                values[k.param] = value_at(k.distribution, fraction)
         return values
 
 

@@ -63,3 +63,25 @@ def test_warm_start_tries_each_technique_alone_as_well_as_all_together(digits_mo
     assert all(k != {1.0} for k in keeps[:3]) and all(b != {32} for b in bits[:3])  # everything at once
     assert keeps[3] != {1.0} and bits[3] == {32}  # pruning alone
     assert keeps[4] == {1.0} and bits[4] != {32}  # quantization alone
+
+
+def test_warm_start_in_a_space_of_students_and_compression_tries_uniform_models_of_both_kinds(digits_model,
+                                                                                             digits_input):
+    import optuna
+
+    from autocompress import search
+    from autocompress.space import KIND, STUDENT
+
+    bound = SearchSpace.load("all").bind(ac.analyze(digits_model, digits_input))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    search.enqueue_warm_start(study, bound)
+    queued = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    kinds = [q[KIND] for q in queued]
+    n = len(search.WARM_START)
+    assert kinds[:n] == ["compressed"] * n and kinds[n:2 * n] == [STUDENT] * n
+    assert all(k == "compressed" for k in kinds[2 * n:])  # then each compression technique alone
+    lightest = bound.policy(queued[n - 1])  # everything at once, mildly: several techniques in one policy
+    identity = {"prune": ("keep", 1.0), "sparsity": ("density", 1.0), "share": ("bits", 32),
+                "quantize": ("weight_bits", 32)}
+    assert STUDENT not in lightest
+    assert all(set(lightest[t][field].values()) != {same} for t, (field, same) in identity.items())
