@@ -215,3 +215,31 @@ def test_slim_space_samples_depth_and_stage_widths_that_run(digits_model, digits
         slim = ac.apply(digits_model, policy, digits_input)
         assert _out(slim, digits_input).shape == (1, 10)
         assert ac.estimate(slim, digits_input, hardware="raspberry-pi-4").params == count_params(slim)
+
+
+def test_shufflenet_prunes_branch_widths_and_removes_exactly_the_ranked_channels():
+    """Torch-Pruning cannot map channels through ShuffleNet's channel shuffle: the groups that pass it stay whole,
+    the others prune, and the channels they remove are the ones that were chosen. Half the inner channels of one
+    branch are made silent (BN gamma and beta 0); pruning them by BN scale leaves the features as they were,
+    where pruning half of the live channels changes them."""
+    model, x = torchvision.models.shufflenet_v2_x0_5(weights=None).eval(), torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ac.analyze(model, x)
+    assert graph.groups and graph.fixed and any("whole because" in str(w.message) for w in caught)
+
+    def stage2(m):  # the shuffle units' output: random-weight logits barely depend on one branch
+        return _out(nn.Sequential(m.conv1, m.maxpool, m.stage2), x)
+
+    group = next(g for g in graph.groups if g.id == "stage2.1.branch2.0")
+    keep = {g.id: 1.0 for g in graph.groups} | {group.id: 0.5}
+    assert not torch.allclose(stage2(_prune(model, x, keep, round_to=1)[1]), stage2(model), atol=1e-3)
+    branch = model.stage2[1].branch2  # 1x1 conv, BN, ReLU, 3x3 depthwise, BN, 1x1 conv, BN, ReLU
+    silent = list(range(0, group.channels, 2))
+    with torch.no_grad():
+        for bn in (branch[1], branch[4]):
+            bn.weight[silent] = 0.0
+        branch[4].bias[silent] = 0.0
+    _, pruned = _prune(model, x, keep, round_to=1, importance="bn")  # BN scale: the silent channels go
+    assert pruned.stage2[1].branch2[0].out_channels == group.channels - len(silent)
+    torch.testing.assert_close(stage2(pruned), stage2(model), rtol=1e-4, atol=1e-5)
