@@ -48,7 +48,7 @@ from .compress import apply
 from .cost.model import estimate
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
-from .repair import repair
+from .repair import levers, repair
 from .space import KIND, KINDS, STUDENT, BoundSpace
 
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -72,6 +72,7 @@ class Problem:
     limits: dict[str, float]
     evaluator: Callable | None
     repair: bool = True  # scale over-budget samples toward the budget before evaluating them (repair.py)
+    levers: dict | None = None  # per budgeted metric, the techniques that lower it (repair.levers, found once)
 
 
 def check_sampler(name: str) -> None:
@@ -341,7 +342,9 @@ def _repaired(trial, problem: Problem, values: dict) -> dict:
         return estimate(model, problem.example_input, problem.profile).as_dict()
 
     try:
-        values, factor = repair(problem.bound, values, price, problem.limits)
+        if problem.levers is None:
+            problem.levers = levers(problem.bound, price, problem.limits)
+        values, factor = repair(problem.bound, values, price, problem.limits, problem.levers)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception:

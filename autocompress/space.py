@@ -165,12 +165,14 @@ class BoundSpace:
         return values
 
 
-    def scaled(self, values: dict, scale: float) -> dict:
-        """Every ordered knob moved toward its most compressed choice: relative position p -> scale x p
-        (0 = most compressed, 1 = none), rounded down to a choice. Knobs whose choices are names (block
-        type, activation, `kind`) are left as they are: they have no order."""
+    def scaled(self, values: dict, scale: float, techniques: set[str] | None = None) -> dict:
+        """Every ordered knob (of `techniques`, when given) moved toward its most compressed choice: relative
+        position p -> scale x p (0 = most compressed, 1 = none), rounded down to a choice. Knobs whose choices
+        are names (block type, activation, `kind`) are left as they are: they have no order."""
         out = dict(values)
         for k in self.knobs:
+            if techniques is not None and k.technique not in techniques:
+                continue
             d, value = k.distribution, values.get(k.param)
             if isinstance(d, optuna.distributions.CategoricalDistribution):
                 if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices):

@@ -36,7 +36,7 @@ def test_repair_makes_most_evaluated_candidates_feasible_at_half_the_latency(res
     for repair in (False, True):
         result = ac.compress(model, x, budgets={"latency": 0.5}, objectives=("latency_ms", "size_kb"), trials=12,
                              sampler="random", seed=3, progress=False, repair=repair)
-        trials = result.trials
+        trials = result.trials[result.trials["state"] == "COMPLETE"]  # not the duplicates a repair may make
         rates[repair] = trials["feasible"].mean()
         assert (trials["latency_ms"][trials["feasible"]] <= result.limits["latency_ms"] * (1 + 1e-9)).all()
         if repair:  # the recorded factor: 1 where the sample fitted as it was, below 1 where it was scaled
@@ -85,3 +85,30 @@ def test_warm_start_in_a_space_of_students_and_compression_tries_uniform_models_
                 "quantize": ("weight_bits", 32)}
     assert STUDENT not in lightest
     assert all(set(lightest[t][field].values()) != {same} for t, (field, same) in identity.items())
+
+
+def test_repair_moves_only_the_techniques_that_lower_the_exceeded_metric(digits_model, digits_input):
+    """On a device with only float kernels, fewer weight bits shrink the model but do not speed it up: a latency
+    repair leaves them as sampled (and prunes), a size repair may lower them."""
+    from autocompress.cost.model import estimate
+    from autocompress.cost.profiles import HardwareProfile, load_profile
+    from autocompress.repair import levers, repair
+
+    space = SearchSpace("t", {"prune": {"keep": [0.25, 0.5, 0.75, 1.0]},
+                              "quantize": {"weight_bits": [4, 8, 32], "granularity": "global"}})
+    bound = space.bind(ac.analyze(digits_model, digits_input))
+    spec = load_profile("raspberry-pi-4").to_dict()
+    profile = HardwareProfile.from_dict({**spec, "peak_gmacs": {"fp32": spec["peak_gmacs"]["fp32"]}}, "float only")
+
+    def price(values):
+        return estimate(ac.apply(digits_model, bound.policy(values), digits_input), digits_input, profile).as_dict()
+
+    found = levers(bound, price, ("latency_ms", "size_kb"))
+    assert found == {"latency_ms": {"prune"}, "size_kb": {"prune", "quantize"}}
+    sampled, base = bound.uniform(1.0), price(bound.uniform(1.0))
+    for metric, bits_move in (("latency_ms", False), ("size_kb", True)):
+        limit = {metric: 0.3 * base[metric]}
+        values, factor = repair(bound, sampled, price, limit, found)
+        assert 0 <= factor < 1 and price(values)[metric] <= limit[metric]
+        bits = {values[k.param] for k in bound.knobs if k.technique == "quantize"}
+        assert (bits != {32}) == bits_move
