@@ -131,15 +131,16 @@ def test_calibration_fit_and_estimate_share_one_formula():
     """A profile fitted to (here made-up) timings predicts, through estimate(), what the fit predicted."""
     rng = random.Random(3)
     networks = [(*cal.random_network(rng), t) for t in (0.3, 0.5, 0.8, 1.2, 2.0, 0.4, 0.9, 1.5)]
-    fitted = cal.fit(networks, cache_kb=64)
+    fitted = cal.fit(networks, cache_kb=64, bandwidths=(10.0, 40.0))
     profile = cal.fitted_profile(fitted, "test")
     theta = np.log(np.concatenate([[profile.overhead_for(k) for k in cal.KINDS],
                                    [profile.peak_gmacs["fp32"] * profile.efficiency[k] for k in cal.COMPUTE_KINDS],
-                                   [profile.bandwidth_gbs, profile.cache_bandwidth_gbs],
-                                   [profile.gemm_half[k] for k in cal.SHAPE_KEYS]]))
+                                   [profile.gemm_half[k] for k in cal.SHAPE_KEYS], [profile.narrow_efficiency]]))
+    form = {k: getattr(profile, k) for k in cal.FORMS}
     for model, x, _ in networks[:3]:
-        d = cal.design(cal.traced([(model, x, 0)]), profile.channel_multiple, profile.cache_kb)
-        predicted = cal.predict_ms(theta, d, profile.overlap, profile.im2col)[0]
+        d = cal.design(cal.traced([(model, x, 0)]), profile.channel_multiple, profile.cache_kb,
+                       (profile.bandwidth_gbs, profile.cache_bandwidth_gbs))
+        predicted = cal.predict_ms(theta, d, form)[0]
         assert ac.estimate(model, x, profile).latency_ms == pytest.approx(predicted, rel=1e-9)
 
 
