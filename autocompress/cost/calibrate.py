@@ -293,7 +293,7 @@ def op_seconds(theta: np.ndarray, d: dict, form: dict, jacobian: bool = False):
     for j, dim in enumerate(SHAPE_KEYS):
         h = half[dim]
         cols[:, HALF + j] = np.where(d["gemm"], to_compute * h / (d[dim] + h), 0.0)
-    cols[:, NARROW] = np.where(narrow != 1.0, -to_compute, 0.0)
+    cols[:, NARROW] = np.where(d["conv"] & (d["n"] < form["narrow_n"]), -to_compute, 0.0)
     return seconds, cols
 
 
@@ -342,7 +342,7 @@ def fit(networks, cache_kb: float, bandwidths: tuple[float, float], traces=None)
     overhead_us, gmacs, half, narrow_efficiency = _unpack(theta)
     return {"overhead_us": {k: float(overhead_us[i]) for i, k in enumerate(KINDS) if k in used},
             "throughput_gmacs": {k: float(gmacs[KINDS.index(k)]) for k in COMPUTE_KINDS if k in used},
-            "bandwidth_gbs": bandwidths[0], "cache_kb": cache_kb, "cache_bandwidth_gbs": bandwidths[1] if cache_kb else 0.0,
+            "bandwidth_gbs": bandwidths[0], "cache_kb": cache_kb, "cache_bandwidth_gbs": bandwidths[1],
             "gemm_half": {k: float(v) for k, v in half.items()}, "narrow_efficiency": narrow_efficiency, **form,
             "median_error": float(np.median(errors)), "within_20pct": float(np.mean(errors <= 0.2))}
 
