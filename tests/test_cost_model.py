@@ -93,6 +93,18 @@ def test_compute_and_memory_bound_ops_are_told_apart():
     assert list(rows["bound"]) == ["compute", "memory"]
 
 
+def test_narrow_convolutions_run_at_the_profiles_narrow_efficiency():
+    """A conv with fewer output positions than narrow_n keeps narrow_efficiency of its throughput; others are as
+    before, and a profile without narrow_n prices every conv alike."""
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False)).eval()
+    plain = variant("raspberry-pi-4", fuses=[], overhead_us=0.0, bandwidth_gbs=1e6, cache_bandwidth_gbs=1e6)
+    narrow = variant("raspberry-pi-4", fuses=[], overhead_us=0.0, bandwidth_gbs=1e6, cache_bandwidth_gbs=1e6,
+                     narrow_n=16, narrow_efficiency=0.25)
+    small, large = torch.randn(1, 256, 3, 3), torch.randn(1, 256, 4, 4)
+    assert ac.estimate(model, small, narrow).latency_ms == pytest.approx(4 * ac.estimate(model, small, plain).latency_ms)
+    assert ac.estimate(model, large, narrow).latency_ms == pytest.approx(ac.estimate(model, large, plain).latency_ms)
+
+
 def test_energy_follows_horowitz(digits_input):
     """One conv on a profile with no memory or static energy: MACs x the per-MAC energy of its dtype."""
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False)).eval()
