@@ -93,6 +93,18 @@ def test_compute_and_memory_bound_ops_are_told_apart():
     assert list(rows["bound"]) == ["compute", "memory"]
 
 
+def test_narrow_convolutions_run_at_the_profiles_narrow_efficiency():
+    """A conv with fewer output positions than narrow_n keeps narrow_efficiency of its throughput; others are as
+    before, and a profile without narrow_n prices every conv alike."""
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False)).eval()
+    plain = variant("raspberry-pi-4", fuses=[], overhead_us=0.0, bandwidth_gbs=1e6, cache_bandwidth_gbs=1e6)
+    narrow = variant("raspberry-pi-4", fuses=[], overhead_us=0.0, bandwidth_gbs=1e6, cache_bandwidth_gbs=1e6,
+                     narrow_n=16, narrow_efficiency=0.25)
+    small, large = torch.randn(1, 256, 3, 3), torch.randn(1, 256, 4, 4)
+    assert ac.estimate(model, small, narrow).latency_ms == pytest.approx(4 * ac.estimate(model, small, plain).latency_ms)
+    assert ac.estimate(model, large, narrow).latency_ms == pytest.approx(ac.estimate(model, large, plain).latency_ms)
+
+
 def test_energy_follows_horowitz(digits_input):
     """One conv on a profile with no memory or static energy: MACs x the per-MAC energy of its dtype."""
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False)).eval()
@@ -131,15 +143,16 @@ def test_calibration_fit_and_estimate_share_one_formula():
     """A profile fitted to (here made-up) timings predicts, through estimate(), what the fit predicted."""
     rng = random.Random(3)
     networks = [(*cal.random_network(rng), t) for t in (0.3, 0.5, 0.8, 1.2, 2.0, 0.4, 0.9, 1.5)]
-    fitted = cal.fit(networks, cache_kb=64)
+    fitted = cal.fit(networks, cache_kb=64, bandwidths=(10.0, 40.0))
     profile = cal.fitted_profile(fitted, "test")
     theta = np.log(np.concatenate([[profile.overhead_for(k) for k in cal.KINDS],
                                    [profile.peak_gmacs["fp32"] * profile.efficiency[k] for k in cal.COMPUTE_KINDS],
-                                   [profile.bandwidth_gbs, profile.cache_bandwidth_gbs],
-                                   [profile.gemm_half[k] for k in cal.SHAPE_KEYS]]))
+                                   [profile.gemm_half[k] for k in cal.SHAPE_KEYS], [profile.narrow_efficiency]]))
+    form = {k: getattr(profile, k) for k in cal.FORMS}
     for model, x, _ in networks[:3]:
-        d = cal.design(cal.traced([(model, x, 0)]), profile.channel_multiple, profile.cache_kb)
-        predicted = cal.predict_ms(theta, d, profile.overlap, profile.im2col)[0]
+        d = cal.design(cal.traced([(model, x, 0)]), profile.channel_multiple, profile.cache_kb,
+                       (profile.bandwidth_gbs, profile.cache_bandwidth_gbs))
+        predicted = cal.predict_ms(theta, d, form)[0]
         assert ac.estimate(model, x, profile).latency_ms == pytest.approx(predicted, rel=1e-9)
 
 

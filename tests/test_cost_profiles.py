@@ -46,6 +46,8 @@ def test_every_number_has_a_source(path):
     ({"turbo": True}, "unknown key 'turbo'"),
     ({"sparse": "yes"}, "sparse = 'yes'"),
     ({"gemm_half": {"q": 1}}, "unknown key 'q'"),
+    ({"narrow_n": -1}, "narrow_n = -1"),
+    ({"narrow_efficiency": 0}, "narrow_efficiency = 0"),
 ])
 def test_profile_validation(tmp_path, change, message):
     path = tmp_path / "p.yaml"

@@ -5,12 +5,14 @@ residuals with squeeze-excitation, inception and fire branches joined by concate
 of one op, wide convs on few pixels whose weights overflow the caches) are built at random, timed (median of repeats) and traced into the same per-op table the
 cost model prices (model.op_table). The roofline's free numbers are then fitted so that the summed
 per-op latencies match the measured networks (least squares on log latency): per-kind overheads and
-large-GEMM throughputs, the bandwidth, the GEMM sizes at which kernels reach half their efficiency
-(`gemm_half`), and, by trying each, the roofline's form (`overlap`, `im2col`, `channel_multiple`).
+large-GEMM throughputs, the GEMM sizes at which kernels reach half their efficiency (`gemm_half`), the
+efficiency left to convolutions on too few output positions to fill a vector (`narrow_efficiency`),
+and, by trying each, the roofline's form (`overlap`, `im2col`, `channel_multiple`, `narrow_n`).
 Timing whole networks, not isolated ops, captures how ops behave in context: caches, the framework's
 per-op cost. None of the networks is a model the benchmark scores (scripts/bench_cost_model.py).
-The size of the on-chip memory is the hardware's, its bandwidth is fitted: on a CPU, the largest private cache
-of one core (L2; with one torch thread, the L3 is shared with other cores and, on a VM, other tenants).
+The memory is measured, not fitted (copies, see memory_bandwidths): the on-chip memory's size is the
+hardware's, on a CPU the largest private cache of one core (L2; with one torch thread, the L3 is shared
+with other cores and, on a VM, other tenants), and both bandwidths are those of copies.
 """
 from __future__ import annotations
 
@@ -33,12 +35,12 @@ from ..errors import AutocompressError
 from ..graph import analyze
 from .flow import dataflow
 from .measure import DEFAULT_THREADS, measure_latency_ms
-from .model import GEMM_KINDS, memory_s, on_chip, op_table, roofline_s, shape_efficiency
+from .model import GEMM_KINDS, memory_s, narrow_factor, on_chip, op_table, roofline_s, shape_efficiency
 from .profiles import KINDS, SHAPE_KEYS, HardwareProfile
 
-MODEL_VERSION = 4  # bump when the latency formula changes: cached host profiles are then re-fitted
+MODEL_VERSION = 5  # bump when the latency formula changes: cached host profiles are then re-fitted
 COMPUTE_KINDS = ("conv", "dwconv", "linear", "matmul", "pool")  # kinds with a fitted throughput (pool: reads/s)
-FORMS = {"overlap": (1.0, 0.5, 0.0), "im2col": (False, True), "channel_multiple": (1, 16)}
+FORMS = {"overlap": (1.0, 0.5, 0.0), "im2col": (False, True), "channel_multiple": (1, 16), "narrow_n": (8, 16, 32)}
 HOROWITZ_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.065, 2: 0.02, 1: 0.01}, "dram_pj_per_byte": 80.0,
                    "sram_pj_per_byte": 1.25}
 ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
@@ -186,6 +188,38 @@ def measure_networks(n: int, repeats: int, seed: int = 0, device: str = "cpu", t
         yield model.cpu(), x.cpu(), ms
 
 
+class _Copy(nn.Module):
+    """Copies its input into a buffer of its size: memory traffic only, every byte read once and written once."""
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.register_buffer("out", torch.empty_like(like))
+
+    def forward(self, x):
+        return self.out.copy_(x)
+
+
+MAIN_MEMORY_PROBE_KB = 512 * 1024  # a copy this large (source and destination) runs from main memory on any device
+
+
+def copy_bandwidth_gbs(kb: float, device: str, threads: int | None, clock: str) -> float:
+    """GB/s (bytes read plus written) of copies spanning `kb` KB, source and destination: the slope between a
+    copy of a quarter of that and one of all of it, which leaves out the fixed cost of an op."""
+    sizes = (max(1, int(kb * 1024 / 32)), max(2, int(kb * 1024 / 8)))  # float32 elements of each source
+    ms = []
+    for numel in sizes:
+        x = torch.rand(numel, device=device)
+        ms.append(measure_latency_ms(_Copy(x), x, repeats=20, threads=threads, clock=clock))
+    return 2 * 4 * (sizes[1] - sizes[0]) / max(ms[1] - ms[0], 1e-6) / 1e6
+
+
+def memory_bandwidths(device: str, cache_kb: float, threads: int | None, clock: str) -> tuple[float, float]:
+    """(main memory, on-chip memory) bandwidths in GB/s: copies beyond every cache, and filling half of the
+    on-chip memory (0 without one)."""
+    main = copy_bandwidth_gbs(MAIN_MEMORY_PROBE_KB, device, threads, clock)
+    return main, copy_bandwidth_gbs(cache_kb / 2, device, threads, clock) if cache_kb else 0.0
+
+
 def traced(networks) -> list:
     """(graph, flow) of every measured network: traced once, priced under every roofline form."""
     out = []
@@ -200,115 +234,116 @@ def _template(channel_multiple: int) -> HardwareProfile:
     return HardwareProfile("fit", {"fp32": 1.0}, {}, 1.0, 0.0, {}, channel_multiple=channel_multiple)
 
 
-def design(traces, channel_multiple: int, cache_kb: float) -> dict:
-    """Every op of every network as flat arrays: its network, kind, work, GEMM sizes, feature-map traffic (with
-    and without im2col's unfolded input), weight traffic, and which of them the on-chip memory serves."""
+def design(traces, channel_multiple: int, cache_kb: float, bandwidths: tuple[float, float]) -> dict:
+    """Every op of every network as flat arrays: its network, kind, work, GEMM sizes and memory seconds (with and
+    without im2col's unfolded input) at the measured `bandwidths` (main memory, on-chip memory; GB/s), feature maps
+    in the on-chip memory where they fit, weights where all of a network's fit."""
     parts = []
     for i, (graph, flow) in enumerate(traces):
         table = op_table(graph, flow, _template(channel_multiple))
         table = table[table["kind"] != "param"]
-        act = (table["in_bytes"] + table["out_bytes"]).to_numpy(float)
-        unfolded = act + table["unfold_bytes"].to_numpy(float)
-        weights = table["w_bytes"].to_numpy(float)
-        parts.append(table.assign(net=i, act=act, unfolded=unfolded, act_cached=on_chip(act, weights, cache_kb)[0],
-                                  unfolded_cached=on_chip(unfolded, weights, cache_kb)[0],
-                                  weights_cached=on_chip(act, weights, cache_kb)[1]))
+        act, weights = (table["in_bytes"] + table["out_bytes"]).to_numpy(float), table["w_bytes"].to_numpy(float)
+        memory = {}
+        for im2col in (False, True):
+            traffic = act + table["unfold_bytes"].to_numpy(float) * im2col
+            memory[im2col] = memory_s(traffic, weights, *on_chip(traffic, weights, cache_kb), *bandwidths)
+        parts.append(table.assign(net=i, memory=memory[False], unfolded_memory=memory[True]))
     ops = pd.concat(parts, ignore_index=True)
     return {"net": ops["net"].to_numpy(), "kind": np.array([KINDS.index(k) for k in ops["kind"]]),
             "work": ops["work"].to_numpy(float),
-            "act": {False: ops["act"].to_numpy(float), True: ops["unfolded"].to_numpy(float)},
-            "act_cached": {False: ops["act_cached"].to_numpy(bool), True: ops["unfolded_cached"].to_numpy(bool)},
-            "weights": ops["w_bytes"].to_numpy(float), "weights_cached": ops["weights_cached"].to_numpy(bool),
+            "memory_s": {False: ops["memory"].to_numpy(float), True: ops["unfolded_memory"].to_numpy(float)},
             "m": ops["m"].to_numpy(float), "n": ops["n"].to_numpy(float), "k": ops["k"].to_numpy(float),
-            "gemm": ops["kind"].isin(GEMM_KINDS).to_numpy(), "networks": len(traces),
+            "gemm": ops["kind"].isin(GEMM_KINDS).to_numpy(), "conv": (ops["kind"] == "conv").to_numpy(),
+            "networks": len(traces),
             "sum": csr_matrix((np.ones(len(ops)), (ops["net"].to_numpy(), np.arange(len(ops)))))}  # ops -> networks
 
 
 N_KINDS, N_COMPUTE = len(KINDS), len(COMPUTE_KINDS)
-BANDWIDTH, CACHE_BANDWIDTH, HALF = N_KINDS + N_COMPUTE, N_KINDS + N_COMPUTE + 1, N_KINDS + N_COMPUTE + 2
+HALF = N_KINDS + N_COMPUTE
+NARROW = HALF + len(SHAPE_KEYS)
 
 
-def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, dict]:
-    """theta (logs): overhead per kind (us), GMAC/s per compute kind, bandwidth and cache bandwidth (GB/s),
-    gemm_half per GEMM dimension."""
+def _unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict, float]:
+    """theta (logs): overhead per kind (us), GMAC/s per compute kind, gemm_half per GEMM dimension, the narrow
+    convolutions' efficiency."""
     overhead_us = np.exp(theta[:N_KINDS])
     gmacs = np.ones(N_KINDS)
-    gmacs[[KINDS.index(k) for k in COMPUTE_KINDS]] = np.exp(theta[N_KINDS: BANDWIDTH])
-    half = dict(zip(SHAPE_KEYS, np.exp(theta[HALF:])))
-    return overhead_us, gmacs, float(np.exp(theta[BANDWIDTH])), float(np.exp(theta[CACHE_BANDWIDTH])), half
+    gmacs[[KINDS.index(k) for k in COMPUTE_KINDS]] = np.exp(theta[N_KINDS: HALF])
+    half = dict(zip(SHAPE_KEYS, np.exp(theta[HALF: NARROW])))
+    return overhead_us, gmacs, half, float(np.exp(theta[NARROW]))
 
 
-def op_seconds(theta: np.ndarray, d: dict, overlap: float, im2col: bool, jacobian: bool = False):
-    """Every op's latency from the fitted numbers (the cost model's per-op formula) and, with `jacobian`, its
-    derivative by each entry of theta (columns), for an exact-gradient least-squares fit."""
-    overhead_us, gmacs, bandwidth, cache_bandwidth, half = _unpack(theta)
-    rate = gmacs[d["kind"]] * np.where(d["gemm"], shape_efficiency(d["m"], d["n"], d["k"], half), 1.0)
+def op_seconds(theta: np.ndarray, d: dict, form: dict, jacobian: bool = False):
+    """Every op's latency from the fitted numbers under the roofline `form` (the cost model's per-op formula)
+    and, with `jacobian`, its derivative by each entry of theta (columns), for an exact-gradient fit."""
+    overhead_us, gmacs, half, narrow_efficiency = _unpack(theta)
+    narrow = narrow_factor(d["conv"], d["n"], form["narrow_n"], narrow_efficiency)
+    rate = gmacs[d["kind"]] * np.where(d["gemm"], shape_efficiency(d["m"], d["n"], d["k"], half), 1.0) * narrow
     compute = d["work"] / (rate * 1e9)
-    act, act_cached, weights = d["act"][im2col], d["act_cached"][im2col], d["weights"]
-    memory = memory_s(act, weights, act_cached, d["weights_cached"], bandwidth, cache_bandwidth)
-    bound_s, compute_bound = roofline_s(compute, memory, overlap)
+    bound_s, compute_bound = roofline_s(compute, d["memory_s"][form["im2col"]], form["overlap"])
     seconds = overhead_us[d["kind"]] * 1e-6 + bound_s
     if not jacobian:
         return seconds, None
-    to_compute = np.where(compute_bound, 1.0, 1.0 - overlap)     # d seconds / d compute time
-    to_memory = np.where(compute_bound, 1.0 - overlap, 1.0)
+    to_compute = compute * np.where(compute_bound, 1.0, 1.0 - form["overlap"])  # d seconds / d log compute time
     cols = np.zeros((len(seconds), len(theta)))
     cols[np.arange(len(seconds)), d["kind"]] = overhead_us[d["kind"]] * 1e-6
     for j, kind in enumerate(COMPUTE_KINDS):
         mine = d["kind"] == KINDS.index(kind)
-        cols[mine, N_KINDS + j] = -(compute * to_compute)[mine]
-    cached = act * act_cached + weights * d["weights_cached"]
-    cols[:, BANDWIDTH] = -(act + weights - cached) / (bandwidth * 1e9) * to_memory
-    cols[:, CACHE_BANDWIDTH] = -cached / (cache_bandwidth * 1e9) * to_memory
+        cols[mine, N_KINDS + j] = -to_compute[mine]
     for j, dim in enumerate(SHAPE_KEYS):
         h = half[dim]
-        cols[:, HALF + j] = np.where(d["gemm"], compute * to_compute * h / (d[dim] + h), 0.0)
+        cols[:, HALF + j] = np.where(d["gemm"], to_compute * h / (d[dim] + h), 0.0)
+    cols[:, NARROW] = np.where(d["conv"] & (d["n"] < form["narrow_n"]), -to_compute, 0.0)
     return seconds, cols
 
 
-def predict_ms(theta: np.ndarray, d: dict, overlap: float, im2col: bool) -> np.ndarray:
+def predict_ms(theta: np.ndarray, d: dict, form: dict) -> np.ndarray:
     """Each network's latency: its ops' latencies summed."""
-    return np.bincount(d["net"], weights=op_seconds(theta, d, overlap, im2col)[0], minlength=d["networks"]) * 1e3
+    return np.bincount(d["net"], weights=op_seconds(theta, d, form)[0], minlength=d["networks"]) * 1e3
 
 
-def _log_residuals(d: dict, measured: np.ndarray, overlap: float, im2col: bool):
+def _log_residuals(d: dict, measured: np.ndarray, form: dict):
     """log(predicted / measured) per network, and its Jacobian by theta."""
     def residuals(theta):
-        return np.log(predict_ms(theta, d, overlap, im2col) / measured)
+        return np.log(predict_ms(theta, d, form) / measured)
 
     def jacobian(theta):
-        seconds, cols = op_seconds(theta, d, overlap, im2col, jacobian=True)
+        seconds, cols = op_seconds(theta, d, form, jacobian=True)
         return (d["sum"] @ cols) / (d["sum"] @ seconds)[:, None]
 
     return residuals, jacobian
 
 
-def fit(networks, cache_kb: float, traces=None) -> dict:
+def fit(networks, cache_kb: float, bandwidths: tuple[float, float], traces=None) -> dict:
     """The profile numbers minimizing the log error over the measured networks, trying each roofline form;
-    `cache_kb` is the device's on-chip memory (its bandwidth is fitted, its size is the hardware's)."""
+    `cache_kb` is the device's on-chip memory, `bandwidths` the measured (main, on-chip) bandwidths in GB/s
+    (memory_bandwidths): measured, not fitted, since per-op overheads and kernel efficiencies absorb whatever a
+    fit of them would explain, and the fit ends at unphysical bounds."""
     from scipy.optimize import least_squares
 
     measured = np.array([ms for _, _, ms in networks])
     traces = traces or traced(networks)
-    start, low, high = (np.log(np.concatenate([np.full(N_KINDS, o), np.full(N_COMPUTE, g), [b, b], np.full(len(SHAPE_KEYS), h)]))
-                        for o, g, b, h in ((5.0, 50.0, 20.0, 1.0), (1e-3, 1e-2, 1e-2, 1e-2), (1e5, 1e7, 1e5, 1e4)))
+    start, low, high = (np.log(np.concatenate([np.full(N_KINDS, o), np.full(N_COMPUTE, g), np.full(len(SHAPE_KEYS), h),
+                                               [e]]))
+                        for o, g, h, e in ((5.0, 50.0, 1.0, 0.5), (1e-3, 1e-2, 1e-2, 1e-3), (1e5, 1e7, 1e4, 1.0)))
     best, designs = None, {}
-    for overlap, im2col, multiple in itertools.product(*FORMS.values()):
-        if multiple not in designs:
-            designs[multiple] = design(traces, multiple, cache_kb)
-        d = designs[multiple]
-        residuals, jacobian = _log_residuals(d, measured, overlap, im2col)
+    for values in itertools.product(*FORMS.values()):
+        form = dict(zip(FORMS, values))
+        if form["channel_multiple"] not in designs:
+            designs[form["channel_multiple"]] = design(traces, form["channel_multiple"], cache_kb, bandwidths)
+        d = designs[form["channel_multiple"]]
+        residuals, jacobian = _log_residuals(d, measured, form)
         result = least_squares(residuals, start, jac=jacobian, bounds=(low, high), x_scale="jac", ftol=1e-6, xtol=1e-6)
         if best is None or result.cost < best[0]:
-            best = (result.cost, {"overlap": overlap, "im2col": im2col, "channel_multiple": multiple}, result.x, d)
+            best = (result.cost, form, result.x, d)
     _, form, theta, d = best
-    errors = np.abs(predict_ms(theta, d, form["overlap"], form["im2col"]) / measured - 1)
+    errors = np.abs(predict_ms(theta, d, form) / measured - 1)
     used = {KINDS[k] for k in np.unique(d["kind"])}
-    overhead_us, gmacs, bandwidth, cache_bandwidth, half = _unpack(theta)
+    overhead_us, gmacs, half, narrow_efficiency = _unpack(theta)
     return {"overhead_us": {k: float(overhead_us[i]) for i, k in enumerate(KINDS) if k in used},
             "throughput_gmacs": {k: float(gmacs[KINDS.index(k)]) for k in COMPUTE_KINDS if k in used},
-            "bandwidth_gbs": bandwidth, "cache_kb": cache_kb, "cache_bandwidth_gbs": cache_bandwidth if cache_kb else 0.0,
-            "gemm_half": {k: float(v) for k, v in half.items()}, **form,
+            "bandwidth_gbs": bandwidths[0], "cache_kb": cache_kb, "cache_bandwidth_gbs": bandwidths[1],
+            "gemm_half": {k: float(v) for k, v in half.items()}, "narrow_efficiency": narrow_efficiency, **form,
             "median_error": float(np.median(errors)), "within_20pct": float(np.mean(errors <= 0.2))}
 
 
@@ -345,9 +380,11 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
     clock = clock or ("cpu" if device == "cpu" and threads == 1 else "wall")
     start = time.perf_counter()
     _settle(device)
-    networks = list(measure_networks(40 if quick else 120, 10 if quick else 30, seed, device,
-                                     threads if device == "cpu" else None, clock, ZOO[:4] if quick else ZOO))
-    profile = fitted_profile(fit(networks, cache_kb(device)), name, device, threads)
+    timing_threads, on_chip_kb = threads if device == "cpu" else None, cache_kb(device)
+    bandwidths = memory_bandwidths(device, on_chip_kb, timing_threads, clock)
+    networks = list(measure_networks(40 if quick else 120, 10 if quick else 30, seed, device, timing_threads, clock,
+                                     ZOO[:4] if quick else ZOO))
+    profile = fitted_profile(fit(networks, on_chip_kb, bandwidths), name, device, threads)
     profile.calibration.update(networks=len(networks), seed=seed, clock=clock,
                                seconds=round(time.perf_counter() - start, 1))
     return profile
@@ -374,6 +411,8 @@ def fitted_profile(fitted: dict, name: str, device: str = "cpu", threads: int | 
         im2col=fitted["im2col"],
         channel_multiple=fitted["channel_multiple"],
         gemm_half={k: _sig(v) for k, v in fitted["gemm_half"].items()},
+        narrow_n=fitted["narrow_n"],
+        narrow_efficiency=_sig(fitted["narrow_efficiency"]),
         threads=threads if device == "cpu" else None,
         device=device,
         calibration={"model_version": MODEL_VERSION, "fit_median_error": round(fitted["median_error"], 4),

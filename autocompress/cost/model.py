@@ -5,14 +5,17 @@ sparsity and codebooks from the metadata each compressed module carries (compres
 
 Latency of one op (or of one fused group, see fusion.py) is a roofline plus a fixed overhead:
 
-    compute = work / (peak_gmacs[dtype] x efficiency[kind] x shape efficiency)
+    compute = work / (peak_gmacs[dtype] x efficiency[kind] x shape efficiency [x narrow_efficiency])
     memory  = activations in and out [+ im2col unfold] / their bandwidth + weights / theirs
     latency = overhead[kind] + max(compute, memory) + (1 - overlap) x min(compute, memory)
 
 `dtype` is the narrowest one the profile supports that holds the layer's weight and activation bits;
 `work` is, for a pooling op, its window reads; otherwise the MACs with channels padded to the profile's `channel_multiple`, and only the non-zero
 weights' MACs where the profile skips zeros (`sparse`); the shape efficiency m/(m + m_half) x ...
-makes small GEMMs (few output channels, pixels or reduction terms) slower per MAC. Memory has two
+makes small GEMMs (few output channels, pixels or reduction terms) slower per MAC, and a convolution
+with fewer than `narrow_n` output positions keeps only `narrow_efficiency` of its efficiency (CPU
+kernels vectorize over output pixels: a 2x2 or 3x3 map cannot fill a vector and takes a slower path,
+which is where a late stage's large weights are processed). Memory has two
 levels: feature maps that fit in the on-chip memory (`cache_kb`) move at its bandwidth, and so do
 the weights of a model whose weights all fit (they stay there between inferences); everything else
 moves at the main-memory bandwidth. The model's
@@ -108,6 +111,12 @@ def shape_efficiency(m, n, k, half: dict) -> np.ndarray:
         if h:
             eff = eff * values / (values + h)
     return eff
+
+
+def narrow_factor(conv, n, narrow_n: int, efficiency: float) -> np.ndarray:
+    """Per op, the efficiency factor of the profile's narrow-convolution path: `efficiency` for a convolution
+    (`conv` true) with fewer than `narrow_n` output positions `n`, else 1."""
+    return np.where(np.asarray(conv) & (np.asarray(n) < narrow_n), efficiency, 1.0)
 
 
 def roofline_s(compute_s, memory_s, overlap: float):
@@ -243,8 +252,10 @@ def price(table: pd.DataFrame, profile: HardwareProfile) -> pd.DataFrame:
     act_cached, weights_cached = on_chip(act_bytes, w_bytes, profile.cache_kb)
     kinds = table["kind"].to_numpy()
     rate = np.array([profile.peak_gmacs[d] * profile.efficiency.get(k, 1.0) for d, k in zip(table["dtype"], kinds)])
+    n = table["n"].to_numpy(float)
     rate = rate * np.where(np.isin(kinds, GEMM_KINDS), shape_efficiency(
-        table["m"].to_numpy(float), table["n"].to_numpy(float), table["k"].to_numpy(float), profile.gemm_half), 1.0)
+        table["m"].to_numpy(float), n, table["k"].to_numpy(float), profile.gemm_half), 1.0)
+    rate = rate * narrow_factor(kinds == "conv", n, profile.narrow_n, profile.narrow_efficiency)
     bound_s, compute_bound = roofline_s(
         table["work"].to_numpy(float) * is_anchor / (rate * 1e9),
         memory_s(act_bytes, w_bytes, act_cached, weights_cached, profile.bandwidth_gbs, profile.cache_bandwidth_gbs),

@@ -24,7 +24,7 @@ FUSION_MEMBERS = ("bn", "relu", "act", "add")
 SHAPE_KEYS = ("m", "n", "k")
 REQUIRED = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
 OPTIONAL = ("description", "cache_kb", "cache_bandwidth_gbs", "sparse", "fuses", "overlap", "im2col",
-            "channel_multiple", "gemm_half", "threads", "device", "calibration")
+            "channel_multiple", "gemm_half", "narrow_n", "narrow_efficiency", "threads", "device", "calibration")
 
 
 @dataclass
@@ -49,6 +49,9 @@ class HardwareProfile:
     channel_multiple: channels are padded to a multiple of this (SIMD lanes, PE-array width) for compute
     gemm_half:        the GEMM sizes (m: output channels, n: output pixels, k: reduction) at which a
                       conv/linear kernel reaches half its efficiency; small layers are slower per MAC
+    narrow_n:         a convolution with fewer output positions than this runs a slower code path (CPU kernels
+                      vectorize over output pixels; a late stage's 2x2 or 3x3 map cannot fill a vector). 0: none
+    narrow_efficiency: the fraction of its efficiency such a narrow convolution keeps
     threads:          torch threads a calibration used (measurements use the same)
     device:           torch device a calibration ran on (cpu, cuda)
     """
@@ -68,6 +71,8 @@ class HardwareProfile:
     im2col: bool = False
     channel_multiple: int = 1
     gemm_half: dict = field(default_factory=dict)
+    narrow_n: int = 0
+    narrow_efficiency: float = 1.0
     threads: int | None = None
     device: str = "cpu"
     calibration: dict = field(default_factory=dict)
@@ -92,7 +97,7 @@ class HardwareProfile:
                "cache_bandwidth_gbs": self.cache_bandwidth_gbs, "overhead_us": self.overhead_us,
                "energy": self.energy, "sparse": self.sparse, "fuses": ["+".join(p) for p in self.fuses], "overlap": self.overlap,
                "im2col": self.im2col, "channel_multiple": self.channel_multiple, "gemm_half": self.gemm_half,
-               "device": self.device}
+               "narrow_n": self.narrow_n, "narrow_efficiency": self.narrow_efficiency, "device": self.device}
         if self.threads:
             out["threads"] = self.threads
         if self.calibration:
@@ -137,6 +142,13 @@ class HardwareProfile:
         gemm_half = data.get("gemm_half") or {}
         if gemm_half:
             _positive_map(gemm_half, SHAPE_KEYS, f"{where} gemm_half", allow_zero=True)
+        narrow_n, narrow_efficiency = data.get("narrow_n", 0), data.get("narrow_efficiency", 1.0)
+        if isinstance(narrow_n, bool) or not isinstance(narrow_n, int) or narrow_n < 0:
+            raise AutocompressError(f"hardware profile {where} narrow_n = {narrow_n!r}; it must be an integer >= 0")
+        if (isinstance(narrow_efficiency, bool) or not isinstance(narrow_efficiency, (int, float))
+                or not 0 < narrow_efficiency <= 1):
+            raise AutocompressError(f"hardware profile {where} narrow_efficiency = {narrow_efficiency!r}; it must be "
+                                    "in (0, 1]")
         device = data.get("device", "cpu")
         if device not in ("cpu", "cuda"):
             raise AutocompressError(f"hardware profile {where} device = {device!r}; allowed: cpu, cuda")
@@ -144,7 +156,8 @@ class HardwareProfile:
                    overhead, _energy(data["energy"], where), _flag(data, "sparse", where),
                    str(data.get("description", "")), float(cache_kb), float(cache_bw),
                    _fusions(data.get("fuses") or [], where), float(overlap), _flag(data, "im2col", where), multiple,
-                   {k: float(v) for k, v in gemm_half.items()}, threads, device, dict(data.get("calibration") or {}))
+                   {k: float(v) for k, v in gemm_half.items()}, narrow_n, float(narrow_efficiency), threads, device,
+                   dict(data.get("calibration") or {}))
 
 
 def _energy(energy, where: str) -> dict:
