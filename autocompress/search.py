@@ -200,8 +200,12 @@ def enqueue_warm_start(study: optuna.Study, bound: BoundSpace) -> None:
     techniques = sorted({k.technique for k in bound.knobs if k.param != KIND and k.technique != STUDENT})
     if len(techniques) > 1:
         warm += [bound.uniform(ALONE_START, only=t) for t in techniques]
-    for values in warm:
-        study.enqueue_trial(values, skip_if_exists=True)
+    seen = set()
+    for values in warm:  # positions that round to the same choices make one policy: it is tried once
+        policy = bound.policy(values).to_json()
+        if policy not in seen:
+            seen.add(policy)
+            study.enqueue_trial(values, skip_if_exists=True)
 
 
 def evaluate_policy(problem: Problem, policy) -> dict:
