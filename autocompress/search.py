@@ -346,7 +346,7 @@ def _repaired(trial, problem: Problem, values: dict) -> dict:
         return estimate(model, problem.example_input, problem.profile).as_dict()
 
     try:
-        if problem.levers is None:
+        if problem.levers is None and problem.limits:  # priced once, and only where there are budgets
             problem.levers = levers(problem.bound, price, problem.limits)
         values, factor = repair(problem.bound, values, price, problem.limits, problem.levers)
     except (KeyboardInterrupt, SystemExit):
