@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .budgets import violations
-from .space import KIND, STUDENT, BoundSpace
+from .space import STUDENT, BoundSpace
 
 BISECTIONS = 6  # the factor is found within 1/64; each step is one apply + estimate
 Price = Callable[[dict], dict]
@@ -25,7 +25,7 @@ Price = Callable[[dict], dict]
 def levers(bound: BoundSpace, price: Price, metrics) -> dict[str, set[str]]:
     """Per metric, the techniques whose most compressed setting alone lowers it below the uncompressed model's.
     Students always count: a student's knobs shape all of its costs."""
-    techniques = {k.technique for k in bound.knobs if k.param != KIND}
+    techniques = set(bound.techniques)
     base = price(bound.uniform(1.0))
     out = {m: {STUDENT} & techniques for m in metrics}
     for t in sorted(techniques - {STUDENT}):

@@ -197,7 +197,7 @@ def enqueue_warm_start(study: optuna.Study, bound: BoundSpace) -> None:
         return
     kinds = KINDS if any(k.param == KIND for k in bound.knobs) else KINDS[:1]
     warm = [bound.uniform(fraction, kind=kind) for kind in kinds for fraction in WARM_START]
-    techniques = sorted({k.technique for k in bound.knobs if k.param != KIND and k.technique != STUDENT})
+    techniques = [t for t in bound.techniques if t != STUDENT]
     if len(techniques) > 1:
         warm += [bound.uniform(ALONE_START, only=t) for t in techniques]
     seen = set()

@@ -122,6 +122,11 @@ class BoundSpace:
         self.fixed = fixed or []
 
     @property
+    def techniques(self) -> list[str]:
+        """The techniques that have knobs here (the `kind` knob is none), sorted."""
+        return sorted({k.technique for k in self.knobs if k.param != KIND})
+
+    @property
     def distributions(self) -> dict:
         return {k.param: k.distribution for k in self.knobs}
 
