@@ -137,8 +137,9 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     if "baseline" not in study.user_attrs:
         baseline["accuracy"] = _baseline_accuracy(judge, model)
         study.set_user_attr("baseline", baseline)
-    search.enqueue_warm_start(study, bound)
-    return study, search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair))
+    problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair))
+    search.enqueue_warm_start(study, problem)
+    return study, problem
 
 
 def _search(study, problem: search.Problem, progress: bool) -> Result:

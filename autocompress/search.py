@@ -54,6 +54,7 @@ from .space import KIND, KINDS, STUDENT, BoundSpace
 SAMPLERS = ("nsga2", "tpe", "random")
 WARM_START = (0.25, 0.5, 0.75)  # uniform policies tried first: the front never loses to uniform compression
 ALONE_START = 0.25              # ... and each technique alone at this position, in a space of several
+BUDGET_SHARES = (1.0, 0.8, 0.6)  # ... and uniform policies that just fit these shares of the budgets
 ASKED = "trials_asked:"         # study user attributes: one per asker (`run`, each worker), summed into the target
 MAX_RETRIES = 2                 # a policy whose worker keeps dying is given up after this many retries
 MAX_DUPLICATES = 50             # consecutive duplicate samples before the space counts as exhausted
@@ -73,6 +74,17 @@ class Problem:
     evaluator: Callable | None
     repair: bool = True  # scale over-budget samples toward the budget before evaluating them (repair.py)
     levers: dict | None = None  # per budgeted metric, the techniques that lower it (repair.levers, found once)
+
+    def price(self, values: dict) -> dict:
+        """The cost metrics of the policy these knob values make (no accuracy evaluation)."""
+        model = apply(self.model, self.bound.policy(values), self.example_input)
+        return estimate(model, self.example_input, self.profile).as_dict()
+
+    def budget_levers(self) -> dict:
+        """Per budgeted metric, the techniques that lower it on this model and device (priced once)."""
+        if self.levers is None and self.limits:
+            self.levers = levers(self.bound, self.price, self.limits)
+        return self.levers or {}
 
 
 def check_sampler(name: str) -> None:
@@ -189,23 +201,61 @@ def recover_lost(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def enqueue_warm_start(study: optuna.Study, bound: BoundSpace) -> None:
+def enqueue_warm_start(study: optuna.Study, problem: Problem) -> None:
     """Uniform policies first, so the front is never worse than them: every knob at each WARM_START position
-    (for your model compressed and, in a space with a `kind` knob, for a student too), and, in a space of
-    several compression techniques, each technique alone at ALONE_START."""
+    (for your model compressed and, in a space with a `kind` knob, for a student too); in a space of several
+    compression techniques, each technique alone at ALONE_START; and, where there are budgets, the uniform
+    policies that just fit them (budget_fitted)."""
     if study.trials:
         return
+    bound = problem.bound
     kinds = KINDS if any(k.param == KIND for k in bound.knobs) else KINDS[:1]
     warm = [bound.uniform(fraction, kind=kind) for kind in kinds for fraction in WARM_START]
     techniques = [t for t in bound.techniques if t != STUDENT]
     if len(techniques) > 1:
         warm += [bound.uniform(ALONE_START, only=t) for t in techniques]
+    warm += budget_fitted(problem)
     seen = set()
     for values in warm:  # positions that round to the same choices make one policy: it is tried once
         policy = bound.policy(values).to_json()
         if policy not in seen:
             seen.add(policy)
             study.enqueue_trial(values, skip_if_exists=True)
+
+
+def budget_fitted(problem: Problem) -> list[dict]:
+    """At each of BUDGET_SHARES of the budgets, the least compressed uniform policy that fits them: of every
+    technique that lowers a budgeted metric alone (uniform pruning, uniform bit-width...), and of all of them at
+    once (each metric's levers moved, as a repair does). These are what a person would try at those budgets by
+    hand; the search's front starts from them. Found with the cost model only (repair.repair's bisection)."""
+    if not problem.limits:
+        return []
+    bound, prices = problem.bound, {}
+
+    def price(values: dict) -> dict:  # the bisections of nearby shares meet the same policies: each priced once
+        key = bound.policy(values).to_json()
+        if key not in prices:
+            prices[key] = problem.price(values)
+        return prices[key]
+
+    try:
+        movers = problem.budget_levers()
+        starts = [(bound.uniform(1.0), movers)]
+        for t in sorted(set().union(*movers.values())):
+            start = bound.uniform(1.0, only=t, kind=STUDENT if t == STUDENT else KINDS[0])
+            starts.append((start, {m: {t} for m in movers}))
+        fitted = []
+        for share in BUDGET_SHARES:
+            limits = {m: limit * share for m, limit in problem.limits.items()}
+            for values, techniques in starts:
+                values, factor = repair(bound, values, price, limits, techniques)
+                if factor is not None:
+                    fitted.append(values)
+        return fitted
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:  # a model the cost model cannot price: its trials record why; the warm start goes without
+        return []
 
 
 def evaluate_policy(problem: Problem, policy) -> dict:
@@ -341,14 +391,8 @@ def _evaluate(study: optuna.Study, trial, problem: Problem, policy, say) -> str:
 def _repaired(trial, problem: Problem, values: dict) -> dict:
     """Sampled values scaled to fit the budgets; the factor is recorded (1.0: fitted as sampled, None: nothing
     fits). A policy that cannot be priced is left as sampled: its evaluation records the failure."""
-    def price(candidate: dict) -> dict:
-        model = apply(problem.model, problem.bound.policy(candidate), problem.example_input)
-        return estimate(model, problem.example_input, problem.profile).as_dict()
-
     try:
-        if problem.levers is None and problem.limits:  # priced once, and only where there are budgets
-            problem.levers = levers(problem.bound, price, problem.limits)
-        values, factor = repair(problem.bound, values, price, problem.limits, problem.levers)
+        values, factor = repair(problem.bound, values, problem.price, problem.limits, problem.budget_levers())
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception:

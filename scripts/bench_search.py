@@ -11,7 +11,7 @@ Both use the default search space (per-group keep ratios, weight bit-widths). Hy
 normalized objectives, both minimized: x = latency / the model's latency, y = 1 - accuracy (digits) or
 size / the model's size (resnet18); reference point (0.5, 1.0): the latency budget, and zero accuracy or the
 model's full size. Only feasible completed trials count. Printed per problem and sampler: the median over
-seeds of the hypervolume after 25, 50 and 100 trials (the first 5 trials: the uniform warm-start policies), and the
+seeds of the hypervolume after 25, 50 and 100 trials (the first 8: the warm start's uniform policies), and the
 feasible rate with budget-aware repair (the default) and without.
 
 Baselines, each at the latency targets TARGETS x the model's latency: `uniform` prunes every channel group to
@@ -84,13 +84,13 @@ def hypervolume(pts: np.ndarray, ref=REFERENCE) -> float:
 
 
 def search_job(job: tuple) -> dict:
-    """One search: (problem, sampler, seed, repair, trials) -> hypervolume at each checkpoint, feasible rate,
+    """One search: (problem, sampler, seed, repair, trials, hardware) -> hypervolume at each checkpoint, feasible rate,
     and the final feasible points."""
-    name, sampler, seed, repair, trials = job
+    name, sampler, seed, repair, trials, hardware = job
     model, x, data, objectives = problem(name)
     start = time.perf_counter()
-    result = ac.compress(model, x, data=data, budgets={"latency": BUDGET}, objectives=objectives, trials=trials,
-                         sampler=sampler, seed=seed, progress=False, repair=repair)
+    result = ac.compress(model, x, data=data, hardware=hardware, budgets={"latency": BUDGET}, objectives=objectives,
+                         trials=trials, sampler=sampler, seed=seed, progress=False, repair=repair)
     frame = result.trials.sort_index()
     done = frame[frame["state"].isin(["COMPLETE", "FAIL"])]  # what the target counts, in trial order
     out = {"problem": name, "sampler": sampler, "seed": seed, "repair": repair, "seconds": time.perf_counter() - start,
@@ -104,9 +104,9 @@ def search_job(job: tuple) -> dict:
 
 def baseline_job(job: tuple) -> list[dict]:
     """Uniform pruning and Torch-Pruning at each latency target of one problem: normalized points."""
-    name = job[0]
+    name, hardware = job
     model, x, data, objectives = problem(name)
-    profile = load_profile("host")
+    profile = load_profile(hardware)
     judge = make_evaluator(data, None, 0, teacher=model)  # the search's own judge
     full = ac.estimate(model, x, profile)
     bound = ac.SearchSpace("uniform", {"prune": {"keep": {"low": 0.05, "high": 1.0, "step": 0.01},
@@ -171,15 +171,17 @@ def main(argv=None) -> None:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="searches run side by side (1 thread each)")
     p.add_argument("--save", help="write the per-search table to this CSV")
+    p.add_argument("--hardware", default="host", help="profile name or YAML path; a copy of the host profile keeps a "
+                   "long run's prices fixed while other work recalibrates the cached one")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.trials = 1, 25
     problems, samplers = args.problems.split(","), args.samplers.split(",")
-    searches = [(n, s, seed, repair, args.trials) for n in problems for s in samplers
+    searches = [(n, s, seed, repair, args.trials, args.hardware) for n in problems for s in samplers
                 for seed in range(args.seeds) for repair in (True, False)]
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
-        baselines = pool.map(baseline_job, [(n,) for n in problems])
+        baselines = pool.map(baseline_job, [(n, args.hardware) for n in problems])
         runs = list(pool.map(search_job, searches))
         base = pd.DataFrame([row for rows in baselines for row in rows])
     frame = pd.DataFrame(runs)

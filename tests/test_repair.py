@@ -70,11 +70,13 @@ def test_warm_start_in_a_space_of_students_and_compression_tries_uniform_models_
     import optuna
 
     from autocompress import search
+    from autocompress.cost.profiles import load_profile
     from autocompress.space import KIND, STUDENT
 
     bound = SearchSpace.load("all").bind(ac.analyze(digits_model, digits_input))
     study = optuna.create_study(directions=["maximize", "minimize"])
-    search.enqueue_warm_start(study, bound)
+    search.enqueue_warm_start(study, search.Problem(digits_model, digits_input, bound, load_profile("host"),
+                                                    ("accuracy", "latency_ms"), {}, None))
     queued = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
     kinds = [q[KIND] for q in queued]
     n = len(search.WARM_START)
@@ -85,6 +87,30 @@ def test_warm_start_in_a_space_of_students_and_compression_tries_uniform_models_
                 "quantize": ("weight_bits", 32)}
     assert STUDENT not in lightest
     assert all(set(lightest[t][field].values()) != {same} for t, (field, same) in identity.items())
+
+
+def test_warm_start_tries_the_least_compressed_uniform_policies_that_fit_shares_of_the_budget(digits_model,
+                                                                                            digits_input):
+    """Uniform pruning at the budget and below it (BUDGET_SHARES): the front is never worse than a person's
+    uniform pruning at those budgets. Each is the largest keep ratio that fits; the next one up does not."""
+    from autocompress import search
+    from autocompress.cost.profiles import load_profile
+
+    bound = SearchSpace("t", {"prune": {"keep": {"low": 0.25, "high": 1.0, "step": 0.125}, "granularity": "global"},
+                              "quantize": {"weight_bits": [32, 8], "granularity": "global"}}
+                        ).bind(ac.analyze(digits_model, digits_input))
+    problem = search.Problem(digits_model, digits_input, bound, load_profile("raspberry-pi-4"),
+                             ("accuracy", "latency_ms"), {}, None)
+    full = problem.price(bound.uniform(1.0))["latency_ms"]
+    problem.limits = {"latency_ms": 0.5 * full}
+    keep, bits = (next(k.param for k in bound.knobs if k.technique == t) for t in ("prune", "quantize"))
+    fitted = search.budget_fitted(problem)
+    pruned = sorted({v[keep] for v in fitted if v[bits] == 32})
+    assert 2 <= len(pruned) <= len(search.BUDGET_SHARES)  # one per share; the shares need different ratios here
+    for share in search.BUDGET_SHARES:
+        limit = share * problem.limits["latency_ms"]
+        ratio = max(r for r in pruned if problem.price({keep: r, bits: 32})["latency_ms"] <= limit)
+        assert ratio == 1.0 or problem.price({keep: ratio + 0.125, bits: 32})["latency_ms"] > limit
 
 
 def test_repair_moves_only_the_techniques_that_lower_the_exceeded_metric(digits_model, digits_input):
