@@ -11,7 +11,7 @@ Both use the default search space (per-group keep ratios, weight bit-widths). Hy
 normalized objectives, both minimized: x = latency / the model's latency, y = 1 - accuracy (digits) or
 size / the model's size (resnet18); reference point (0.5, 1.0): the latency budget, and zero accuracy or the
 model's full size. Only feasible completed trials count. Printed per problem and sampler: the median over
-seeds of the hypervolume after 25, 50 and 100 trials (the first 8: the warm start's uniform policies), and the
+seeds of the hypervolume after 25, 50 and 100 trials (the first 7: the warm start's uniform policies), and the
 feasible rate with budget-aware repair (the default) and without.
 
 Baselines, each at the latency targets TARGETS x the model's latency: `uniform` prunes every channel group to
