@@ -33,7 +33,7 @@ import time
 import traceback
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
@@ -74,11 +74,17 @@ class Problem:
     evaluator: Callable | None
     repair: bool = True  # scale over-budget samples toward the budget before evaluating them (repair.py)
     levers: dict | None = None  # per budgeted metric, the techniques that lower it (repair.levers, found once)
+    prices: dict = field(default_factory=dict, repr=False)  # policy JSON -> its cost metrics
 
     def price(self, values: dict) -> dict:
-        """The cost metrics of the policy these knob values make (no accuracy evaluation)."""
-        model = apply(self.model, self.bound.policy(values), self.example_input)
-        return estimate(model, self.example_input, self.profile).as_dict()
+        """The cost metrics of the policy these knob values make (no accuracy evaluation). Each policy is priced
+        once: the bisections of repairs and of the warm start meet the same policies again."""
+        policy = self.bound.policy(values)
+        key = policy.to_json()
+        if key not in self.prices:
+            model = apply(self.model, policy, self.example_input)
+            self.prices[key] = estimate(model, self.example_input, self.profile).as_dict()
+        return self.prices[key]
 
     def budget_levers(self) -> dict:
         """Per budgeted metric, the techniques that lower it on this model and device (priced once)."""
@@ -230,14 +236,7 @@ def budget_fitted(problem: Problem) -> list[dict]:
     hand; the search's front starts from them. Found with the cost model only (repair.repair's bisection)."""
     if not problem.limits:
         return []
-    bound, prices = problem.bound, {}
-
-    def price(values: dict) -> dict:  # the bisections of nearby shares meet the same policies: each priced once
-        key = bound.policy(values).to_json()
-        if key not in prices:
-            prices[key] = problem.price(values)
-        return prices[key]
-
+    bound = problem.bound
     try:
         movers = problem.budget_levers()
         starts = [(bound.uniform(1.0), movers)]
@@ -248,7 +247,7 @@ def budget_fitted(problem: Problem) -> list[dict]:
         for share in BUDGET_SHARES:
             limits = {m: limit * share for m, limit in problem.limits.items()}
             for values, techniques in starts:
-                values, factor = repair(bound, values, price, limits, techniques)
+                values, factor = repair(bound, values, problem.price, limits, techniques)
                 if factor is not None:
                     fitted.append(values)
         return fitted
