@@ -86,3 +86,8 @@ class Budgets:
 def violations(metrics: dict, limits: dict) -> list[float]:
     """Relative excess over each limit, in a fixed order; <= 0 means within budget (Optuna's convention)."""
     return [metrics[m] / limit - 1.0 for m, limit in sorted(limits.items())]
+
+
+def exceeded(metrics: dict, limits: dict) -> list[str]:
+    """The metrics over their limit (by the same test as `violations`, which a trial's feasibility uses)."""
+    return [m for m, excess in zip(sorted(limits), violations(metrics, limits)) if excess > 0]

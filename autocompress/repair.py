@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .budgets import violations
+from .budgets import exceeded
 from .space import STUDENT, BoundSpace
 
 BISECTIONS = 6  # the factor is found within 1/64; each step is one apply + estimate
@@ -43,11 +43,11 @@ def repair(bound: BoundSpace, values: dict, price: Price, limits: dict,
     `price(values)` returns the cost metrics of the policy those values make; `movers` (from `levers`) names
     the techniques to scale for each metric (all of them when None, or when no technique lowers it)."""
     def fits(candidate: dict) -> bool:
-        return all(v <= 0 for v in violations(price(candidate), limits))
+        return not exceeded(price(candidate), limits)
 
     if not limits:
         return values, 1.0
-    over = [m for m, v in zip(sorted(limits), violations(price(values), limits)) if v > 0]
+    over = exceeded(price(values), limits)
     if not over:
         return values, 1.0
     techniques = set().union(*(movers.get(m, set()) for m in over)) if movers else set()

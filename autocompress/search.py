@@ -49,7 +49,7 @@ from .cost.model import estimate
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
 from .repair import levers, repair
-from .space import KIND, KINDS, STUDENT, BoundSpace
+from .space import KINDS, STUDENT, BoundSpace
 
 SAMPLERS = ("nsga2", "tpe", "random")
 WARM_START = (0.25, 0.5, 0.75)  # uniform policies tried first: the front never loses to uniform compression
@@ -215,7 +215,7 @@ def enqueue_warm_start(study: optuna.Study, problem: Problem) -> None:
     if study.trials:
         return
     bound = problem.bound
-    kinds = KINDS if any(k.param == KIND for k in bound.knobs) else KINDS[:1]
+    kinds = KINDS if bound.has_kind else KINDS[:1]
     warm = [bound.uniform(fraction, kind=kind) for kind in kinds for fraction in WARM_START]
     techniques = [t for t in bound.techniques if t != STUDENT]
     if len(techniques) > 1:

@@ -122,6 +122,11 @@ class BoundSpace:
         self.fixed = fixed or []
 
     @property
+    def has_kind(self) -> bool:
+        """Whether a `kind` knob chooses between your model compressed and a student."""
+        return any(k.param == KIND for k in self.knobs)
+
+    @property
     def techniques(self) -> list[str]:
         """The techniques that have knobs here (the `kind` knob is none), sorted."""
         return sorted({k.technique for k in self.knobs if k.param != KIND})
@@ -150,7 +155,7 @@ class BoundSpace:
             section = policy[k.technique].setdefault(k.field, {})
             for target in k.targets:
                 section[target] = value
-        if any(k.param == KIND for k in self.knobs):
+        if self.has_kind:
             student = values.get(KIND, KINDS[0]) == STUDENT
             policy = Policy({t: s for t, s in policy.items() if (t == STUDENT) == student})
         return policy
