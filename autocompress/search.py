@@ -11,18 +11,21 @@ Many processes may work on one study (see storage.py for where it can live). Wha
   until the study holds that many counted trials: completed ones, and those whose evaluation failed
   with a recorded error (a broken candidate is a result too, and a broken space cannot loop forever).
 - A trial is claimed before it is evaluated: after `ask`, a process that sees more live trials
-  (counted + running) than the target gives its trial back to the queue; of two that raced, at least
-  the later one sees the other, so the target is never overshot.
+  (counted + running) than the target steps back (a queued policy goes back to the queue, a blank trial
+  is closed as a PRUNED surplus); of two that raced, at least the later one sees the other, so the
+  target is never overshot.
 - A policy is claimed the same way: written to the trial, then checked against every other live
   trial; a process that sees its policy elsewhere records its trial as a PRUNED duplicate.
 - Running trials send heartbeats; one silent for the grace period is marked failed and its policy
   queued again (at most MAX_RETRIES times), so a worker killed with kill -9 loses nothing. A failed
-  trial without an error is such a lost one and does not count. A worker whose trial was declared
+  trial without an error is such a lost one and does not count; until its retry is queued, the others
+  wait for it rather than sample a new policy in its place. A worker whose trial was declared
   lost while it still ran finds it finished when it reports, and drops its result: never counted twice.
 - Ctrl-C gives the running trial back to the queue: resuming evaluates the same policy.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -200,6 +203,18 @@ def requeue_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         system_attrs={**system, "retry_history": history}))
 
 
+def awaiting_retry(trials, window_s: float) -> int:
+    """Lost trials whose retry is not queued yet. Optuna fails a lost trial first and calls requeue_lost after:
+    a worker that looked in between and counted the lost trial as gone would sample a new policy in place of
+    the retry, which then waits beyond the target. Only trials failed in the last `window_s` count, so a
+    process that died between the two steps does not make the others wait forever."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    now = datetime.datetime.now()
+    return sum(t.state == TrialState.FAIL and not counted(t) and t.number not in retried
+               and len(t.system_attrs.get("retry_history", [])) < MAX_RETRIES and t.datetime_complete is not None
+               and (now - t.datetime_complete).total_seconds() < window_s for t in trials)
+
+
 def recover_lost(study: optuna.Study) -> None:
     """Mark failed the running trials whose worker stopped beating, and requeue them (requeue_lost)."""
     with warnings.catch_warnings():
@@ -292,6 +307,7 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
     say = bar.write if bar else print
     beating = is_heartbeat_enabled(study._storage)
     poll = min(2.0, study._storage.get_heartbeat_interval()) if beating else 0.0
+    grace = storages.GRACE_FACTOR * study._storage.get_heartbeat_interval() if beating else 0.0
     duplicates = 0
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -306,7 +322,8 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
             if done >= goal:
                 return True
             # Trials other workers run may still be lost; wait for them rather than leave them unretried.
-            if beating and done + sum(t.state == TrialState.RUNNING for t in trials) >= goal:
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if beating and done + running + awaiting_retry(trials, grace) >= goal:
                 time.sleep(poll)
                 continue
             outcome = run_trial(study, problem, goal, say)
@@ -327,14 +344,14 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
 
 def run_trial(study: optuna.Study, problem: Problem, goal: int, say: Callable[[str], None]) -> str:
     """Claim, sample, evaluate and record one trial; returns what happened: "surplus" (the target was
-    already met by others: the trial went back to the queue), "duplicate", "lost", "failed" or "complete"."""
+    already met by others: the trial stepped back), "duplicate", "lost", "failed" or "complete"."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we beat ourselves, below
         trial = study.ask()
     with _Heartbeat(study._storage, trial._trial_id):
         try:
             if _live(study) > goal:
-                _release(study, trial)
+                _step_back(study, trial)
                 return "surplus"
             policy = _claim_policy(study, trial, problem)
             return "duplicate" if policy is None else _evaluate(study, trial, problem, policy, say)
@@ -424,6 +441,17 @@ def _duplicate_of(study: optuna.Study, trial) -> int | None:
                 and (counted(t) or t.state == TrialState.RUNNING)):
             return t.number
     return None
+
+
+def _step_back(study: optuna.Study, trial) -> None:
+    """Give up a trial claimed beyond the target. A queued policy (warm start, retry) goes back to the queue;
+    a blank trial is closed as PRUNED: left waiting, it would be taken before a retry queued after it, and the
+    lost policy would never be evaluated."""
+    if "fixed_params" in study._storage.get_trial(trial._trial_id).system_attrs:
+        _release(study, trial)
+        return
+    trial.set_user_attr("surplus", True)
+    study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
 
 
 def _release(study: optuna.Study, trial) -> None:

@@ -195,13 +195,34 @@ def test_a_policy_already_evaluated_is_not_evaluated_again(tmp_path, tiny):
     assert list(done.index[:warm]) == list(first.trials.index)
 
 
-def test_a_claimed_trial_beyond_the_target_goes_back_to_the_queue(tmp_path):
-    """Two workers that raced for the last trial: the one that sees the other's claim steps back."""
+def test_a_lost_trial_counts_as_pending_until_its_retry_is_queued():
+    """Optuna fails a lost trial before requeue_lost queues its retry: in between, workers must wait for the retry
+    rather than sample a new policy in its place (a race seen in test_a_worker_killed_midway_changes_nothing)."""
+    study = optuna.create_study()
+    lost = study.ask()
+    study.tell(lost, state=TrialState.FAIL)  # what fail_stale_trials leaves: failed, no evaluation error
+    broken = study.ask()
+    broken.set_user_attr("error", "ValueError: bad")  # failed by its evaluation: counted, never retried
+    study.tell(broken, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    assert search.awaiting_retry(trials, window_s=60) == 1
+    assert search.awaiting_retry(trials, window_s=0) == 0  # a recoverer that died in between: not waited for
+    search.requeue_lost(study, study.trials[lost.number])
+    assert search.awaiting_retry(study.get_trials(deepcopy=False), window_s=60) == 0
+
+
+def test_a_trial_claimed_beyond_the_target_steps_back(tmp_path):
+    """Two workers that raced for the last trial: the one that sees the other's claim steps back. A queued
+    policy goes back to the queue; a blank trial is closed, so that it never waits ahead of a queued retry."""
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db"))
     search.ask_trials(study, "run", 1)
     other = study.ask()  # another worker's claim on the only trial asked for
     assert search.run_trial(study, None, search.target(study), print) == "surplus"
-    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.WAITING]
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.PRUNED]
+    assert study.trials[1].user_attrs["surplus"]
+    study.enqueue_trial({"x": 1.0})
+    assert search.run_trial(study, None, search.target(study), print) == "surplus"
+    assert study.trials[2].state == TrialState.WAITING and study.trials[2].system_attrs["fixed_params"] == {"x": 1.0}
     study.tell(other, 1.0)
 
 
