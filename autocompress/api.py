@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import search
+from . import judged, search
 from .budgets import Budgets, check_objectives
 from .compress import apply as _apply
 from .cost.model import Estimate, estimate as _estimate
 from .cost.profiles import HardwareProfile, load_profile
+from .deliver import deliver_front, dominated_by_delivered
 from .errors import AutocompressError
 from .evaluate import Evaluator, accuracy, make_evaluator
 from .graph import LayerGraph, analyze as _analyze
+from .judged import WeightStore
 from .result import Result
 from .space import Policy, SearchSpace
 from .students import supernet
@@ -42,30 +46,43 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
              objectives=None, space="default", trials: int = 100, seed: int = 0, sampler: str = "tpe",
              storage=None, study_name: str = "autocompress", evaluator: Callable | None = None,
              progress: bool = True, model_spec: dict | None = None, finetune_steps: int = 0,
-             repair: bool = True) -> Result:
+             repair: bool = True, final_epochs: int = 3, weights=None, timeout: float | None = None) -> Result:
     """Search compressed versions of `model` within `budgets` and return every trial and the Pareto front.
 
-    data: (train_loader, val_loader) for BN recalibration and accuracy, or None for a cost-only search.
-    budgets: {"latency_ms": 2.0, "size_kb": 300} absolute, or {"latency": 0.5} relative to the model.
+    data: (train_loader, val_loader) or (train_loader, val_loader, test_loader): training batches for BN
+        recalibration and fine-tuning, validation accuracy to select on, test accuracy (held out) to report;
+        None for a cost-only search.
+    budgets: {"latency_ms": 2.0, "size_kb": 300} absolute, {"latency": 0.5} relative to the model, and
+        {"accuracy_drop": 1.0} (points below the uncompressed model) or {"accuracy": 0.98}.
     objectives: metric names; default ("accuracy", "latency_ms"), or ("latency_ms", "size_kb") without data.
     trials: the study holds this many trials when the call returns, plus any that workers joining it asked for.
     storage: where the study lives: None (memory), sqlite:///PATH.db, journal:PATH, postgresql://... (see
         autocompress.storage) or an Optuna storage; the same storage and study name resume a study.
     model_spec: {"model_spec": ..., "checkpoint": ..., "data": ...} as `autocompress run` records it, which lets
         `autocompress worker` (or `work`) rebuild the problem on another machine.
-    finetune_steps: fine-tune each candidate this many steps, distilling from `model` (built-in evaluator only).
+    finetune_steps: the most steps a candidate is fine-tuned in the search, distilling from `model` (built-in
+        evaluator only), in multi-fidelity rungs: every candidate gets the first rung (steps / 9), the promising
+        ones more (see evaluate.Rungs).
     repair: a sampled policy over budget is scaled toward the budget before it is evaluated (see repair.py).
+    final_epochs: passes over the training data with which every front model is fine-tuned after the search
+        (delivery; 0: none, the front is only re-measured on the test data); needs training data.
+    timeout: seconds after which no new trial starts (the study then holds fewer than `trials`); delivery follows.
+    weights: the folder for the judged weights of trials (what `Result.model(n)` loads); default beside the
+        study's file, in memory for an in-memory study. Give shared-database studies a folder all workers reach.
     """
     _check_trials(trials)
+    _check_epochs(final_epochs)
     judge = make_evaluator(data, evaluator, finetune_steps, teacher=model)
     study, problem = _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler,
                            storage, study_name, model_spec, finetune_steps, repair, sampler_seed=seed,
-                           trials_hint=trials)
+                           trials_hint=trials, weights=weights)
     search.ask_trials(study, "run", trials)
-    return _search(study, problem, progress)
+    study.set_user_attr("final_epochs", final_epochs)  # what a worker that ends the study delivers with
+    return _search(study, problem, progress, final_epochs, timeout)
 
 
-def work(storage, study_name: str = "autocompress", trials: int = 10, progress: bool = True) -> Result:
+def work(storage, study_name: str = "autocompress", trials: int = 10, progress: bool = True, weights=None,
+         final_epochs: int | None = None) -> Result:
     """Join a study that `autocompress run` made in a shared storage, add `trials` trials to its target, and
     evaluate trials until the whole study reaches its target (retrying those other workers lost).
 
@@ -95,9 +112,10 @@ def work(storage, study_name: str = "autocompress", trials: int = 10, progress: 
     study, problem = _open(model, example, judge, profile, config["budgets"], config["objectives"], space,
                            config["seed"], config["sampler"], storage, study_name, spec,
                            config.get("finetune_steps", 0), config.get("repair", True), sampler_seed=None,
-                           trials_hint=asked + trials)
+                           trials_hint=asked + trials, weights=weights)
     search.ask_trials(study, search.new_asker(), trials)
-    return _search(study, problem, progress)
+    epochs = study.user_attrs.get("final_epochs", 0) if final_epochs is None else final_epochs
+    return _search(study, problem, progress, epochs)
 
 
 MODEL_SPEC_KEYS = ("model_spec", "checkpoint", "data")
@@ -108,8 +126,13 @@ def _check_trials(trials) -> None:
         raise AutocompressError(f"trials={trials!r} is not allowed; it must be an integer >= 0")
 
 
+def _check_epochs(epochs) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise AutocompressError(f"final_epochs={epochs!r} is not allowed; it must be an integer >= 0")
+
+
 def _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler, storage, study_name,
-          model_spec, finetune_steps, repair, sampler_seed, trials_hint):
+          model_spec, finetune_steps, repair, sampler_seed, trials_hint, weights=None):
     """Validate the inputs, open (or create) the study with this problem's configuration, and return it with
     the Problem every trial needs. A new study gets the baseline and the warm-start policies."""
     if objectives is None:
@@ -125,9 +148,12 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     supernet.prepare(bound, model, example_input, getattr(judge, "train_loader", None))  # student spaces only
 
     baseline = _estimate(model, example_input, profile).as_dict()
+    baseline.update(_baseline_accuracy(judge, model))
     limits = budgets.limits(baseline)
+    floor = budgets.accuracy_floor(baseline["accuracy"])
     config = search.config_json({
-        "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits, "hardware": profile.to_dict(),
+        "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits, "min_accuracy": floor,
+        "hardware": profile.to_dict(),
         "space": search_space.to_dict(), "seed": seed, "sampler": sampler, "model": model_fingerprint(model),
         "input_shape": list(example_input.shape), "finetune_steps": finetune_steps, "repair": bool(repair),
         **(model_spec or {}),
@@ -135,29 +161,43 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     study = search.open_study(storage, study_name, objectives, config)
     study.sampler = search.make_sampler(sampler, search.seed_for(study, sampler_seed), trials_hint)
     if "baseline" not in study.user_attrs:
-        baseline["accuracy"] = _baseline_accuracy(judge, model)
         study.set_user_attr("baseline", baseline)
-    problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair))
+    store = _weight_store(study, storage, study_name, weights)
+    problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair), floor,
+                             store)
     search.enqueue_warm_start(study, problem)
     return study, problem
 
 
-def _search(study, problem: search.Problem, progress: bool) -> Result:
-    completed = search.run(study, problem, progress)
-    prepare = problem.evaluator.prepare if isinstance(problem.evaluator, Evaluator) else None
-    result = Result.from_study(study, problem.model, problem.example_input, prepare)
+def _weight_store(study, storage, study_name: str, weights) -> WeightStore:
+    """Where this process keeps judged weights: `weights`, else the folder the study names, else beside its file;
+    a new study records the folder so reports and other workers find it."""
+    folder = weights or study.user_attrs.get("weights") or judged.beside(storage, study_name)
+    if folder is not None and "weights" not in study.user_attrs:
+        study.set_user_attr("weights", str(Path(folder).resolve()))
+    return WeightStore(folder)
+
+
+def _search(study, problem: search.Problem, progress: bool, final_epochs: int, timeout: float | None = None) -> Result:
+    completed = search.run(study, problem, progress, timeout)
+    if completed:
+        deliver_front(study, problem, final_epochs, say=lambda text: print(text, file=sys.stderr))
+        problem.store.discard(dominated_by_delivered(study, problem.objectives))
+    result = Result.from_study(study, problem.model, problem.example_input, problem.store)
     if not completed:
         print(f"interrupted: {len(result.trials)} finished trials are kept in the study (the running one is "
               f"queued again); run again to resume")
     return result
 
 
-def _baseline_accuracy(judge, model: nn.Module):
+def _baseline_accuracy(judge, model: nn.Module) -> dict:
+    """The uncompressed model's accuracy as given (no recalibration of its statistics): validation, and test."""
     if judge is None:
-        return None
-    if isinstance(judge, Evaluator):  # the user's model as given: no recalibration of its statistics
-        return accuracy(model, judge.val_loader, judge.max_val_batches)
-    return float(judge(copy.deepcopy(model)))
+        return {"accuracy": None}
+    if isinstance(judge, Evaluator):
+        test = accuracy(model, judge.test_loader) if judge.test_loader is not None else None
+        return {"accuracy": judge.val_accuracy(model), "test_accuracy": test}
+    return {"accuracy": float(judge(copy.deepcopy(model)))}
 
 
 def model_fingerprint(model: nn.Module) -> str:

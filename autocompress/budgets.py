@@ -12,6 +12,8 @@ METRICS = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minim
 COST_METRICS = tuple(m for m in METRICS if m != "accuracy")
 RELATIVE = {"latency": "latency_ms", "energy": "energy_mj", "size": "size_kb", "peak_mem": "peak_mem_kb",
             "macs": "macs", "params": "params"}
+# accuracy budgets are floors: `accuracy=0.98` (absolute) or `accuracy_drop=1` (points below the baseline)
+ACCURACY_BUDGETS = ("accuracy", "accuracy_drop")
 
 
 def check_objectives(objectives, have_accuracy: bool) -> tuple[str, ...]:
@@ -30,23 +32,36 @@ def check_objectives(objectives, have_accuracy: bool) -> tuple[str, ...]:
 
 
 class Budgets:
-    """Upper limits on cost metrics, absolute (`latency_ms=2`) or relative to the uncompressed model (`latency=0.5`)."""
+    """Upper limits on cost metrics, absolute (`latency_ms=2`) or relative to the uncompressed model (`latency=0.5`),
+    and a floor on accuracy (`accuracy=0.98`, or `accuracy_drop=1`: at most one point below the uncompressed model):
+    Intel Neural Compressor's "tolerable loss"."""
 
     def __init__(self, budgets: dict | None = None):
         self.absolute: dict[str, float] = {}
         self.relative: dict[str, float] = {}
+        self.accuracy: dict[str, float] = {}
         for key, value in (budgets or {}).items():
             self._add(key, value)
 
     def _add(self, key: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AutocompressError(f"budget {key}={value!r} is not allowed; a budget must be a number")
+        if key == "accuracy" and not 0 < value <= 1:
+            raise AutocompressError(f"budget accuracy={value!r} is not allowed; it is a fraction in (0, 1], "
+                                    f"e.g. accuracy=0.98")
+        if key == "accuracy_drop" and not 0 <= value < 100:
+            raise AutocompressError(f"budget accuracy_drop={value!r} is not allowed; it is accuracy points below "
+                                    f"the uncompressed model, in [0, 100), e.g. accuracy_drop=1")
+        if key not in ACCURACY_BUDGETS and value <= 0:
             raise AutocompressError(f"budget {key}={value!r} is not allowed; a budget must be a positive number")
-        if key in COST_METRICS:
+        if key in ACCURACY_BUDGETS:
+            self.accuracy[key] = float(value)
+        elif key in COST_METRICS:
             self.absolute[key] = float(value)
         elif key in RELATIVE:
             self.relative[RELATIVE[key]] = float(value)
         else:
-            raise one_of("budget", key, list(COST_METRICS) + list(RELATIVE))
+            raise one_of("budget", key, list(COST_METRICS) + list(RELATIVE) + list(ACCURACY_BUDGETS))
 
     @classmethod
     def parse(cls, items: list[str]) -> "Budgets":
@@ -69,7 +84,7 @@ class Budgets:
     def to_dict(self) -> dict:
         rel = {k: v for k, v in RELATIVE.items()}
         inverse = {v: k for k, v in rel.items()}
-        return {**self.absolute, **{inverse[m]: v for m, v in self.relative.items()}}
+        return {**self.absolute, **{inverse[m]: v for m, v in self.relative.items()}, **self.accuracy}
 
     def limits(self, baseline: dict) -> dict[str, float]:
         """Absolute limit per metric (the tighter one where both kinds are given)."""
@@ -79,13 +94,32 @@ class Budgets:
             limits[metric] = min(limits.get(metric, math.inf), value)
         return limits
 
+    def accuracy_floor(self, baseline_accuracy: float | None) -> float | None:
+        """The lowest accuracy a model may deliver (the tighter of both forms), None without an accuracy budget."""
+        if not self.accuracy:
+            return None
+        if baseline_accuracy is None:
+            raise AutocompressError("an accuracy budget needs data or an evaluator to measure accuracy with")
+        floors = [self.accuracy.get("accuracy", -math.inf)]
+        if "accuracy_drop" in self.accuracy:
+            floors.append(baseline_accuracy - self.accuracy["accuracy_drop"] / 100)
+        return max(floors)
+
     def __bool__(self) -> bool:
-        return bool(self.absolute or self.relative)
+        return bool(self.absolute or self.relative or self.accuracy)
 
 
 def violations(metrics: dict, limits: dict) -> list[float]:
     """Relative excess over each limit, in a fixed order; <= 0 means within budget (Optuna's convention)."""
     return [metrics[m] / limit - 1.0 for m, limit in sorted(limits.items())]
+
+
+def accuracy_violation(accuracy: float | None, floor: float | None) -> list[float]:
+    """The accuracy budget as an Optuna constraint ([] without one): points below the floor, <= 0 when met; an
+    accuracy never measured (a candidate over a cost budget) counts as missing it."""
+    if floor is None:
+        return []
+    return [1.0 if accuracy is None else floor - accuracy]
 
 
 def exceeded(metrics: dict, limits: dict) -> list[str]:

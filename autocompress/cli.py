@@ -20,6 +20,8 @@ def _run(args) -> None:
         raise AutocompressError(f"--trials {args.trials} is not allowed; it must be 0 or more")
     if args.finetune_steps < 0:
         raise AutocompressError(f"--finetune-steps {args.finetune_steps} is not allowed; it must be 0 or more")
+    if args.final_epochs < 0:
+        raise AutocompressError(f"--final-epochs {args.final_epochs} is not allowed; it must be 0 or more")
     start = time.perf_counter()
     model = models.load_model(args.model, args.checkpoint)
     example = _example_input(args, model)
@@ -37,7 +39,8 @@ def _run(args) -> None:
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
                           progress=not args.no_progress, model_spec=spec, repair=not args.no_repair,
-                          finetune_steps=args.finetune_steps)
+                          finetune_steps=args.finetune_steps, final_epochs=args.final_epochs,
+                          weights=args.weights)
     if args.trials == 0:  # the study alone, for workers to fill
         _print_joining(storage, args.study, result)
         return
@@ -53,7 +56,7 @@ def _worker(args) -> None:
     start = time.perf_counter()
     print(f"worker {WORKER}: joining study {args.study!r} in {_shown(args.storage)}, adding {args.trials} trials "
           f"to its target", file=sys.stderr)
-    result = api.work(args.storage, args.study, args.trials, progress=not args.no_progress)
+    result = api.work(args.storage, args.study, args.trials, progress=not args.no_progress, weights=args.weights)
     print(report.format_table(result))
     print(f"\nworker {WORKER} done in {time.perf_counter() - start:.1f} s: the study holds "
           f"{int((result.trials['state'] == 'COMPLETE').sum())} completed trials; see them again with "
@@ -195,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="search compressed models within budgets")
     model_args(run)
     run.add_argument("--data", help="digits, fake, imagefolder:PATH or package.module:function")
-    run.add_argument("--budget", action="append", help="KEY=VALUE, repeatable: latency_ms=2, size_kb=300, latency=50%%")
+    run.add_argument("--budget", action="append", help="KEY=VALUE, repeatable: latency_ms=2, size_kb=300, latency=50%%, "
+                                                       "accuracy_drop=1 (points below the original), accuracy=0.98")
     run.add_argument("--objectives", help="comma-separated metrics, e.g. accuracy,latency_ms")
     run.add_argument("--space", default="default", help="a built-in search space name or a YAML path")
     run.add_argument("--trials", type=int, default=40)
@@ -206,8 +210,15 @@ def parser() -> argparse.ArgumentParser:
                                        "journal:PATH (processes on one machine), postgresql://... or mysql://... "
                                        "(many machines); with --trials 0 only creates the study, for workers")
     run.add_argument("--study", default="autocompress", help="study name inside the storage")
-    run.add_argument("--finetune-steps", type=int, default=0, help="fine-tune every candidate this many steps, "
-                                                                   "distilling from the original model (needs data)")
+    run.add_argument("--finetune-steps", type=int, default=90,
+                     help="the most steps a candidate is fine-tuned in the search, distilling from the original "
+                          "model, in multi-fidelity rungs (90: every candidate 10 steps, the promising 30, the best "
+                          "90); 0: BatchNorm recalibration only (needs data)")
+    run.add_argument("--final-epochs", type=int, default=3,
+                     help="passes over the training data that fine-tune every front model after the search "
+                          "(0: none); the front then reports the delivered models")
+    run.add_argument("--weights", help="folder for the judged weights of trials (default: beside the study file); "
+                                       "with a database storage, a folder every worker can reach")
     run.add_argument("--no-repair", action="store_true", help="evaluate sampled policies as sampled: do not scale "
                                                               "those over budget toward the budget first")
     run.add_argument("--out", help="output folder (default runs/<timestamp>); the same folder resumes")
@@ -220,6 +231,7 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--study", default="autocompress", help="study name inside the storage")
     wk.add_argument("--trials", type=int, default=10, help="trials this worker adds to the study's target; it works "
                                                            "until the whole target is met, retrying lost trials")
+    wk.add_argument("--weights", help="folder for the judged weights of trials (default: the one the study names)")
     wk.add_argument("--no-progress", action="store_true")
     wk.set_defaults(func=_worker)
 

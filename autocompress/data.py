@@ -18,7 +18,8 @@ DIGITS_SIZE = 32
 
 
 def digits_tensors(size: int = DIGITS_SIZE, seed: int = 0):
-    """Return ((x_train, y_train), (x_val, y_val)) from load_digits, a fixed stratified 70/30 split."""
+    """((x, y) train, val, test) from load_digits: a fixed stratified 60/20/20 split. The search selects on
+    val; test is held out, so the accuracy a front reports is not biased by the selection."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -28,30 +29,31 @@ def digits_tensors(size: int = DIGITS_SIZE, seed: int = 0):
     x = (x - 0.5) / 0.5
     y = torch.tensor(digits.target, dtype=torch.long)
     idx = np.arange(len(y))
-    tr, va = train_test_split(idx, test_size=0.3, random_state=seed, stratify=digits.target)
-    return (x[tr], y[tr]), (x[va], y[va])
+    rest, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=digits.target)
+    tr, va = train_test_split(rest, test_size=0.25, random_state=seed, stratify=digits.target[rest])
+    return (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
 
 
 def digits_loaders(batch_size: int = 64, size: int = DIGITS_SIZE, seed: int = 0):
-    """Train and validation DataLoaders over the upscaled digits (train shuffled with a fixed seed)."""
-    (xt, yt), (xv, yv) = digits_tensors(size, seed)
+    """Train, validation and test DataLoaders over the upscaled digits (train shuffled with a fixed seed)."""
+    (xt, yt), (xv, yv), (xs, ys) = digits_tensors(size, seed)
     gen = torch.Generator().manual_seed(seed)
     train = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, generator=gen)
-    val = DataLoader(TensorDataset(xv, yv), batch_size=256)
-    return train, val
+    return train, DataLoader(TensorDataset(xv, yv), batch_size=256), DataLoader(TensorDataset(xs, ys), batch_size=256)
 
 
 def fake_loaders(shape=(3, 32, 32), classes: int = 10, n: int = 256, batch_size: int = 32, seed: int = 0):
-    """Random images and labels: for cost-only runs and smoke tests, never for accuracy claims."""
+    """Random images and labels (train, val, test: the same images): for cost-only runs and smoke tests, never
+    for accuracy claims."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *shape), generator=gen)
     y = torch.randint(0, classes, (n,), generator=gen)
     ds = TensorDataset(x, y)
-    return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=batch_size)
+    return tuple(DataLoader(ds, batch_size=batch_size) for _ in range(3))
 
 
 def imagefolder_loaders(path: str, size: int = 224, batch_size: int = 32, seed: int = 0):
-    """An ImageFolder tree split 80/20 into train and validation loaders."""
+    """An ImageFolder tree split 70/15/15 (seeded) into train, validation and test loaders."""
     import os
 
     from torchvision import datasets, transforms
@@ -60,15 +62,16 @@ def imagefolder_loaders(path: str, size: int = 224, batch_size: int = 32, seed: 
         raise AutocompressError(f"image folder {path!r} does not exist; pass imagefolder:DIR with one sub-folder per class")
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
     ds = datasets.ImageFolder(path, transform=tf)
-    n_val = max(1, len(ds) // 5)
+    n_val = n_test = max(1, len(ds) * 15 // 100)
     gen = torch.Generator().manual_seed(seed)
-    train, val = torch.utils.data.random_split(ds, [len(ds) - n_val, n_val], generator=gen)
+    train, val, test = torch.utils.data.random_split(ds, [len(ds) - n_val - n_test, n_val, n_test], generator=gen)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
-            DataLoader(val, batch_size=batch_size))
+            DataLoader(val, batch_size=batch_size), DataLoader(test, batch_size=batch_size))
 
 
 def load_data(spec: str, input_shape=None, classes: int | None = None):
-    """Resolve a `--data` spec: digits, fake, imagefolder:PATH or package.module:function."""
+    """Resolve a `--data` spec: digits, fake, imagefolder:PATH or package.module:function, to (train, val, test)
+    loaders (test is None when a data function returns only train and val)."""
     if spec == "digits":
         return digits_loaders()
     if spec == "fake":
@@ -79,10 +82,19 @@ def load_data(spec: str, input_shape=None, classes: int | None = None):
         return imagefolder_loaders(spec.split(":", 1)[1], size=size)
     if ":" in spec:
         loaders = resolve_callable(spec, "data")()
-        if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-            raise AutocompressError(f"data function {spec!r} must return (train_loader, val_loader), got {type(loaders).__name__}")
-        return tuple(loaders)
+        if not (isinstance(loaders, (tuple, list)) and len(loaders) in (2, 3)):
+            raise AutocompressError(f"data function {spec!r} must return (train_loader, val_loader) or (train_loader, "
+                                    f"val_loader, test_loader), got {type(loaders).__name__}")
+        return split_data(loaders)
     raise AutocompressError(f"unknown data {spec!r}; allowed: digits, fake, imagefolder:PATH, package.module:function")
+
+
+def split_data(data) -> tuple:
+    """(train, val, test) from data=(train, val) or (train, val, test); test None when not given."""
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
+        raise AutocompressError(f"data must be (train_loader, val_loader) or (train_loader, val_loader, test_loader), "
+                                f"got {type(data).__name__}{f' of {len(data)}' if isinstance(data, (tuple, list)) else ''}")
+    return (*data, None) if len(data) == 2 else tuple(data)
 
 
 def resolve_callable(spec: str, what: str):

@@ -9,20 +9,21 @@ loss. Every compression stays in force while it trains (each technique's `constr
 dynamic network surgery, shared values, quantization grids, all through straight-through float
 shadows). Batches are drawn in a seeded order, so a candidate judged twice gets the same weights.
 
-Early stopping: Optuna's pruners do not work in multi-objective studies (`Trial.report` raises), so
-the rule lives here: after the first steps, a candidate clearly behind completed candidates of
-similar cost at the same step stops fine-tuning and is recorded as `early_stopped`.
-`finalize` gives the Pareto models a longer fine-tune and re-measures them.
+Multi-fidelity: the fine-tuning runs in rungs (`Rungs`, asynchronous successive halving over the Pareto
+rank): every candidate is judged after the first rung's steps, and only those that could reach the front
+go on to more. Optuna's pruners do not work in multi-objective studies (`Trial.report` raises), so the
+rule lives here and reads the other candidates' rung accuracies from the study, which every worker shares.
+`Evaluator.deliver` gives the final front its longer fine-tune and measures it on validation and test data.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from .compress import TECHNIQUES, get_meta
 from .compress.quantize import calibrate_activations
+from .data import split_data
 from .errors import AutocompressError
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -136,85 +138,115 @@ def _logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def finetune(model: nn.Module, batches, steps: int, teacher: nn.Module | None = None, lr: float = 0.01,
-             temperature: float = 4.0, distill_weight: float = 0.7,
-             on_step: Callable[[int], bool] | None = None) -> int:
-    """Train `model` in place for `steps` batches of (inputs, labels), compression kept, distilling from
-    `teacher` when given (SGD with Nesterov momentum, cosine learning rate). `on_step(step)` may return
-    False to stop early. Returns the number of steps taken."""
-    torch.manual_seed(0)  # dropout and friends: the same candidate always gets the same weights
-    if teacher is not None:
-        teacher.eval()
-    done = 0
-    with compression_kept(model):
+class _Trainer:
+    """SGD with Nesterov momentum and a cosine learning rate over `total` steps of distillation from `teacher`,
+    run in pieces (the rungs); the model must be inside `compression_kept`."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, total: int, lr: float = 0.01,
+                 temperature: float = 4.0, distill_weight: float = 0.7):
+        torch.manual_seed(0)  # dropout and friends: the same candidate always gets the same weights
+        self.model, self.teacher = model, teacher
+        self.temperature, self.distill_weight = temperature, distill_weight
+        if teacher is not None:
+            teacher.eval()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        model.train()
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(1, total))
+
+    def run(self, batches, steps: int) -> int:
+        """Take up to `steps` steps from the `batches` iterator; returns how many were taken."""
+        done = 0
+        self.model.train()
         for batch in itertools.islice(batches, steps):
             x, y = batch[0], batch[1]
             with torch.no_grad():
-                target = _logits(teacher(x)) if teacher is not None else None
-            loss = distill_loss(_logits(model(x)), target, y, temperature, distill_weight)
-            opt.zero_grad()
+                target = _logits(self.teacher(x)) if self.teacher is not None else None
+            loss = distill_loss(_logits(self.model(x)), target, y, self.temperature, self.distill_weight)
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
-            schedule.step()
+            self.opt.step()
+            self.schedule.step()
             done += 1
-            if on_step is not None and on_step(done) is False:
-                break
-            model.train()
-    return done
+        return done
+
+
+def finetune(model: nn.Module, batches, steps: int, teacher: nn.Module | None = None, lr: float = 0.01,
+             temperature: float = 4.0, distill_weight: float = 0.7) -> int:
+    """Train `model` in place for `steps` batches of (inputs, labels), compression kept, distilling from
+    `teacher` when given (SGD with Nesterov momentum, cosine learning rate). Returns the steps taken."""
+    with compression_kept(model):
+        return _Trainer(model, teacher, steps, lr, temperature, distill_weight).run(iter(batches), steps)
+
+
+def fidelity_rungs(finetune_steps: int, eta: int = 3, smallest: int = 4) -> tuple[int, ...]:
+    """The fine-tuning steps after which a candidate is judged and may be promoted: `finetune_steps` and its
+    successive divisions by `eta` down to `smallest` steps, e.g. 90 -> (10, 30, 90); () for no fine-tuning."""
+    rungs = [finetune_steps] if finetune_steps > 0 else []
+    while rungs and rungs[0] // eta >= smallest:
+        rungs.insert(0, rungs[0] // eta)
+    return tuple(rungs)
+
+
+def dominance_rank(points: np.ndarray) -> np.ndarray:
+    """Non-dominated sorting of rows to be minimized: 0 for the front, 1 for the front of the rest, ..."""
+    rank = np.full(len(points), -1)
+    level = 0
+    while (rank < 0).any():
+        left = np.flatnonzero(rank < 0)
+        sub = points[left]
+        for i, row in zip(left, sub):
+            if not (np.all(sub <= row, axis=1) & np.any(sub < row, axis=1)).any():
+                rank[i] = level
+        level += 1
+    return rank
 
 
 @dataclass
-class EarlyStopping:
-    """Stop fine-tuning a candidate after `after` steps (None: a quarter of them) when its accuracy then is more
-    than `margin` behind the best accuracy that at least `min_peers` earlier candidates of similar cost (every
-    cost in `keys` within `similar`, relative) had at the same step."""
+class Rungs:
+    """Multi-fidelity judging by asynchronous successive halving (ASHA) over the Pareto rank.
 
-    after: int | None = None
-    margin: float = 0.05
-    similar: float = 0.25
-    min_peers: int = 2
-    keys: tuple = ("latency_ms", "size_kb")
-    history: list = field(default_factory=list)
+    A candidate is fine-tuned to the first rung's steps and judged there; it goes on to the next rung only if
+    fewer than max(1, n // eta) of the n candidates judged at this rung (itself included) lie on better
+    non-dominated layers of (accuracy, costs). Each decision uses what is known when it is taken, so no worker
+    waits for another. With an accuracy floor, a candidate more than `floor_margin` below it stops: its steps
+    go to candidates that can still meet it. Early stopping is the first rung's decision."""
 
-    def check_step(self, steps: int) -> int:
-        return self.after if self.after is not None else max(1, steps // 4)
+    steps: tuple[int, ...]
+    eta: int = 3
+    floor: float | None = None
+    floor_margin: float = 0.05
 
-    def _similar(self, a: dict, b: dict) -> bool:
-        shared = [k for k in self.keys if a.get(k) and b.get(k)]
-        return bool(shared) and all(abs(a[k] / b[k] - 1) <= self.similar for k in shared)
-
-    def behind(self, cost: dict, early_accuracy: float) -> bool:
-        peers = [acc for c, acc in self.history if self._similar(cost, c)]
-        return len(peers) >= self.min_peers and early_accuracy < max(peers) - self.margin
-
-    def record(self, cost: dict, early_accuracy: float) -> None:
-        self.history.append(({k: cost.get(k) for k in self.keys}, early_accuracy))
+    def promote(self, accuracy: float, cost: tuple, peers: list[tuple[float, tuple]]) -> bool:
+        """Whether a candidate with `accuracy` and `cost` (costs to minimize) at this rung goes on, against
+        `peers`: (accuracy, cost) of the other candidates judged at the same rung."""
+        if self.floor is not None and accuracy < self.floor - self.floor_margin:
+            return False
+        points = np.array([(-accuracy, *cost)] + [(-a, *c) for a, c in peers], dtype=float)
+        rank = dominance_rank(points)
+        return int((rank < rank[0]).sum()) < max(1, len(points) // self.eta)
 
 
 class Evaluator:
-    """The built-in judge: BN (and activation-range) recalibration on training batches, an optional fine-tune with
-    distillation from `teacher`, then accuracy on the validation loader.
+    """The built-in judge: BN (and activation-range) recalibration on training batches, fine-tuning with
+    distillation from `teacher` over multi-fidelity rungs (see Rungs), then accuracy on the validation loader;
+    `deliver` gives a chosen model its final fine-tune and measures it on validation and test data.
 
     With no training loader (data-free) it skips recalibration and fine-tuning: activation ranges stay those
-    `apply` set from BatchNorm statistics. `early_stopping`: True for the default rule, False for none, or an
-    EarlyStopping; it acts only when the search passes the candidate's cost (see `judge`).
+    `apply` set from BatchNorm statistics.
     """
 
-    def __init__(self, train_loader, val_loader, recal_batches: int = 4, max_val_batches: int | None = None,
-                 finetune_steps: int = 0, teacher: nn.Module | None = None, lr: float = 0.01,
-                 temperature: float = 4.0, distill_weight: float = 0.7, early_stopping: "bool | EarlyStopping" = True):
+    def __init__(self, train_loader, val_loader, test_loader=None, recal_batches: int = 4,
+                 max_val_batches: int | None = None, finetune_steps: int = 0, teacher: nn.Module | None = None,
+                 lr: float = 0.01, temperature: float = 4.0, distill_weight: float = 0.7, eta: int = 3):
         self.train_loader = train_loader
         self.val_loader = val_loader
+        self.test_loader = test_loader
         self.max_val_batches = max_val_batches
         self.recal_data = fixed_batches(train_loader, recal_batches) if train_loader is not None else None
         self.finetune_steps = finetune_steps if train_loader is not None else 0
         self.teacher = teacher
         self.options = {"lr": lr, "temperature": temperature, "distill_weight": distill_weight}
-        self.early_stopping = EarlyStopping() if early_stopping is True else early_stopping or None
+        self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
 
     def calibrate(self, model: nn.Module) -> nn.Module:
         """BatchNorm statistics, then activation-quantization ranges, from the same training batches."""
@@ -223,64 +255,55 @@ class Evaluator:
             calibrate_activations(model, self.recal_data)
         return model.eval()
 
-    def prepare(self, model: nn.Module, cost: dict | None = None) -> dict:
-        """Bring `model` (in place) to the state it is judged in; returns what happened (early stopping)."""
+    def val_accuracy(self, model: nn.Module) -> float:
+        return accuracy(model, self.val_loader, self.max_val_batches)
+
+    def judge(self, model: nn.Module, cost: tuple = (), peers: Callable[[int], list] | None = None,
+              on_rung: Callable[[int, float], None] | None = None) -> dict:
+        """Bring `model` (in place) to its judged state and measure it. Without rungs: BN recalibration, then
+        accuracy. With rungs: fine-tune rung by rung; after each, `on_rung(steps, accuracy)` records it and
+        `peers(steps)` gives the (accuracy, cost) of other candidates judged there, against which `cost`
+        competes for promotion. Returns {"accuracy", "steps", "rung", "rung_accuracy", "early_stopped"}."""
         self.calibrate(model)
-        info = {}
-        if self.finetune_steps:
-            rule = self.early_stopping if cost is not None else None
-            check = rule.check_step(self.finetune_steps) if rule else None
+        if not self.rungs.steps:
+            return {"accuracy": self.val_accuracy(model), "steps": 0}
+        batches = seeded_batches(self.train_loader, self.rungs.steps[-1])
+        done, reached, value = 0, {}, math.nan
+        with compression_kept(model):  # one optimizer and schedule over all rungs: a promoted candidate's steps
+            trainer = _Trainer(model, self.teacher, self.rungs.steps[-1], **self.options)  # equal an unstopped one's
+            for index, steps in enumerate(self.rungs.steps):
+                done += trainer.run(batches, steps - done)
+                value = self._measured(model)
+                reached[str(steps)] = value
+                if on_rung is not None:
+                    on_rung(steps, value)
+                last = index == len(self.rungs.steps) - 1
+                if last or not self.rungs.promote(value, cost, peers(steps) if peers else []):
+                    break
+        self.calibrate(model)
+        value = self.val_accuracy(model)
+        return {"accuracy": value, "steps": done, "rung": index, "rung_accuracy": reached,
+                "early_stopped": done < self.rungs.steps[-1]}
 
-            def on_step(step: int) -> bool:
-                if step != check:
-                    return True
-                info["early_accuracy"] = accuracy(model, self.val_loader, self.max_val_batches)
-                stop = rule.behind(cost, info["early_accuracy"])
-                rule.record(cost, info["early_accuracy"])
-                return not stop
+    def _measured(self, model: nn.Module) -> float:
+        """Accuracy mid-training (with compression kept), leaving the model in training mode."""
+        value = self.val_accuracy(model)
+        model.train()
+        return value
 
-            batches = seeded_batches(self.train_loader, self.finetune_steps)
-            done = finetune(model, batches, self.finetune_steps, self.teacher, on_step=on_step, **self.options)
-            info["early_stopped"] = done < self.finetune_steps
-            self.calibrate(model)
-        return info
-
-    def judge(self, model: nn.Module, cost: dict | None = None) -> dict:
-        """Accuracy and what happened on the way ({"accuracy", "early_stopped", "early_accuracy"});
-        `cost` (the candidate's cost metrics) lets early stopping compare it with similar candidates."""
-        info = self.prepare(model, cost)
-        return {"accuracy": accuracy(model, self.val_loader, self.max_val_batches), **info}
+    def deliver(self, model: nn.Module, epochs: int) -> dict:
+        """The final fine-tune of a front model, in place: `epochs` passes over the training data, distilled from
+        the teacher, cosine learning rate, compression kept; then BN recalibration and accuracy on validation
+        ("accuracy") and test ("test_accuracy", None without test data)."""
+        steps = epochs * len(self.train_loader) if self.train_loader is not None else 0
+        if steps:
+            finetune(model, seeded_batches(self.train_loader, steps, seed=1), steps, self.teacher, **self.options)
+        self.calibrate(model)
+        test = accuracy(model, self.test_loader) if self.test_loader is not None else None
+        return {"accuracy": self.val_accuracy(model), "test_accuracy": test, "final_steps": steps}
 
     def __call__(self, model: nn.Module) -> float:
         return self.judge(model)["accuracy"]
-
-    def longer(self, steps: int) -> "Evaluator":
-        """The same judge with `steps` fine-tuning steps and no early stopping (for finalizing)."""
-        out = copy.copy(self)
-        out.finetune_steps, out.early_stopping = steps if self.train_loader is not None else 0, None
-        return out
-
-
-def finalize(result, evaluator: Evaluator, steps: int, example_input: torch.Tensor, hardware="host"):
-    """Give every Pareto model of `result` a longer fine-tune and re-measure it: `steps` more steps (distilled,
-    compression kept, no early stopping) from the state the search judged it in (`result.model`).
-
-    Returns (table, models): one row per Pareto trial with its search accuracy, its final accuracy and the
-    re-estimated cost of the fine-tuned model; models maps trial number -> fine-tuned module.
-    """
-    import pandas as pd
-
-    from .cost.model import estimate
-
-    judge, rows, models = evaluator.longer(steps), [], {}
-    for number in result.pareto.index:
-        model = result.model(number)
-        final = judge(model)
-        cost = estimate(model, example_input, hardware).as_dict()
-        rows.append({"number": number, "search_accuracy": result.trials.loc[number, "accuracy"],
-                     "accuracy": final, **cost})
-        models[number] = model
-    return pd.DataFrame(rows).set_index("number"), models
 
 
 def make_evaluator(data, evaluator: Callable | None, finetune_steps: int = 0,
@@ -293,5 +316,5 @@ def make_evaluator(data, evaluator: Callable | None, finetune_steps: int = 0,
         return evaluator
     if data is None:
         return None
-    train, val = data
-    return Evaluator(train, val, finetune_steps=finetune_steps, teacher=teacher)
+    train, val, test = split_data(data)
+    return Evaluator(train, val, test, finetune_steps=finetune_steps, teacher=teacher)

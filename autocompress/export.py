@@ -1,11 +1,9 @@
 """Export one trial's compressed model to a file (state_dict, TorchScript or ONNX) and prove it on the data.
 
-The model is rebuilt from the trial's policy and brought to the state the search judged it in by the
-same built-in evaluator (BatchNorm statistics and activation ranges re-estimated on the training
-data, the run's fine-tuning steps with distillation from the uncompressed model), so the exported
-weights are the ones whose accuracy was reported. After writing,
-the file is loaded back on its own (torch.load, torch.jit.load, onnxruntime) and its accuracy
-re-measured on the validation data.
+The model is `result.model(trial)`: the trial's policy with the weights its reported numbers were measured
+on (delivered or judged), so nothing is trained again. After writing, the file is loaded back on its own
+(torch.load, torch.jit.load, onnxruntime) and its accuracy re-measured on the validation data (and on the
+test data when there is one), next to the reported figures.
 """
 from __future__ import annotations
 
@@ -17,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AutocompressError, one_of
-from .evaluate import NORM_TYPES, accuracy, make_evaluator
+from .data import split_data
+from .errors import one_of
+from .evaluate import accuracy
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx"}
@@ -35,69 +34,55 @@ class Exported:
     estimated_size_kb: float     # the cost model's size: weights counted at their bit-width
     accuracy: float | None       # the written file's accuracy on the validation data (None: not measured)
     reported_accuracy: float | None
+    test_accuracy: float | None = None           # ... and on the test data
+    reported_test_accuracy: float | None = None
     note: str = ""
 
     def summary(self) -> str:
         lines = [f"wrote {self.path} ({self.format}, trial {self.trial}): {self.size_bytes / 1024:,.1f} KB on disk "
                  f"(the cost model's size_kb, weights counted at their bit-width: {self.estimated_size_kb:,.1f} KB)"]
-        if self.accuracy is not None:
-            reported = f"{self.reported_accuracy:.4f}" if self.reported_accuracy is not None else "none"
-            lines.append(f"accuracy of the file on the validation data: {self.accuracy:.4f} (reported {reported})")
+        for name, measured, reported in (("validation", self.accuracy, self.reported_accuracy),
+                                         ("test", self.test_accuracy, self.reported_test_accuracy)):
+            if measured is not None:
+                said = f"{reported:.4f}" if reported is not None else "none"
+                lines.append(f"accuracy of the file on the {name} data: {measured:.4f} (reported {said})")
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
 
 
 def export(result, trial: int, format: str, to=None, data=None) -> Exported:
-    """Write trial `trial` of `result` to `to` (default trial_N.<suffix>) in `format`; `data` = (train_loader,
-    val_loader), else the run's.
-
-    `data` is needed when the trial's accuracy was measured (its BatchNorm statistics come from the
-    training data) unless the run was started with a data spec, which is reused.
-    """
+    """Write trial `trial` of `result` to `to` (default trial_N.<suffix>) in `format` and re-measure the file on
+    `data` = (train, val[, test]) loaders, else on the run's data spec."""
     if format not in FORMATS:
         raise one_of("export format", format, FORMATS)
     model = result.model(trial)
     row = result.trials.loc[trial]
-    reported = None if _missing(row["accuracy"]) else float(row["accuracy"])
     loaders = _loaders(result, data)
-    prepared = result.prepared(trial)
-    if reported is not None and loaders is None and not prepared and _has_norm(model):
-        raise AutocompressError(
-            f"trial {trial}'s accuracy was measured after re-estimating BatchNorm statistics on the training data; "
-            f"pass data=(train_loader, val_loader) (on the command line: --data) so the exported model gets them too")
-    note = ""
-    if loaders is not None and not prepared:  # the search's judge, in place: same recalibration and fine-tuning
-        make_evaluator(loaders, None, result.config.get("finetune_steps", 0), teacher=result._base_model)(model)
-    if loaders is None:
-        note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     WRITERS[format](model, result._example_input, path)
-    measured = None
-    if loaders is not None:
+    measured, note = [None, None], ""
+    if loaders is None:
+        note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
+    else:
         loaded = LOADERS[format](path, lambda: result.model(trial))
         if loaded is None:
             note = "accuracy not re-measured: onnxruntime is not installed (pip install 'autocompress[onnx]')"
         else:
-            measured = accuracy(loaded, loaders[1])
-    return Exported(path, format, int(trial), path.stat().st_size, float(row["size_kb"]), measured, reported, note)
+            measured = [accuracy(loaded, loader) if loader is not None else None for loader in loaders[1:]]
+    return Exported(path, format, int(trial), path.stat().st_size, float(row["size_kb"]), measured[0],
+                    _number(row["accuracy"]), measured[1], _number(row.get("test_accuracy")), note)
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _has_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, NORM_TYPES) for m in model.modules())
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def _loaders(result, data):
-    """(train, val) loaders: the given ones, else those of the run's data spec (runs from the command line)."""
+    """(train, val, test) loaders: the given ones, else those of the run's data spec (runs from the command line)."""
     if data is not None:
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise AutocompressError(f"data must be (train_loader, val_loader), got {type(data).__name__}")
-        return tuple(data)
+        return split_data(data)
     spec = result.config.get("data")
     if not spec:
         return None

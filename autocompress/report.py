@@ -23,7 +23,7 @@ from .budgets import METRICS
 from .errors import AutocompressError, one_of
 from .result import Result, pareto_mask
 
-SHOWN = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params"]
+SHOWN = ["accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params"]
 FORMATS = ("table", "csv", "json", "html")
 PACKAGES = ("autocompress", "torch", "torchvision", "optuna", "torch-pruning", "fvcore", "numpy", "pandas")
 FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group",
@@ -47,11 +47,12 @@ def binding(row, limits: dict) -> str:
 
 def pareto_table(result: Result) -> pd.DataFrame:
     """The baseline, the budgets and the Pareto rows, with ratios to the baseline and the binding budget."""
-    front = result.pareto[SHOWN].astype(float)
+    front = result.pareto.reindex(columns=SHOWN).astype(float)
     front.index = [f"trial {n}" for n in front.index]
     base = pd.DataFrame([{c: result.baseline.get(c) for c in SHOWN}], index=["baseline"], dtype=float)
-    budget = pd.DataFrame([{c: result.limits.get(c, math.nan) for c in SHOWN}], index=["budget"], dtype=float)
-    parts = [base] + ([budget] if result.limits else []) + ([front] if not front.empty else [])
+    limits = {**result.limits, **_accuracy_budget(result)}
+    budget = pd.DataFrame([{c: limits.get(c, math.nan) for c in SHOWN}], index=["budget"], dtype=float)
+    parts = [base] + ([budget] if limits else []) + ([front] if not front.empty else [])
     table = pd.concat(parts)
     for metric in ("latency_ms", "size_kb"):
         if result.baseline.get(metric):
@@ -61,6 +62,18 @@ def pareto_table(result: Result) -> pd.DataFrame:
     return _counts_as_int(table.dropna(axis=1, how="all"))
 
 
+def _accuracy_budget(result: Result) -> dict:
+    """{"accuracy": floor} when the run has an accuracy budget (a lower limit, shown in the budget row)."""
+    return {} if result.min_accuracy is None else {"accuracy": result.min_accuracy}
+
+
+def budget_line(result: Result) -> str:
+    """'budgets: accuracy >= 0.98, latency_ms <= 2.6, ...', or '' without budgets."""
+    parts = [f"accuracy >= {result.min_accuracy:.4g}"] if result.min_accuracy is not None else []
+    parts += [f"{k} <= {v:.4g}" for k, v in sorted(result.limits.items())]
+    return ("budgets: " + ", ".join(parts)) if parts else ""
+
+
 def closest(result: Result, k: int = 5) -> pd.DataFrame:
     """Completed candidates ranked by their largest relative excess over a budget, with how much each misses."""
     done = result.trials[result.trials["state"] == "COMPLETE"]
@@ -68,7 +81,8 @@ def closest(result: Result, k: int = 5) -> pd.DataFrame:
         return pd.DataFrame(columns=[*SHOWN, "misses by"])
     excess = pd.DataFrame({m: done[m].astype(float) / lim - 1 for m, lim in result.limits.items()}, index=done.index)
     worst = excess.max(axis=1) if result.limits else pd.Series(0.0, index=done.index)
-    rows = done.loc[worst.sort_values(kind="stable").index[:k], SHOWN].astype(float).dropna(axis=1, how="all")
+    rows = done.loc[worst.sort_values(kind="stable").index[:k]].reindex(columns=SHOWN).astype(float)
+    rows = rows.dropna(axis=1, how="all")
     rows["misses by"] = [_misses(excess.loc[n], result.limits, done.loc[n]) for n in rows.index]
     rows.index = [f"trial {n}" for n in rows.index]
     return _counts_as_int(rows)
@@ -113,11 +127,14 @@ def _text(table: pd.DataFrame) -> str:
 def format_table(result: Result) -> str:
     """The terminal view of a run: budgets, the Pareto front against the baseline, or why it is empty."""
     lines = [f"objectives: {', '.join(result.objectives)}"]
-    if result.limits:
-        lines.append("budgets: " + ", ".join(f"{k} <= {v:.4g}" for k, v in sorted(result.limits.items())))
+    if budget_line(result):
+        lines.append(budget_line(result))
     n, feasible = len(result.trials), int(result.trials["feasible"].sum())
     failed = int((result.trials["state"] == "FAIL").sum())
     lines.append(f"trials: {n} finished, {feasible} within budget, {failed} failed")
+    if "test_accuracy" in result.trials and result.pareto["delivered"].any():
+        lines.append("accuracy: on the validation data the search selected on; test_accuracy: on held-out test data; "
+                     "front models are delivered (fine-tuned after the search, then measured)")
     if result.pareto.empty:
         lines.append(_none_met(result))
         table = closest_table(result)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -13,26 +14,43 @@ from optuna.trial import TrialState
 from .budgets import METRICS
 from .compress import apply
 from .errors import AutocompressError
+from .judged import WeightStore
 from .space import Policy
 
-COLUMNS = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state", "origin",
-           "policy", "error", "duration_s", "repair"]
+COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
+           "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair"]
+DELIVERED = "delivered:"  # study user attribute per delivered trial: its final numbers (see deliver.py)
+# a delivered model's numbers replace its search ones; the search's accuracy stays as search_accuracy
+DELIVERY_KEYS = ("accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible",
+                 "search_accuracy", "final_steps")
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial, indexed by trial number, with the API's columns."""
+    """One row per trial, indexed by trial number, with the API's columns; a delivered trial shows its
+    delivered model's numbers (accuracy on validation, test_accuracy on the held-out test data)."""
     rows = []
+    deliveries = {k.removeprefix(DELIVERED): v for k, v in study.user_attrs.items() if k.startswith(DELIVERED)}
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         a = t.user_attrs
         row = {c: a.get(c) for c in COLUMNS}
         row.update(number=t.number, state=t.state.name, origin=a.get("origin", "compressed"),
-                   feasible=bool(a.get("feasible", False)) and t.state == TrialState.COMPLETE)
+                   feasible=bool(a.get("feasible", False)), delivered=False, search_accuracy=a.get("accuracy"))
+        final = deliveries.get(str(t.number), {})
+        if "error" in final:
+            row["error"] = f"delivery failed: {final['error']}"
+        elif final:
+            row.update({k: final.get(k) for k in DELIVERY_KEYS}, delivered=True)
+        row["feasible"] = bool(row["feasible"]) and t.state == TrialState.COMPLETE
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["number"] + COLUMNS).set_index("number")
-    for c in ("accuracy", "latency_ms", "energy_mj", "size_kb", "duration_s", "repair"):
+    for c in ("accuracy", "test_accuracy", "search_accuracy", "latency_ms", "energy_mj", "size_kb", "duration_s",
+              "repair"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
+    for c in ("steps", "final_steps"):
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
+    frame["delivered"] = frame["delivered"].astype(bool)
     for c in ("macs", "params"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
     frame["feasible"] = frame["feasible"].astype(bool)
@@ -63,42 +81,43 @@ def pareto_front(trials: pd.DataFrame, objectives) -> pd.DataFrame:
 
 
 class Result:
-    """What a search returns: `trials`, `pareto`, `baseline`, and `model(n)` for any trial."""
+    """What a search returns: `trials`, `pareto`, `baseline`, and `model(n)` for any judged trial."""
 
     def __init__(self, trials: pd.DataFrame, baseline: dict, config: dict, base_model=None, example_input=None,
-                 models_dir: Path | None = None, prepare=None):
+                 weights: Callable[[int], dict | None] | None = None):
         self.trials = trials
         self.baseline = baseline
         self.config = config
         self.objectives = tuple(config["objectives"])
         self.limits = dict(config.get("limits", {}))
+        self.min_accuracy = config.get("min_accuracy")
         self._base_model = base_model
         self._example_input = example_input
-        self._models_dir = models_dir
-        self._prepare = prepare  # the search's judge, minus the measuring: BN recalibration, fine-tuning
+        self._weights = weights or (lambda number: None)  # trial number -> the state_dict its numbers measure
 
     @classmethod
-    def from_study(cls, study: optuna.Study, base_model=None, example_input=None, prepare=None) -> "Result":
-        """`prepare(model)`, when given, brings a rebuilt model to the state its accuracy was measured in."""
+    def from_study(cls, study: optuna.Study, base_model=None, example_input=None,
+                   store: WeightStore | None = None) -> "Result":
+        """A result over a study; `store` holds the judged and delivered weights (default: beside the study's
+        file, where the search put them)."""
         config = dict(study.user_attrs["config"])
         if study.user_attrs.get("versions"):
             config["versions"] = study.user_attrs["versions"]  # the environment that made the study
-        return cls(trials_frame(study), study.user_attrs.get("baseline", {}), config, base_model, example_input,
-                   prepare=prepare)
+        if store is None:
+            folder = study.user_attrs.get("weights")
+            store = WeightStore(folder) if folder else WeightStore()
+        trials = trials_frame(study)
+        return cls(trials, study.user_attrs.get("baseline", {}), config, base_model, example_input,
+                   lambda n: store.get(n, final=bool(trials.loc[n, "delivered"])))
 
     @property
     def pareto(self) -> pd.DataFrame:
         return pareto_front(self.trials, self.objectives)
 
-    def prepared(self, number: int) -> bool:
-        """Whether model(number) comes in the state its accuracy was measured in (saved, or re-prepared)."""
-        saved = self._models_dir / f"trial_{number}.pt" if self._models_dir else None
-        return (saved is not None and saved.exists()) or self._prepare is not None
-
     def model(self, number: int) -> torch.nn.Module:
-        """Trial `number`'s compressed model, rebuilt from its stored policy, in the state it was judged in:
-        its saved weights, else re-prepared by the search's judge (BN recalibration and fine-tuning) when this
-        result has it; otherwise the bare policy applied (see `prepared`)."""
+        """Trial `number`'s compressed model, rebuilt from its stored policy with the weights its reported numbers
+        were measured on (as delivered for a delivered trial, else as judged in the search). A trial without
+        accuracy (cost-only) is its policy applied; one whose judged weights are gone is refused."""
         if number not in self.trials.index:
             raise AutocompressError(f"no trial {number!r} in this result; trials run from {self.trials.index.min()} "
                                     f"to {self.trials.index.max()}")
@@ -106,11 +125,14 @@ class Result:
             raise AutocompressError("this result has no base model to rebuild from; pass model= to Result.load")
         policy = Policy.from_json(self.trials.loc[number, "policy"])
         model = apply(self._base_model, policy, self._example_input)
-        saved = self._models_dir / f"trial_{number}.pt" if self._models_dir else None
-        if saved is not None and saved.exists():
-            model.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
-        elif self._prepare is not None and not pd.isna(self.trials.loc[number, "accuracy"]):
-            self._prepare(model)
+        if not pd.isna(self.trials.loc[number, "accuracy"]):
+            state = self._weights(number)
+            if state is None:
+                raise AutocompressError(
+                    f"the weights trial {number} was judged with are not stored here (only the front's are kept, in "
+                    f"the run folder's models/ and beside the study); its policy alone would not measure its "
+                    f"reported accuracy")
+            model.load_state_dict(state)
         return model.eval()
 
     def save(self, path) -> Path:
@@ -140,9 +162,12 @@ class Result:
             raise AutocompressError(f"{str(src / 'config.json')!r} is corrupt ({exc})") from None
         baseline = config.pop("baseline", {})
         trials = pd.read_csv(src / "trials.csv", index_col="number")
-        for c in ("macs", "params"):
-            trials[c] = trials[c].astype("Int64")
-        trials["feasible"] = trials["feasible"].astype(bool)
+        for c in ("macs", "params", "steps", "final_steps"):
+            if c in trials:
+                trials[c] = trials[c].astype("Int64")
+        for c in ("feasible", "delivered"):
+            if c in trials:
+                trials[c] = trials[c].astype(bool)
         base, example = model, None
         if (src / "example_input.pt").exists():
             example = torch.load(src / "example_input.pt", weights_only=True)
@@ -152,7 +177,8 @@ class Result:
             base = load_model(config["model_spec"], config.get("checkpoint"))
         if base is not None and (src / "base_model.pt").exists():
             base.load_state_dict(torch.load(src / "base_model.pt", map_location="cpu", weights_only=True))
-        return cls(trials, baseline, config, base, example, src / "models")
+        saved = WeightStore(src / "models")  # the front as reported: one trial_N.pt each
+        return cls(trials, baseline, config, base, example, saved.get)
 
     def report(self, format: str = "table", to=None, trial: int | None = None) -> str:
         """The Pareto report as text: "table", "csv", "json" or "html" (one self-contained page); also written to

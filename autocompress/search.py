@@ -46,11 +46,13 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from . import storage as storages
-from .budgets import METRICS, violations
+from .budgets import METRICS, accuracy_violation, violations
 from .compress import apply
 from .cost.model import estimate
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
+from .evaluate import Evaluator
+from .judged import WeightStore
 from .repair import levers, repair
 from .space import KINDS, STUDENT, BoundSpace
 
@@ -76,6 +78,8 @@ class Problem:
     limits: dict[str, float]
     evaluator: Callable | None
     repair: bool = True  # scale over-budget samples toward the budget before evaluating them (repair.py)
+    floor: float | None = None  # the accuracy budget: the lowest accuracy a delivered model may have
+    store: WeightStore = field(default_factory=WeightStore)  # judged weights, what Result.model(n) loads
     levers: dict | None = None  # per budgeted metric, the techniques that lower it (repair.levers, found once)
     prices: dict = field(default_factory=dict, repr=False)  # policy JSON -> its cost metrics
 
@@ -272,16 +276,16 @@ def budget_fitted(problem: Problem) -> list[dict]:
         return []
 
 
-def evaluate_policy(problem: Problem, policy) -> dict:
-    """Apply, price and (when within budget) judge one policy; returns every metric of the trial."""
+def evaluate_policy(problem: Problem, policy, rungs: "RungLog | None" = None) -> tuple[dict, torch.nn.Module]:
+    """Apply, price and (when within budget) judge one policy; returns every metric of the trial and the model
+    in the state it was judged in. `rungs` shares the fine-tuning rungs' accuracies with the other trials."""
     model = apply(problem.model, policy, problem.example_input)
     metrics = estimate(model, problem.example_input, problem.profile).as_dict()
-    metrics["constraints"] = violations(metrics, problem.limits)
-    metrics["feasible"] = all(v <= 0 for v in metrics["constraints"])
     metrics["accuracy"] = None
+    metrics["constraints"] = constraints(metrics, problem)
+    metrics["feasible"] = _costs_fit(metrics, problem)
     if metrics["feasible"] and problem.evaluator is not None:
-        judge = getattr(problem.evaluator, "judge", None)  # the built-in one also says if it stopped early
-        outcome = judge(model, metrics) if judge else {"accuracy": problem.evaluator(model)}
+        outcome = _judge(problem, model, metrics, rungs)
         value = outcome.pop("accuracy")
         if value is None or not math.isfinite(float(value)):
             raise AutocompressError(f"the evaluator returned {value!r}, not a finite number")
@@ -289,9 +293,54 @@ def evaluate_policy(problem: Problem, policy) -> dict:
         # Judging may change what is stored (fine-tuning splices pruned weights back, moves shared values): the
         # trial reports the model as judged, and is feasible only if that model still is.
         metrics.update(estimate(model, problem.example_input, problem.profile).as_dict())
-        metrics["constraints"] = violations(metrics, problem.limits)
+        metrics["constraints"] = constraints(metrics, problem)
         metrics["feasible"] = all(v <= 0 for v in metrics["constraints"])
-    return metrics
+    return metrics, model
+
+
+def constraints(metrics: dict, problem: Problem) -> list[float]:
+    """Optuna's constraint values (<= 0: met): each cost budget, then the accuracy budget if there is one."""
+    return violations(metrics, problem.limits) + accuracy_violation(metrics.get("accuracy"), problem.floor)
+
+
+def _costs_fit(metrics: dict, problem: Problem) -> bool:
+    return all(v <= 0 for v in violations(metrics, problem.limits))
+
+
+def _judge(problem: Problem, model, metrics: dict, rungs: "RungLog | None") -> dict:
+    """The evaluator's verdict; the built-in one fine-tunes over rungs, competing on the study's objectives."""
+    if not isinstance(problem.evaluator, Evaluator):
+        return {"accuracy": problem.evaluator(model)}
+    cost = tuple(metrics[o] for o in problem.objectives if o != "accuracy")
+    if rungs is None:
+        return problem.evaluator.judge(model, cost)
+    rungs.cost = cost
+    return problem.evaluator.judge(model, cost, rungs.peers, rungs.record)
+
+
+@dataclass
+class RungLog:
+    """One trial's rung accuracies, written to the trial as they are reached (`rung_accuracy`, and the costs it
+    competes with in `rung_cost`), and the other trials' ones at a rung, read from the study: how the workers
+    of a study share one successive-halving schedule."""
+
+    study: optuna.Study
+    trial: optuna.Trial
+    cost: tuple = ()
+    reached: dict = field(default_factory=dict)
+
+    def record(self, steps: int, accuracy: float) -> None:
+        self.reached[str(steps)] = accuracy
+        self.trial.set_user_attr("rung_cost", list(self.cost))
+        self.trial.set_user_attr("rung_accuracy", dict(self.reached))
+
+    def peers(self, steps: int) -> list[tuple[float, tuple]]:
+        key, out = str(steps), []
+        for t in self.study.get_trials(deepcopy=False):
+            reached = t.user_attrs.get("rung_accuracy") or {}
+            if t.number != self.trial.number and key in reached and t.state != TrialState.FAIL:
+                out.append((reached[key], tuple(t.user_attrs.get("rung_cost", ()))))
+        return out
 
 
 def objective_values(metrics: dict, objectives) -> list[float]:
@@ -300,9 +349,10 @@ def objective_values(metrics: dict, objectives) -> list[float]:
     return [(metrics[o] if metrics[o] is not None else 0.0) for o in objectives]
 
 
-def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
-    """Evaluate trials until the study holds its target of counted trials, whoever evaluates them.
-    Returns False if interrupted (Ctrl-C)."""
+def run(study: optuna.Study, problem: Problem, progress: bool = True, timeout: float | None = None) -> bool:
+    """Evaluate trials until the study holds its target of counted trials, whoever evaluates them, or until
+    `timeout` seconds have passed (no trial starts after that). Returns False if interrupted (Ctrl-C)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     bar = _Progress(problem.objectives) if progress else None
     say = bar.write if bar else print
     beating = is_heartbeat_enabled(study._storage)
@@ -319,7 +369,7 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True) -> bool:
             goal, done = target(study), sum(map(counted, trials))
             if bar:
                 bar.show(trials, goal)
-            if done >= goal:
+            if done >= goal or (deadline is not None and time.monotonic() > deadline):
                 return True
             # Trials other workers run may still be lost; wait for them rather than leave them unretried.
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -388,7 +438,9 @@ def _evaluate(study: optuna.Study, trial, problem: Problem, policy, say) -> str:
     """Evaluate the policy and record its metrics; an evaluation error is recorded as a failed trial."""
     start = time.perf_counter()
     try:
-        metrics = evaluate_policy(problem, policy)
+        metrics, model = evaluate_policy(problem, policy, RungLog(study, trial))
+        if metrics["accuracy"] is not None:
+            problem.store.put(trial.number, model)  # what Result.model(n) loads: the model as judged
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # the study goes on; the trial is recorded as failed with its reason

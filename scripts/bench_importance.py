@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     model = digits_resnet()
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    train, val = digits_loaders(seed=0)
+    train, val, _ = digits_loaders(seed=0)
     judge = Evaluator(train, val)
     graph = ac.analyze(model, x)
     batches = list(itertools.islice(train, args.taylor_batches))

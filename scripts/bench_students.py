@@ -185,7 +185,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     teacher, x = digits_resnet(), torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    train, val = digits_loaders()
+    train, val, _ = digits_loaders()
     teacher_acc = accuracy(teacher, val)
     print(f"teacher digits_resnet: accuracy {teacher_acc:.4f}\n")
     table = cheap_candidates(teacher, x, train, val, args)

@@ -104,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, x = digits_resnet(), torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    train, val = digits_loaders(batch_size=args.batch)
+    train, val, _ = digits_loaders(batch_size=args.batch)
     base_acc = accuracy(model, val)
     base = ac.estimate(model, x, "host")
     budget_kb = base.size_kb * args.budget

@@ -1,4 +1,6 @@
-"""Fine-tuning with knowledge distillation: it recovers accuracy, keeps every compression, is repeatable; early stopping."""
+"""Fine-tuning with knowledge distillation: it recovers accuracy, keeps every compression, is repeatable; multi-fidelity
+rungs (successive halving over the Pareto rank) and the delivered front."""
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -6,7 +8,8 @@ import torch
 import autocompress as ac
 from autocompress.compress.base import get_meta, layer_targets
 from autocompress.errors import AutocompressError
-from autocompress.evaluate import EarlyStopping, Evaluator, finalize, make_evaluator
+from autocompress.evaluate import (Evaluator, Rungs, accuracy, dominance_rank, fidelity_rungs, finetune, make_evaluator,
+                                   seeded_batches)
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +19,14 @@ def pruned_policy(digits_model, digits_input):
 
 
 def test_distillation_beats_bn_recalibration_alone(digits_model, digits_input, digits_data, pruned_policy):
-    train, val = digits_data
+    train, val, _ = digits_data
     recal_only = Evaluator(train, val)(ac.apply(digits_model, pruned_policy, digits_input))
     distilled = Evaluator(train, val, finetune_steps=20, teacher=digits_model)(ac.apply(digits_model, pruned_policy, digits_input))
     assert distilled >= recal_only + 0.10, (recal_only, distilled)
 
 
 def test_fine_tuning_keeps_every_compression_and_is_repeatable(digits_model, digits_input, digits_data, pruned_policy):
-    train, val = digits_data
+    train, val, _ = digits_data
     names = [n for n, _ in layer_targets(ac.analyze(digits_model, digits_input))]
     policy = {**pruned_policy, "sparsity": {"density": dict.fromkeys(names, 0.3)},
               "share": {"bits": dict.fromkeys(names[:8], 3)},
@@ -33,7 +36,7 @@ def test_fine_tuning_keeps_every_compression_and_is_repeatable(digits_model, dig
     for _ in range(2):
         model = ac.apply(digits_model, policy, digits_input)
         before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-        judge.prepare(model)
+        judge.judge(model)
         models.append(model)
         for n in names:
             w, meta = model.get_submodule(n).weight.detach(), get_meta(model.get_submodule(n))
@@ -49,47 +52,68 @@ def test_fine_tuning_keeps_every_compression_and_is_repeatable(digits_model, dig
         assert torch.equal(a, b)
 
 
-def test_early_stopping_rule():
-    rule = EarlyStopping(margin=0.05, similar=0.25, min_peers=2)
-    near, far = {"latency_ms": 1.0, "size_kb": 100}, {"latency_ms": 1.0, "size_kb": 300}
-    rule.record({"latency_ms": 1.1, "size_kb": 110}, 0.90)
-    assert not rule.behind(near, 0.5)  # one peer is not enough evidence
-    rule.record({"latency_ms": 0.9, "size_kb": 95}, 0.80)
-    assert rule.behind(near, 0.84) and not rule.behind(near, 0.86)
-    assert not rule.behind(far, 0.1)  # no peer of similar cost
-    assert rule.check_step(40) == 10 and EarlyStopping(after=3).check_step(40) == 3
+def test_rungs_divide_the_steps_and_promote_by_pareto_rank():
+    assert fidelity_rungs(90) == (10, 30, 90) and fidelity_rungs(20) == (6, 20) and fidelity_rungs(9) == (9,)
+    assert fidelity_rungs(0) == ()
+    assert list(dominance_rank(np.array([[0, 0], [1, 1], [0, 2], [2, 2]]))) == [0, 1, 1, 2]
+    rule = Rungs((10, 30), eta=3)
+    assert rule.promote(0.5, (1.0,), [])  # alone at its rung: nothing known is better
+    peers = [(0.9, (1.0,)), (0.8, (1.0,))]
+    assert not rule.promote(0.7, (1.0,), peers)  # two better models at the same cost
+    assert rule.promote(0.7, (0.5,), peers)  # cheaper than both: on the front
+    five = [(0.9, (1.0,)), (0.5, (1.5,)), (0.4, (1.6,)), (0.3, (1.7,)), (0.2, (1.8,))]
+    assert rule.promote(0.85, (1.2,), five)  # one model ahead of it, and 6 // 3 = 2 may go on
+    assert not rule.promote(0.85, (1.2,), five + [(0.95, (2.0,))])  # now two ahead, of 7
+    assert not Rungs((10, 30), floor=0.9, floor_margin=0.05).promote(0.84, (0.1,), [])  # cannot reach the floor
 
 
-def test_a_candidate_behind_its_peers_stops_early(digits_model, digits_input, digits_data, pruned_policy):
-    train, val = digits_data
-    rule = EarlyStopping(after=1, min_peers=1)
-    cost = {"latency_ms": 2.0, "size_kb": 300.0}
-    rule.record(cost, 1.0)
-    judge = Evaluator(train, val, finetune_steps=3, teacher=digits_model, early_stopping=rule)
-    stopped = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), cost)
-    assert stopped["early_stopped"] and stopped["early_accuracy"] < 0.95 and 0 <= stopped["accuracy"] <= 1
-    other = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), {"latency_ms": 9.0, "size_kb": 900.0})
-    assert not other["early_stopped"]
-    assert len(rule.history) == 3  # every candidate's early accuracy becomes evidence
+def test_a_candidate_behind_its_peers_stops_at_the_first_rung(digits_model, digits_input, digits_data, pruned_policy):
+    train, val, _ = digits_data
+    judge = Evaluator(train, val, finetune_steps=12, teacher=digits_model)
+    assert judge.rungs.steps == (4, 12)
+    seen = []
+    better = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (2.0,), lambda steps: [(1.0, (1.0,))],
+                         lambda steps, acc: seen.append((steps, acc)))
+    assert better["steps"] == 4 and better["early_stopped"] and better["rung"] == 0
+    assert list(better["rung_accuracy"]) == ["4"] and seen == [(4, better["rung_accuracy"]["4"])]
+    cheaper = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (0.5,), lambda steps: [(1.0, (1.0,))])
+    assert cheaper["steps"] == 12 and not cheaper["early_stopped"] and list(cheaper["rung_accuracy"]) == ["4", "12"]
 
 
-def test_search_records_early_stopping_and_finalize_remeasures(digits_model, digits_input, digits_data, tmp_path):
+def test_a_promoted_candidate_trains_exactly_as_one_fine_tune(digits_model, digits_input, digits_data, pruned_policy):
+    """Rungs cut one schedule into pieces: reaching the last rung gives the weights of one uninterrupted fine-tune."""
+    train, val, _ = digits_data
+    judge = Evaluator(train, val, finetune_steps=12, teacher=digits_model)
+    ranked = ac.apply(digits_model, pruned_policy, digits_input)
+    judge.judge(ranked, (1.0,), lambda steps: [])
+    plain = judge.calibrate(ac.apply(digits_model, pruned_policy, digits_input))
+    finetune(plain, seeded_batches(train, 12), 12, digits_model)
+    judge.calibrate(plain)
+    for a, b in zip(ranked.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_search_records_rungs_and_delivers_the_front(digits_model, digits_input, digits_data, tmp_path):
     storage = f"sqlite:///{tmp_path}/study.db"
     result = ac.compress(digits_model, digits_input, data=digits_data, objectives=("accuracy", "size_kb"),
-                         space="mixed_precision", trials=3, finetune_steps=2, progress=False, storage=storage)
+                         space="mixed_precision", trials=4, finetune_steps=12, final_epochs=1, progress=False,
+                         storage=storage)
     study = optuna.load_study(study_name="autocompress", storage=storage)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
-    assert complete and all(isinstance(t.user_attrs.get("early_stopped"), bool) for t in complete)
-    judge = Evaluator(*digits_data, finetune_steps=3, teacher=digits_model)
-    table, models = finalize(result, judge, 3, digits_input)
-    assert list(table.index) == list(result.pareto.index)
-    for n, row in table.iterrows():
-        assert 0 <= row["accuracy"] <= 1
-        assert row["size_kb"] == pytest.approx(ac.estimate(models[n], digits_input).size_kb)
+    judged = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
+    assert judged and all(set(t.user_attrs["rung_accuracy"]) <= {"4", "12"} for t in judged)
+    assert all(t.user_attrs["steps"] in (4, 12) for t in judged)
+    front = result.pareto
+    assert len(front) and front["delivered"].all() and (front["final_steps"] == len(digits_data[0])).all()
+    for n, row in front.iterrows():
+        model = result.model(n)
+        assert accuracy(model, digits_data[1]) == row["accuracy"]
+        assert accuracy(model, digits_data[2]) == row["test_accuracy"]
+        assert row["size_kb"] == pytest.approx(ac.estimate(model, digits_input).size_kb)
+        assert row["search_accuracy"] == study.trials[n].user_attrs["accuracy"]
 
 
 def test_data_free_evaluator_and_bad_steps(digits_model, digits_input, digits_data):
-    _, val = digits_data
+    _, val, _ = digits_data
     judge = make_evaluator((None, val), None, finetune_steps=10)
     assert judge.finetune_steps == 0  # nothing to train on
     names = [n for n, _ in layer_targets(ac.analyze(digits_model, digits_input))]
@@ -106,7 +130,7 @@ def test_a_fine_tuned_trial_reports_the_cost_of_the_model_as_judged(digits_model
     space = ac.SearchSpace("dc", {"sparsity": {"density": [0.3], "granularity": "global"},
                                   "share": {"bits": [3, 4], "huffman": True, "granularity": "global"}})
     result = ac.compress(digits_model, digits_input, data=digits_data, space=space, trials=2, finetune_steps=3,
-                         sampler="random", seed=1, progress=False, objectives=("accuracy", "size_kb"))
+                         final_epochs=0, sampler="random", seed=1, progress=False, objectives=("accuracy", "size_kb"))
     done = result.trials[result.trials["state"] == "COMPLETE"]
     assert len(done) == 2
     for number, row in done.iterrows():

@@ -81,9 +81,8 @@ def test_export_refuses_what_it_cannot_honour(run, best, tmp_path):
     result, _ = run
     trial, _ = best
     bare = type(result)(result.trials, result.baseline, result.config, result._base_model, result._example_input)
-    assert not bare.prepared(trial)  # no judge and no saved weights: BN statistics cannot be re-estimated
-    with pytest.raises(AutocompressError, match="pass data=.*--data"):
-        bare.export(trial, "state_dict", tmp_path / "m.pt")  # a Python run records no data spec
+    with pytest.raises(AutocompressError, match=f"weights trial {trial} was judged with are not stored"):
+        bare.export(trial, "state_dict", tmp_path / "m.pt")  # no stored weights: its policy alone is not the model
     with pytest.raises(AutocompressError, match="unknown export format 'tflite'"):
         result.export(trial, "tflite", tmp_path / "m.tflite")
     with pytest.raises(AutocompressError, match="no trial 999"):

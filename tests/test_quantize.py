@@ -92,13 +92,13 @@ def test_activation_fake_quant_limits_inputs_and_survives_copies(digits_model, d
 
 
 def test_data_free_activation_ranges_keep_accuracy(digits_model, digits_input, digits_data, names):
-    _, val = digits_data
+    _, val, _ = digits_data
     model = ac.apply(digits_model, _policy(names, weight_bits=8, act_bits=8), digits_input)
     assert accuracy(model, val) >= accuracy(digits_model, val) - 0.02
 
 
 def test_int8_model_agrees_with_fake_quant(digits_model, digits_input, digits_data, names):
-    train, val = digits_data
+    train, val, _ = digits_data
     batches = fixed_batches(train, 4)
     fake = ac.apply(digits_model, _policy(names, weight_bits=8, act_bits=8), digits_input)
     quantize.calibrate_activations(fake, batches)  # the same calibration data for both
@@ -139,7 +139,7 @@ def test_synthesized_inputs_match_batchnorm_statistics_better_than_noise(digits_
 
 
 def test_data_free_int8_from_synthesized_inputs(digits_model, digits_input, digits_data, synthesized):
-    _, val = digits_data
+    _, val, _ = digits_data
     real = to_int8(digits_model, digits_input, [synthesized])
     assert accuracy(real, val) >= accuracy(digits_model, val) - 0.03
 

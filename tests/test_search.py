@@ -21,7 +21,7 @@ def search_data():
 
     from autocompress.data import digits_tensors
 
-    (xt, yt), (xv, yv) = digits_tensors()
+    (xt, yt), (xv, yv), _ = digits_tensors()
     train = DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     return train, DataLoader(TensorDataset(xv[:192], yv[:192]), batch_size=192)
 API_COLUMNS = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "policy"]
@@ -30,7 +30,7 @@ API_COLUMNS = ["accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params
 @pytest.fixture(scope="module")
 def run(digits_model, digits_input, search_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
-    result = ac.compress(digits_model, digits_input, data=search_data, hardware="host", budgets=BUDGETS,
+    result = ac.compress(digits_model, digits_input, data=search_data, hardware="host", budgets=BUDGETS, final_epochs=0,
                          trials=10, seed=0, progress=False, storage=f"sqlite:///{path}/study.db")
     return result, path
 
@@ -104,7 +104,7 @@ def test_save_and_load_round_trip(run, tmp_path, digits_input, search_data):
 
 
 def test_seeded_runs_are_reproducible(digits_model, digits_input, search_data):
-    kwargs = dict(data=search_data, hardware="host", budgets=BUDGETS, trials=4, seed=3, progress=False)
+    kwargs = dict(data=search_data, hardware="host", budgets=BUDGETS, trials=4, seed=3, progress=False, final_epochs=0)
     a = ac.compress(digits_model, digits_input, **kwargs).trials
     b = ac.compress(digits_model, digits_input, **kwargs).trials
     cols = ["policy", "accuracy", "latency_ms", "size_kb", "params", "feasible"]
@@ -113,7 +113,7 @@ def test_seeded_runs_are_reproducible(digits_model, digits_input, search_data):
 
 def test_resume_keeps_completed_trials(run, digits_model, digits_input, search_data):
     result, path = run
-    more = ac.compress(digits_model, digits_input, data=search_data, hardware="host", budgets=BUDGETS,
+    more = ac.compress(digits_model, digits_input, data=search_data, hardware="host", budgets=BUDGETS, final_epochs=0,
                        trials=13, seed=0, progress=False, storage=f"sqlite:///{path}/study.db")
     assert list(more.trials.index) == list(range(13))
     cols = ["policy", "accuracy", "latency_ms"]

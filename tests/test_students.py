@@ -39,7 +39,7 @@ def cache(tmp_path, monkeypatch):
 def small_data():
     from autocompress.data import digits_tensors
 
-    (xt, yt), (xv, yv) = digits_tensors()
+    (xt, yt), (xv, yv), _ = digits_tensors()
     train = DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32)
     return train, DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=128)
 

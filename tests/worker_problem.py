@@ -30,7 +30,7 @@ def _slow_collate(batch):
 
 
 def slow_digits():
-    (xt, yt), (xv, yv) = digits_tensors()
+    (xt, yt), (xv, yv), _ = digits_tensors()
     train = DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=128, collate_fn=_slow_collate)
     return train, val

@@ -1,0 +1,106 @@
+"""Judging candidates at equal wall time: BN recalibration only, a fixed fine-tune per candidate, and the
+multi-fidelity rungs (successive halving over the Pareto rank), on the digits model and a torchvision ResNet-18
+trained on the digits at 32 px.
+
+Each schedule searches for the same wall time (`--minutes`), then its front is delivered the same way (the
+same final fine-tune) and measured on the held-out test data. Printed per problem and schedule: trials judged,
+hypervolume on (1 - test accuracy, latency / the model's) with reference (1, 1), and the smallest and the
+fastest delivered model within 1 point of the original's test accuracy.
+
+    .venv/bin/python scripts/bench_fidelity.py --problems digits,resnet18 --minutes 3
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import autocompress as ac
+from autocompress.data import digits_tensors
+from autocompress.evaluate import Evaluator, accuracy
+from autocompress.models import cache_dir, digits_resnet, train_classifier
+from autocompress.report import hypervolume
+
+BUDGETS = {"latency": 0.6, "size": 0.3}
+
+
+def schedules(data, teacher, steps: int):
+    """name -> evaluator: no fine-tuning; every candidate `steps // 3` steps; rungs of steps/9, /3 and steps."""
+    return {"bn-only": Evaluator(*data, teacher=teacher),
+            "fixed": Evaluator(*data, finetune_steps=steps // 3, teacher=teacher, eta=10 ** 9),
+            "multi-fidelity": Evaluator(*data, finetune_steps=steps, teacher=teacher, eta=3)}
+
+
+def digits_problem():
+    (xt, yt), (xv, yv), (xs, ys) = digits_tensors()
+    return digits_resnet(), torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)), _loaders(
+        (xt, yt), (xv, yv), (xs, ys))
+
+
+def resnet18_problem():
+    """torchvision resnet18 (weights=None, 10 classes) on the digits as 3-channel 32 px images, trained once."""
+    import torchvision
+
+    (xt, yt), (xv, yv), (xs, ys) = [(x.repeat(1, 3, 1, 1), y) for x, y in digits_tensors()]
+    data = _loaders((xt, yt), (xv, yv), (xs, ys))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    path = cache_dir() / "bench-resnet18-digits32.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        train_classifier(model, data[0], epochs=8)
+        torch.save(model.state_dict(), path)
+    return model.eval(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), data
+
+
+def _loaders(train, val, test):
+    gen = torch.Generator().manual_seed(0)
+    return (DataLoader(TensorDataset(*train), batch_size=64, shuffle=True, generator=gen),
+            DataLoader(TensorDataset(*val), batch_size=256), DataLoader(TensorDataset(*test), batch_size=256))
+
+
+def measure(result, baseline_test: float) -> dict:
+    front = result.pareto
+    delivered = front[front["delivered"]]
+    points = np.stack([1 - delivered["test_accuracy"].to_numpy(float),
+                       delivered["latency_ms"].to_numpy(float) / result.baseline["latency_ms"]], axis=1)
+    near = delivered[delivered["test_accuracy"] >= baseline_test - 0.01]
+    return {"trials judged": int(result.trials["accuracy"].notna().sum()), "front": len(front),
+            "hypervolume": hypervolume(points, (1.0, 1.0)),
+            "within 1 pt": len(near),
+            "smallest KB": near["size_kb"].min() if len(near) else np.nan,
+            "fastest ms": near["latency_ms"].min() if len(near) else np.nan,
+            "best test acc": delivered["test_accuracy"].max()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--problems", default="digits,resnet18")
+    p.add_argument("--minutes", type=float, default=3.0, help="search wall time per schedule")
+    p.add_argument("--steps", type=int, default=90, help="the multi-fidelity schedule's largest rung")
+    p.add_argument("--final-epochs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.problems.split(","):
+        model, x, data = {"digits": digits_problem, "resnet18": resnet18_problem}[name]()
+        baseline_test = accuracy(model, data[2])
+        for schedule, judge in schedules(data, model, args.steps).items():
+            start = time.perf_counter()
+            result = ac.compress(model, x, data=data, evaluator=judge, budgets=BUDGETS, trials=10_000,
+                                 timeout=args.minutes * 60, final_epochs=args.final_epochs, progress=False)
+            rows.append({"problem": name, "schedule": schedule, "baseline test acc": baseline_test,
+                         **measure(result, baseline_test), "wall s": time.perf_counter() - start})
+            print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+    print()
+    print(pd.DataFrame(rows).set_index(["problem", "schedule"]).to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    main()
