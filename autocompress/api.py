@@ -72,6 +72,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
     """
     _check_trials(trials)
     _check_epochs(final_epochs)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise AutocompressError(f"timeout={timeout!r} is not allowed; it must be a number of seconds > 0, or None")
     judge = make_evaluator(data, evaluator, finetune_steps, teacher=model)
     study, problem = _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler,
                            storage, study_name, model_spec, finetune_steps, repair, sampler_seed=seed,
@@ -148,11 +150,11 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     supernet.prepare(bound, model, example_input, getattr(judge, "train_loader", None))  # student spaces only
 
     baseline = _estimate(model, example_input, profile).as_dict()
-    baseline.update(_baseline_accuracy(judge, model))
     limits = budgets.limits(baseline)
-    floor = budgets.accuracy_floor(baseline["accuracy"])
+    if budgets.accuracy and judge is None:
+        raise AutocompressError("an accuracy budget needs data or an evaluator to measure accuracy with")
     config = search.config_json({
-        "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits, "min_accuracy": floor,
+        "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits,
         "hardware": profile.to_dict(),
         "space": search_space.to_dict(), "seed": seed, "sampler": sampler, "model": model_fingerprint(model),
         "input_shape": list(example_input.shape), "finetune_steps": finetune_steps, "repair": bool(repair),
@@ -160,8 +162,10 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     })
     study = search.open_study(storage, study_name, objectives, config)
     study.sampler = search.make_sampler(sampler, search.seed_for(study, sampler_seed), trials_hint)
-    if "baseline" not in study.user_attrs:
-        study.set_user_attr("baseline", baseline)
+    if "baseline" not in study.user_attrs:  # measured once per study: a resume calls no evaluator for it
+        study.set_user_attr("baseline", {**baseline, **_baseline_accuracy(judge, model)})
+        study.set_user_attr("min_accuracy", budgets.accuracy_floor(study.user_attrs["baseline"]["accuracy"]))
+    floor = study.user_attrs.get("min_accuracy")
     store = _weight_store(study, storage, study_name, weights)
     problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair), floor,
                              store)

@@ -92,7 +92,7 @@ def digits_resnet(pretrained: bool = True, epochs: int = 5) -> nn.Module:
         model = DigitsResNet()
     if not pretrained:
         return model.eval()
-    tag = hashlib.sha1(f"digits_resnet-v3-{epochs}".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"digits_resnet-v4-{epochs}".encode()).hexdigest()[:10]  # v4: the 60/20/20 split
     path = cache_dir() / f"digits_resnet-{tag}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))

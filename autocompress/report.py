@@ -279,7 +279,8 @@ def to_html(result: Result, trial: int | None = None) -> str:
 
 def _subtitle(result: Result) -> str:
     hw = result.config.get("hardware", {}).get("name", "?")
-    budgets = ", ".join(f"{k} <= {plots.fmt(v)}" for k, v in sorted(result.limits.items())) or "no budgets"
+    floor = [f"accuracy >= {plots.fmt(result.min_accuracy)}"] if result.min_accuracy is not None else []
+    budgets = ", ".join(floor + [f"{k} <= {plots.fmt(v)}" for k, v in sorted(result.limits.items())]) or "no budgets"
     return f"on {hw} · objectives {', '.join(result.objectives)} · {budgets}"
 
 

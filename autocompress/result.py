@@ -103,6 +103,7 @@ class Result:
         config = dict(study.user_attrs["config"])
         if study.user_attrs.get("versions"):
             config["versions"] = study.user_attrs["versions"]  # the environment that made the study
+        config["min_accuracy"] = study.user_attrs.get("min_accuracy")  # the accuracy budget, as a floor
         if store is None:
             folder = study.user_attrs.get("weights")
             store = WeightStore(folder) if folder else WeightStore()

@@ -2,16 +2,20 @@
 multi-fidelity rungs (successive halving over the Pareto rank), on the digits model and a torchvision ResNet-18
 trained on the digits at 32 px.
 
-Each schedule searches for the same wall time (`--minutes`), then its front is delivered the same way (the
-same final fine-tune) and measured on the held-out test data. Printed per problem and schedule: trials judged,
-hypervolume on (1 - test accuracy, latency / the model's) with reference (1, 1), and the smallest and the
-fastest delivered model within 1 point of the original's test accuracy.
+The three schedules of a problem run side by side, one process and one torch thread each, so that they share
+whatever load the machine has at the same moments; each searches for the same wall time (`--minutes`), then its
+front is delivered the same way (the same final fine-tune) and measured on the held-out test data. Printed per
+problem and schedule: trials judged, hypervolume on (1 - test accuracy, latency / the model's) with reference
+(1, 1), and the smallest and the fastest delivered model within 1 point of the original's test accuracy.
 
     .venv/bin/python scripts/bench_fidelity.py --problems digits,resnet18 --minutes 3
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress as ac
 from autocompress.data import digits_tensors
+from autocompress.cost.profiles import load_profile
 from autocompress.evaluate import Evaluator, accuracy
 from autocompress.models import cache_dir, digits_resnet, train_classifier
 from autocompress.report import hypervolume
@@ -78,25 +83,42 @@ def measure(result, baseline_test: float) -> dict:
             "best test acc": delivered["test_accuracy"].max()}
 
 
+def run_one(problem: str, schedule: str, args) -> dict:
+    model, x, data = PROBLEMS[problem]()
+    baseline_test = accuracy(model, data[2])
+    judge = schedules(data, model, args.steps)[schedule]
+    start = time.perf_counter()
+    result = ac.compress(model, x, data=data, evaluator=judge, budgets=BUDGETS, trials=10_000,
+                         timeout=args.minutes * 60, final_epochs=args.final_epochs, progress=False)
+    return {"problem": problem, "schedule": schedule, "baseline test acc": baseline_test,
+            **measure(result, baseline_test), "wall s": time.perf_counter() - start}
+
+
+PROBLEMS = {"digits": digits_problem, "resnet18": resnet18_problem}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problems", default="digits,resnet18")
     p.add_argument("--minutes", type=float, default=3.0, help="search wall time per schedule")
     p.add_argument("--steps", type=int, default=90, help="the multi-fidelity schedule's largest rung")
     p.add_argument("--final-epochs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--one", help="PROBLEM:SCHEDULE: run one, print its row as JSON (what the side-by-side runs do)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.one:
+        torch.set_num_threads(1)
+        print(json.dumps(run_one(*args.one.split(":"), args), default=float))
+        return
+    load_profile("host")  # calibrated once (if this machine has no profile yet), before the side-by-side runs
     rows = []
-    for name in args.problems.split(","):
-        model, x, data = {"digits": digits_problem, "resnet18": resnet18_problem}[name]()
-        baseline_test = accuracy(model, data[2])
-        for schedule, judge in schedules(data, model, args.steps).items():
-            start = time.perf_counter()
-            result = ac.compress(model, x, data=data, evaluator=judge, budgets=BUDGETS, trials=10_000,
-                                 timeout=args.minutes * 60, final_epochs=args.final_epochs, progress=False)
-            rows.append({"problem": name, "schedule": schedule, "baseline test acc": baseline_test,
-                         **measure(result, baseline_test), "wall s": time.perf_counter() - start})
+    for problem in args.problems.split(","):
+        PROBLEMS[problem]()  # trains and caches the model once, likewise
+        procs = [subprocess.Popen([sys.executable, __file__, "--one", f"{problem}:{name}", "--minutes",
+                                   str(args.minutes), "--steps", str(args.steps), "--final-epochs",
+                                   str(args.final_epochs)], stdout=subprocess.PIPE, text=True)
+                 for name in ("bn-only", "fixed", "multi-fidelity")]
+        for proc in procs:
+            rows.append(json.loads(proc.communicate()[0].strip().splitlines()[-1]))
             print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
     print()
     print(pd.DataFrame(rows).set_index(["problem", "schedule"]).to_string(float_format=lambda v: f"{v:.4g}"))

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 def test_run_writes_study_tables_models_and_config(tmp_path, capsys):
     out = tmp_path / "r1"
     args = ["run", "--trials", "4", "--out", str(out), "--no-progress", "--budget", "size=40%",
-            "--budget", "latency=90%", "--data", "digits"]
+            "--budget", "latency=90%", "--data", "digits", "--finetune-steps", "0", "--final-epochs", "0"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "baseline" in printed and "Pareto front" in printed
@@ -81,7 +81,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
 
 def test_an_output_folder_with_another_configuration_is_refused(tmp_path, capsys):
     out = str(tmp_path / "r")
-    common = ["run", "--trials", "1", "--no-progress", "--out", out, "--data", "digits"]
+    common = ["run", "--trials", "1", "--no-progress", "--out", out, "--data", "digits", "--finetune-steps", "0"]
     assert main(common + ["--budget", "size=40%"]) == 0
     assert main(common + ["--budget", "size=20%"]) == 2
     assert "another configuration" in capsys.readouterr().err

@@ -37,7 +37,8 @@ def run(digits_model, digits_input, search_data, tmp_path_factory):
 
 def test_trials_and_pareto_have_the_api_columns(run):
     result, _ = run
-    assert list(result.trials.index) == list(range(10))
+    counted = result.trials[result.trials["state"] != "PRUNED"]  # a repair may make a duplicate (PRUNED)
+    assert len(counted) == 10
     for column in API_COLUMNS:
         assert column in result.trials.columns and column in result.pareto.columns
     assert not result.pareto.empty
@@ -115,9 +116,9 @@ def test_resume_keeps_completed_trials(run, digits_model, digits_input, search_d
     result, path = run
     more = ac.compress(digits_model, digits_input, data=search_data, hardware="host", budgets=BUDGETS, final_epochs=0,
                        trials=13, seed=0, progress=False, storage=f"sqlite:///{path}/study.db")
-    assert list(more.trials.index) == list(range(13))
+    assert len(more.trials[more.trials["state"] != "PRUNED"]) == 13
     cols = ["policy", "accuracy", "latency_ms"]
-    pd.testing.assert_frame_equal(more.trials.loc[:9, cols], result.trials[cols])
+    pd.testing.assert_frame_equal(more.trials.loc[result.trials.index, cols], result.trials[cols])
     assert more.trials["policy"].nunique() >= 12  # new trials are new candidates, not repeats
 
 

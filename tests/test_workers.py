@@ -26,7 +26,8 @@ TESTS = Path(__file__).resolve().parent
 EXE = Path(sys.executable).parent / "autocompress"
 # A small CNN on real digits; every candidate is within budget and its evaluation sleeps 1.5 s (worker_problem.py).
 MODEL, DATA = "worker_problem:tiny_model", "worker_problem:slow_digits"
-RUN = ["run", "--model", MODEL, "--input-shape", "1,1,32,32", "--data", DATA, "--budget", "size=200%", "--no-progress"]
+RUN = ["run", "--model", MODEL, "--input-shape", "1,1,32,32", "--data", DATA, "--budget", "size=200%", "--no-progress",
+       "--finetune-steps", "0", "--final-epochs", "0"]
 HEARTBEAT_S = 2                   # so a killed worker's trial is retried after 6 s
 
 
