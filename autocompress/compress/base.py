@@ -70,7 +70,10 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Exactly `q` in the forward pass, the identity's gradient to `x` in the backward pass (fake-quant training)."""
+    """Exactly `q` in the forward pass, the identity's gradient to `x` in the backward pass (fake-quant training).
+    Without a gradient to pass (inference, export) it is `q` itself: ONNX and TorchScript cannot hold the Function."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q.detach()
     return _StraightThrough.apply(x, q.detach())
 
 
