@@ -134,7 +134,7 @@ def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Stu
                                     load_if_exists=True)
     except Exception as exc:
         raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
-                                f"{_first_line(exc)}") from None
+                                f"{_shown(_first_line(exc))}") from None
     stored = study.user_attrs.get("config")
     if stored is None:
         from .report import package_versions
@@ -173,7 +173,7 @@ def peek(storage, study_name: str) -> tuple[dict, int]:
         raise
     except Exception as exc:
         raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
-                                f"{_first_line(exc)}") from None
+                                f"{_shown(_first_line(exc))}") from None
     config = study.user_attrs.get("config")
     if config is None:
         raise AutocompressError(f"study {study_name!r} in {_shown(storage)!r} was not made by autocompress "
