@@ -60,6 +60,9 @@ def open_storage(spec, must_exist: bool = False):
         raise AutocompressError(f"storage {hide_password(text)!r} is not allowed; use {ALLOWED}")
     if must_exist and scheme.group(1) == "sqlite":
         _require_file(_sqlite_path(text), text)
+    if scheme.group(1) != "sqlite" and text[scheme.end():].split("?")[0].count("@") > 1:
+        # SQLAlchemy would split at the first '@' and send the rest of the password to DNS as a host name
+        raise AutocompressError(f"the password in storage {hide_password(text)!r} holds '@'; write it as %40")
     url = text
     if scheme.group(0) == "postgresql://":  # SQLAlchemy 2.1 would pick psycopg 3; psycopg2 is our dependency
         url = "postgresql+psycopg2://" + text.removeprefix("postgresql://")
