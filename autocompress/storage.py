@@ -68,15 +68,31 @@ def open_storage(spec, must_exist: bool = False):
         url = "postgresql+psycopg2://" + text.removeprefix("postgresql://")
     engine = {"connect_args": {"timeout": 60}} if scheme.group(1) == "sqlite" else {"pool_pre_ping": True}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                              grace_period=GRACE_FACTOR * HEARTBEAT_S)
+        return _rdb(url, engine)
     except ImportError:
         raise AutocompressError(f"storage {hide_password(text)!r} needs a database driver that is not installed "
                                 f"(psycopg2-binary for postgresql://, pymysql for mysql+pymysql://)") from None
     except Exception as exc:
         raise AutocompressError(f"cannot open storage {hide_password(text)!r}: {first_line(exc)}") from None
+
+
+SCHEMA_RACE = re.compile(r"already exists|UNIQUE constraint failed|duplicate key", re.IGNORECASE)
+SCHEMA_TRIES = 10  # two processes creating one new database (two `run --out NEW` at once): the later one retries
+
+
+def _rdb(url: str, engine: dict) -> RDBStorage:
+    """Optuna's RDB storage. Creating a new database's tables is not atomic: a process that loses the race to
+    another creating the same tables waits a moment and opens the tables the other made."""
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                  grace_period=GRACE_FACTOR * HEARTBEAT_S)
+        except Exception as exc:
+            if attempt == SCHEMA_TRIES - 1 or not SCHEMA_RACE.search(str(exc)):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def arm(storage, seconds: int, on_lost: Callable) -> None:

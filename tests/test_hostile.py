@@ -298,7 +298,10 @@ def test_ctrl_c_outside_the_search_exits_130_without_traceback(tmp_path, capsys,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(autocompress.models, "load_model", interrupted)
-    code, printed = cli(["run", *TINY, "--trials", "1", "--out", str(tmp_path / "r")], capsys)
+    try:
+        code, printed = cli(["run", *TINY, "--trials", "1", "--out", str(tmp_path / "r")], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped autocompress.cli.main")
     assert code == 130 and "interrupted" in printed and "Traceback" not in printed
 
 
@@ -333,3 +336,29 @@ def test_a_group_torch_pruning_cannot_finish_stays_whole_and_analysis_ends(tmp_p
     groups, warned = proc.stdout.strip().splitlines()[-2:]
     assert int(groups) >= 5
     assert "1.body.5" in warned and "7.body.5" in warned
+
+
+def _open_after(barrier, path: str, results) -> None:
+    barrier.wait()
+    try:
+        open_storage(f"sqlite:///{path}")
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which shows it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_creating_one_new_study_database_both_open_it(tmp_path):
+    """Two `autocompress run --out NEW` at once: both create the tables of one new study.db. Without the retry
+    about half the rounds end in 'UNIQUE constraint failed: alembic_version' or 'table ... already exists'."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        barrier, results = context.Barrier(2), context.Queue()
+        racers = [context.Process(target=_open_after, args=(barrier, str(tmp_path / f"r{round_}.db"), results))
+                  for _ in range(2)]
+        for p in racers:
+            p.start()
+        for p in racers:
+            p.join(timeout=60)
+        assert [results.get(timeout=5), results.get(timeout=5)] == ["ok", "ok"]
