@@ -50,7 +50,7 @@ def _run(args) -> int:
     return INTERRUPTED if result.interrupted else 0
 
 
-def _worker(args) -> None:
+def _worker(args) -> int:
     from . import api, report
     from .search import WORKER
 
@@ -62,6 +62,7 @@ def _worker(args) -> None:
     print(f"\nworker {WORKER} done in {time.perf_counter() - start:.1f} s: the study holds "
           f"{int((result.trials['state'] == 'COMPLETE').sum())} completed trials; see them again with "
           f"`autocompress report --storage {_shown(args.storage)} --study {args.study}`")
+    return INTERRUPTED if result.interrupted else 0
 
 
 def _print_joining(storage: str, study: str, result) -> None:

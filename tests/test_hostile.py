@@ -362,3 +362,15 @@ def test_two_processes_creating_one_new_study_database_both_open_it(tmp_path):
         for p in racers:
             p.join(timeout=60)
         assert [results.get(timeout=5), results.get(timeout=5)] == ["ok", "ok"]
+
+
+def test_ctrl_c_in_a_worker_exits_130(tmp_path, capsys, monkeypatch):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    assert cli(["run", *TINY, "--trials", "0", "--storage", storage, "--out", str(tmp_path / "r")], capsys)[0] == 0
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "run_trial", interrupted)
+    code, printed = cli(["worker", "--storage", storage, "--trials", "1", "--no-progress"], capsys)
+    assert code == 130 and "interrupted: 0 finished trials are kept" in printed
