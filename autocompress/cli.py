@@ -43,7 +43,7 @@ def _run(args) -> int:
                           weights=args.weights)
     if args.trials == 0:  # the study alone, for workers to fill
         _print_joining(storage, args.study, result)
-        return
+        return 0
     result.save(out)
     print(report.format_table(result))
     print(f"\nwrote {out}/ (study.db, trials.csv, pareto.csv, config.json, models/) in {time.perf_counter() - start:.1f} s")
