@@ -384,8 +384,8 @@ def _fill_module_macs(model: nn.Module, example_input: torch.Tensor, layers: lis
 PROBE_KEEP = 0.25       # analysis test-prunes every group down to this fraction of its channels
 CLOSURE_LIMIT = 4096    # index-mapping steps one channel's dependency closure may take before it counts as unbounded
 REVISIT_LIMIT = 32      # times a Torch-Pruning group may add one layer (under new index sets) before it counts as
-                        # unbounded: at most 8 in the torchvision zoo (swin_t); a residual added into a slice of the
-                        # channels (timm's rexnet_100) re-adds its layers without end
+                        # unbounded: 8 in swin_t, the most of 13 torchvision models measured at 64 px; a residual
+                        # added into a slice of the channels (timm's rexnet_100) re-adds its layers without end
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 PRUNABLE_KINDS = ("conv", "dwconv", "linear")
 
