@@ -189,7 +189,10 @@ def _search(study, problem: search.Problem, progress: bool, final_epochs: int, t
         problem.store.discard(dominated_by_delivered(study, problem.objectives))
     result = Result.from_study(study, problem.model, problem.example_input, problem.store)
     if not completed:
-        print(f"interrupted: {len(result.trials)} finished trials are kept in the study (the running one is "
+        result.interrupted = True
+        trials = result.trials  # counted as the target counts them: no PRUNED duplicate, no lost trial
+        finished = int(((trials["state"] == "COMPLETE") | (trials["state"] == "FAIL") & trials["error"].notna()).sum())
+        print(f"interrupted: {finished} finished trials are kept in the study (the running one is "
               f"queued again); run again to resume")
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 from .errors import AutocompressError, one_of
 
@@ -17,6 +18,9 @@ ACCURACY_BUDGETS = ("accuracy", "accuracy_drop")
 
 
 def check_objectives(objectives, have_accuracy: bool) -> tuple[str, ...]:
+    if isinstance(objectives, str) or not hasattr(objectives, "__iter__"):
+        raise AutocompressError(f"objectives={objectives!r} is not allowed; give a list of metric names such as "
+                                f"('accuracy', 'latency_ms'), from: {', '.join(METRICS)}")
     objectives = tuple(objectives)
     if not objectives:
         raise AutocompressError("objectives must name at least one metric; allowed: " + ", ".join(METRICS))
@@ -40,6 +44,9 @@ class Budgets:
         self.absolute: dict[str, float] = {}
         self.relative: dict[str, float] = {}
         self.accuracy: dict[str, float] = {}
+        if budgets is not None and not isinstance(budgets, dict):
+            raise AutocompressError(f"budgets={budgets!r} is not allowed; give a mapping such as "
+                                    f"{{'latency_ms': 2, 'size': 0.3}} (or Budgets.parse(['latency=50%']))")
         for key, value in (budgets or {}).items():
             self._add(key, value)
 
@@ -87,11 +94,17 @@ class Budgets:
         return {**self.absolute, **{inverse[m]: v for m, v in self.relative.items()}, **self.accuracy}
 
     def limits(self, baseline: dict) -> dict[str, float]:
-        """Absolute limit per metric (the tighter one where both kinds are given)."""
+        """Absolute limit per metric (the tighter one where both kinds are given). A limit the uncompressed
+        model already meets cannot bind (compressing only lowers a cost): warned about, kept."""
         limits = dict(self.absolute)
         for metric, fraction in self.relative.items():
             value = fraction * baseline[metric]
             limits[metric] = min(limits.get(metric, math.inf), value)
+        for metric, limit in sorted(limits.items()):
+            if limit >= baseline[metric]:
+                warnings.warn(f"budget {self._named(metric)} ({metric} {limit:.4g}) is no tighter than the uncompressed "
+                              f"model ({baseline[metric]:.4g}), so it cannot bind; a budget that constrains is below "
+                              f"the model's value (a relative one below 100%)", stacklevel=2)
         return limits
 
     def accuracy_floor(self, baseline_accuracy: float | None) -> float | None:
@@ -104,6 +117,11 @@ class Budgets:
         if "accuracy_drop" in self.accuracy:
             floors.append(baseline_accuracy - self.accuracy["accuracy_drop"] / 100)
         return max(floors)
+    def _named(self, metric: str) -> str:
+        """The budget on `metric` as it was given: latency=150% or latency_ms=9."""
+        if metric in self.relative:
+            return f"{next(k for k, m in RELATIVE.items() if m == metric)}={self.relative[metric]:.0%}"
+        return f"{metric}={self.absolute[metric]:g}"
 
     def __bool__(self) -> bool:
         return bool(self.absolute or self.relative or self.accuracy)

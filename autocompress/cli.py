@@ -12,7 +12,7 @@ from .errors import AutocompressError
 DEFAULT_BUDGETS = ["latency=60%", "size=30%"]
 
 
-def _run(args) -> None:
+def _run(args) -> int:
     from . import api, data as data_mod, models, report
     from .budgets import Budgets
 
@@ -43,13 +43,14 @@ def _run(args) -> None:
                           weights=args.weights)
     if args.trials == 0:  # the study alone, for workers to fill
         _print_joining(storage, args.study, result)
-        return
+        return 0
     result.save(out)
     print(report.format_table(result))
     print(f"\nwrote {out}/ (study.db, trials.csv, pareto.csv, config.json, models/) in {time.perf_counter() - start:.1f} s")
+    return INTERRUPTED if result.interrupted else 0
 
 
-def _worker(args) -> None:
+def _worker(args) -> int:
     from . import api, report
     from .search import WORKER
 
@@ -61,6 +62,7 @@ def _worker(args) -> None:
     print(f"\nworker {WORKER} done in {time.perf_counter() - start:.1f} s: the study holds "
           f"{int((result.trials['state'] == 'COMPLETE').sum())} completed trials; see them again with "
           f"`autocompress report --storage {_shown(args.storage)} --study {args.study}`")
+    return INTERRUPTED if result.interrupted else 0
 
 
 def _print_joining(storage: str, study: str, result) -> None:
@@ -116,21 +118,23 @@ def _load_result(args):
 
     from . import models
     from .result import Result
-    from .storage import open_storage
+    from .storage import first_line, open_storage
 
     base = models.load_model(args.model) if args.model else None
     if args.dir:
         return Result.load(args.dir, model=base)
     if not args.storage:
         raise AutocompressError(f"{args.command} needs a run folder (DIR) or --storage URL with --study NAME")
+    storage = open_storage(args.storage, must_exist=True)
     try:
-        study = optuna.load_study(study_name=args.study, storage=open_storage(args.storage))
+        study = optuna.load_study(study_name=args.study, storage=storage)
     except Exception as exc:
-        raise AutocompressError(f"cannot open study {args.study!r} in storage {args.storage!r}: "
-                                f"{str(exc).splitlines()[0]}") from None
+        raise AutocompressError(f"cannot open study {args.study!r} in storage {_shown(args.storage)!r}: "
+                                f"{first_line(exc)}") from None
     config = study.user_attrs.get("config")
     if config is None:
-        raise AutocompressError(f"study {args.study!r} in {args.storage!r} was not written by autocompress (no config)")
+        raise AutocompressError(f"study {args.study!r} in {_shown(args.storage)!r} was not written by autocompress "
+                                f"(no config)")
     if base is None and config.get("model_spec"):
         base = models.load_model(config["model_spec"], config.get("checkpoint"))
     example = torch.randn(config["input_shape"], generator=torch.Generator().manual_seed(0)) if base is not None else None
@@ -172,6 +176,8 @@ def _calibrate(args) -> None:
     from .cost.calibrate import calibrate, write_profile
     from .cost.profiles import host_profile_path
 
+    if args.threads < 1:
+        raise AutocompressError(f"--threads {args.threads} is not allowed; it must be 1 or more")
     device = "cuda" if args.hardware == "host-cuda" else args.device
     cached = args.hardware in ("host", "host-cuda")
     if not cached and not args.to:
@@ -280,19 +286,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT): not a finished run
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code: 0 done, 2 bad input (one sentence on stderr, passwords hidden),
+    130 interrupted (what was computed is kept)."""
     import warnings
+
+    from .storage import hide_password
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parser().parse_args(argv)
     if args.command is None:  # `autocompress` alone: the embedded default run
         args = parser().parse_args(["run", *(argv or [])])
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args) or 0
     except AutocompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {hide_password(str(exc))}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the shell shows them: one sentence, no source location, passwords hidden."""
+    from .storage import hide_password
+
+    print(f"warning: {hide_password(str(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,14 @@ def imagefolder_loaders(path: str, size: int = 224, batch_size: int = 32, seed: 
     if not os.path.isdir(path):
         raise AutocompressError(f"image folder {path!r} does not exist; pass imagefolder:DIR with one sub-folder per class")
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    ds = datasets.ImageFolder(path, transform=tf)
+    try:
+        ds = datasets.ImageFolder(path, transform=tf)
+    except FileNotFoundError:  # no class folder, or no image in any of them
+        ds = []
+    if len(ds) < 2:
+        raise AutocompressError(f"image folder {path!r} holds {len(ds)} images in class sub-folders; pass "
+                                f"imagefolder:DIR with one sub-folder per class and at least 2 images "
+                                f"({', '.join(datasets.folder.IMG_EXTENSIONS)})")
     n_val = n_test = max(1, len(ds) * 15 // 100)
     gen = torch.Generator().manual_seed(seed)
     train, val, test = torch.utils.data.random_split(ds, [len(ds) - n_val - n_test, n_val, n_test], generator=gen)

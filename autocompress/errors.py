@@ -6,6 +6,6 @@ class AutocompressError(ValueError):
 
 
 def one_of(kind: str, value: object, allowed) -> AutocompressError:
-    """Build the standard 'unknown X' error listing what is allowed."""
-    allowed = ", ".join(sorted(str(a) for a in allowed))
+    """Build the standard 'unknown X' error listing what is allowed (each name once)."""
+    allowed = ", ".join(sorted({str(a) for a in allowed}))
     return AutocompressError(f"unknown {kind} {value!r}; allowed: {allowed}")

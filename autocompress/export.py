@@ -67,10 +67,7 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
         note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
     else:
         loaded = LOADERS[format](path, lambda: result.model(trial))
-        if loaded is None:
-            note = "accuracy not re-measured: onnxruntime is not installed (pip install 'autocompress[onnx]')"
-        else:
-            measured = [accuracy(loaded, loader) if loader is not None else None for loader in loaders[1:]]
+        measured = [accuracy(loaded, loader) if loader is not None else None for loader in loaders[1:]]
     return Exported(path, format, int(trial), path.stat().st_size, float(row["size_kb"]), measured[0],
                     _number(row["accuracy"]), measured[1], _number(row.get("test_accuracy")), note)
 
@@ -135,11 +132,8 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
 
 
-def _load_onnx(path: Path, architecture) -> nn.Module | None:
-    try:
-        return OnnxModule(path)
-    except ImportError:
-        return None
+def _load_onnx(path: Path, architecture) -> nn.Module:
+    return OnnxModule(path)
 
 
 WRITERS = {"state_dict": _write_state_dict, "torchscript": _write_torchscript, "onnx": _write_onnx}

@@ -149,8 +149,10 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise AutocompressError(f"checkpoint {path!r} does not match the model: {first}") from None
+        lines = [line.strip() for line in str(exc).splitlines()]  # the first only says "Error(s) in loading"
+        detail = " ".join(lines[1:] or lines)
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise AutocompressError(f"checkpoint {path!r} does not match the model: {detail}") from None
 
 
 def default_input(spec: str, model: nn.Module) -> torch.Tensor:

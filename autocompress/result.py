@@ -18,7 +18,8 @@ from .judged import WeightStore
 from .space import Policy
 
 COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
-           "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair"]
+           "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair",
+           "duplicate_of"]
 DELIVERED = "delivered:"  # study user attribute per delivered trial: its final numbers (see deliver.py)
 # a delivered model's numbers replace its search ones; the search's accuracy stays as search_accuracy
 DELIVERY_KEYS = ("accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible",
@@ -51,7 +52,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for c in ("steps", "final_steps"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
     frame["delivered"] = frame["delivered"].astype(bool)
-    for c in ("macs", "params"):
+    for c in ("macs", "params", "duplicate_of"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("Int64")
     frame["feasible"] = frame["feasible"].astype(bool)
     frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), np.nan)  # as read back from CSV
@@ -94,6 +95,7 @@ class Result:
         self._base_model = base_model
         self._example_input = example_input
         self._weights = weights or (lambda number: None)  # trial number -> the state_dict its numbers measure
+        self.interrupted = False  # set by a search stopped by Ctrl-C before its target (the CLI exits 130)
 
     @classmethod
     def from_study(cls, study: optuna.Study, base_model=None, example_input=None,
@@ -124,7 +126,7 @@ class Result:
                                     f"to {self.trials.index.max()}")
         if self._base_model is None:
             raise AutocompressError("this result has no base model to rebuild from; pass model= to Result.load")
-        policy = Policy.from_json(self.trials.loc[number, "policy"])
+        policy = Policy.from_json(self._policy_text(number))
         model = apply(self._base_model, policy, self._example_input)
         if not pd.isna(self.trials.loc[number, "accuracy"]):
             state = self._weights(number)
@@ -135,6 +137,19 @@ class Result:
                     f"reported accuracy")
             model.load_state_dict(state)
         return model.eval()
+
+    def _policy_text(self, number: int) -> str:
+        """Trial `number`'s stored policy. A PRUNED trial holds none (a duplicate of another trial's policy, or a
+        claim beyond the target): refused in one sentence, naming the trial it duplicates."""
+        row = self.trials.loc[number]
+        if isinstance(row["policy"], str):
+            return row["policy"]
+        twin = row.get("duplicate_of")
+        if twin is not None and not pd.isna(twin):
+            raise AutocompressError(f"trial {number} is a duplicate of trial {int(twin)} (it sampled the same "
+                                    f"policy and was not evaluated again); use trial {int(twin)}")
+        raise AutocompressError(f"trial {number} ({row['state']}) holds no policy, so it has no model; pick a "
+                                f"COMPLETE trial (see `report`)")
 
     def save(self, path) -> Path:
         """Write trials.csv, pareto.csv, config.json, the base model, and each Pareto model (.pt + policy .json)."""

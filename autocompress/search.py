@@ -134,7 +134,7 @@ def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Stu
                                     load_if_exists=True)
     except Exception as exc:
         raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
-                                f"{_first_line(exc)}") from None
+                                f"{_shown(_first_line(exc))}") from None
     stored = study.user_attrs.get("config")
     if stored is None:
         from .report import package_versions
@@ -165,7 +165,7 @@ def peek(storage, study_name: str) -> tuple[dict, int]:
     """The configuration a study was made with, and its target, read without joining it (a worker rebuilds
     its problem from the configuration)."""
     try:
-        study = optuna.load_study(study_name=study_name, storage=storages.open_storage(storage))
+        study = optuna.load_study(study_name=study_name, storage=storages.open_storage(storage, must_exist=True))
     except KeyError:
         raise AutocompressError(f"no study {study_name!r} in storage {_shown(storage)!r}; create it with "
                                 f"`autocompress run ... --storage URL --study {study_name} --trials 0`") from None
@@ -173,7 +173,7 @@ def peek(storage, study_name: str) -> tuple[dict, int]:
         raise
     except Exception as exc:
         raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
-                                f"{_first_line(exc)}") from None
+                                f"{_shown(_first_line(exc))}") from None
     config = study.user_attrs.get("config")
     if config is None:
         raise AutocompressError(f"study {study_name!r} in {_shown(storage)!r} was not made by autocompress "
@@ -358,7 +358,7 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True, timeout: f
     beating = is_heartbeat_enabled(study._storage)
     poll = min(2.0, study._storage.get_heartbeat_interval()) if beating else 0.0
     grace = storages.GRACE_FACTOR * study._storage.get_heartbeat_interval() if beating else 0.0
-    duplicates = 0
+    duplicates, waiting = 0, False
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -372,10 +372,15 @@ def run(study: optuna.Study, problem: Problem, progress: bool = True, timeout: f
             if done >= goal or (deadline is not None and time.monotonic() > deadline):
                 return True
             # Trials other workers run may still be lost; wait for them rather than leave them unretried.
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if beating and done + running + awaiting_retry(trials, grace) >= goal:
+            pending = sum(t.state == TrialState.RUNNING for t in trials) + awaiting_retry(trials, grace)
+            if beating and done + pending >= goal:
+                if not waiting:  # say it once: a resume after kill -9 may sit here for the whole grace period
+                    say(f"waiting for {pending} trial(s) that another process runs or ran (a killed one is "
+                        f"retried after {grace:.0f} s without a heartbeat)")
+                waiting = True
                 time.sleep(poll)
                 continue
+            waiting = False
             outcome = run_trial(study, problem, goal, say)
             if outcome == "surplus":
                 time.sleep(random.uniform(0, poll))  # both racers may have stepped back: retry out of step

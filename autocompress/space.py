@@ -221,6 +221,9 @@ def _identity(d) -> object:
 
 
 def _read_space(spec: str) -> tuple[str, str]:
+    if Path(spec).is_dir() and spec not in builtin_spaces():
+        raise AutocompressError(f"search space {spec!r} is a folder; pass a space YAML file or a name: "
+                                f"{', '.join(builtin_spaces())}")
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         path = Path(spec)
         if not path.is_file():
@@ -247,33 +250,57 @@ def _validate_technique(tname: str, cfg, where: str) -> dict:
         value = cfg.get(key, default)
         choices = technique.allowed_settings.get(key)
         if choices is not None and value not in choices:
-            raise AutocompressError(f"{tname}.{key} = {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+            raise AutocompressError(f"{tname}.{key} = {value!r} is not allowed; allowed: {_allowed_text(choices)}")
         out[key] = value
     for key, default in technique.fields.items():
         out[key] = cfg.get(key, default)
         allowed = technique.allowed_settings.get(key)
         names = isinstance(allowed, tuple) and all(isinstance(a, str) for a in allowed)
-        _distribution(out[key], f"{tname}.{key}", names=names)
-        chosen = out[key] if isinstance(out[key], list) else [out[key]["low"], out[key]["high"]]
-        bad = [v for v in chosen if allowed is not None and v not in allowed]
+        dist = _distribution(out[key], f"{tname}.{key}", names=names)
+        bad = [v for v in _choices(dist) if allowed is not None and v not in allowed]
         if bad:
-            shown = ", ".join(map(str, allowed)) if isinstance(allowed, tuple) else str(allowed)
-            raise AutocompressError(f"{tname}.{key} choice {bad[0]!r} is not allowed; allowed: {shown}")
+            raise AutocompressError(f"{tname}.{key} choice {bad[0]!r} is not allowed; allowed: {_allowed_text(allowed)}")
     return out
+
+
+def _allowed_text(allowed) -> str:
+    return ", ".join(map(str, allowed)) if isinstance(allowed, tuple) else str(allowed)
+
+
+def _choices(d) -> list:
+    """Every value a knob's distribution can take: its listed choices, or its range's ends, then each step between."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return list(d.choices)
+    steps = round((d.high - d.low) / d.step)
+    return [_tidy(d.low), _tidy(d.high)] + [_tidy(d.low + i * d.step) for i in range(1, steps)]
+
+
+def _tidy(value: float):
+    """A grid value as written: 2.0000000001 -> 2, 0.30000000000000004 -> 0.3."""
+    value = round(value, 9)
+    return int(value) if value.is_integer() else value
 
 
 def _distribution(spec, where: str = "knob", names: bool = False):
     if isinstance(spec, list):
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
+        numbers = all(map(_number, spec))
         if not spec or not (numbers or names and all(isinstance(v, str) for v in spec)):
             raise AutocompressError(f"{where} must list {'names' if names else 'numbers'}, got {spec!r}")
         return optuna.distributions.CategoricalDistribution(sorted(set(spec)))
     if isinstance(spec, dict) and {"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "step"}:
         low, high, step = spec["low"], spec["high"], spec.get("step")
-        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 < low <= high):
+        if not (_number(low) and _number(high) and 0 < low <= high):
             raise AutocompressError(f"{where} range must satisfy 0 < low <= high, got low={low!r} high={high!r}")
-        return optuna.distributions.FloatDistribution(low, high, step=step or (high - low) / 8 or 1.0)
+        step = ((high - low) / 8 or 1.0) if step is None else step
+        if not (_number(step) and step > 0 and abs((high - low) / step - round((high - low) / step)) < 1e-6):
+            raise AutocompressError(f"{where} step={step!r} is not allowed; it must be a positive number that "
+                                    f"divides high - low = {high - low:g} into whole steps")
+        return optuna.distributions.FloatDistribution(low, high, step=step)
     raise AutocompressError(f"{where} must be a list of choices or {{low, high, step}}, got {spec!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _group_targets(targets: list[tuple[str, str]], granularity: str) -> dict[str, list[str]]:

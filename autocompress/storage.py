@@ -46,31 +46,53 @@ def default_heartbeat() -> int:
     return int(text)
 
 
-def open_storage(spec):
+def open_storage(spec, must_exist: bool = False):
     """The Optuna storage a spec names (see the module docstring); None stays None (in memory, this process
-    only) and a storage object is used as given."""
+    only) and a storage object is used as given. With `must_exist` (reading a study that should be there:
+    report, export, worker) a SQLite or journal file that is missing is an error, and no file is created."""
     if spec is None or isinstance(spec, BaseStorage):
         return spec
     text = str(spec)
     if text.startswith("journal:") or (text.endswith(".log") and "://" not in text):
-        return _journal(text.removeprefix("journal:"))
+        return _journal(text.removeprefix("journal:"), must_exist)
     scheme = re.match(r"([a-z]+)(\+\w+)?://", text)
     if scheme is None or scheme.group(1) not in RDB_SCHEMES:
         raise AutocompressError(f"storage {hide_password(text)!r} is not allowed; use {ALLOWED}")
+    if must_exist and scheme.group(1) == "sqlite":
+        _require_file(_sqlite_path(text), text)
+    if scheme.group(1) != "sqlite" and text[scheme.end():].split("?")[0].count("@") > 1:
+        # SQLAlchemy would split at the first '@' and send the rest of the password to DNS as a host name
+        raise AutocompressError(f"the password in storage {hide_password(text)!r} holds '@'; write it as %40")
     url = text
     if scheme.group(0) == "postgresql://":  # SQLAlchemy 2.1 would pick psycopg 3; psycopg2 is our dependency
         url = "postgresql+psycopg2://" + text.removeprefix("postgresql://")
     engine = {"connect_args": {"timeout": 60}} if scheme.group(1) == "sqlite" else {"pool_pre_ping": True}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                              grace_period=GRACE_FACTOR * HEARTBEAT_S)
+        return _rdb(url, engine)
     except ImportError:
         raise AutocompressError(f"storage {hide_password(text)!r} needs a database driver that is not installed "
                                 f"(psycopg2-binary for postgresql://, pymysql for mysql+pymysql://)") from None
     except Exception as exc:
-        raise AutocompressError(f"cannot open storage {hide_password(text)!r}: {_first_line(exc)}") from None
+        raise AutocompressError(f"cannot open storage {hide_password(text)!r}: {first_line(exc)}") from None
+
+
+SCHEMA_RACE = re.compile(r"already exists|UNIQUE constraint failed|duplicate key", re.IGNORECASE)
+SCHEMA_TRIES = 10  # two processes creating one new database (two `run --out NEW` at once): the later one retries
+
+
+def _rdb(url: str, engine: dict) -> RDBStorage:
+    """Optuna's RDB storage. Creating a new database's tables is not atomic: a process that loses the race to
+    another creating the same tables waits a moment and opens the tables the other made."""
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                  grace_period=GRACE_FACTOR * HEARTBEAT_S)
+        except Exception as exc:
+            if attempt == SCHEMA_TRIES - 1 or not SCHEMA_RACE.search(str(exc)):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def arm(storage, seconds: int, on_lost: Callable) -> None:
@@ -82,14 +104,39 @@ def arm(storage, seconds: int, on_lost: Callable) -> None:
         storage.heartbeat_stale_trial_callback = on_lost
 
 
-def hide_password(url: str) -> str:
-    """The URL as it may be printed: postgresql://user:***@host/db."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+_USER_PASSWORD = re.compile(r"(://[^:/@\s'\"]*:)[^\s'\"]*@")  # greedy: a password may itself hold '@'
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&\s'\"]*", re.IGNORECASE)
 
 
-def _journal(path: str) -> "HeartbeatJournalStorage":
+def hide_password(text: str) -> str:
+    """`text` (a storage URL, or a message holding one) as it may be printed: every password replaced by ***,
+    in user:PASSWORD@host (up to the last '@' of the URL) and in ?password=... query parameters. Every message
+    and log line that shows a storage goes through here."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USER_PASSWORD.sub(r"\1***@", str(text)))
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The database file of a sqlite:/// URL (None: in memory)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:  # malformed: RDBStorage says why
+        return None
+    return database if database and database != ":memory:" else None
+
+
+def _require_file(path: str | None, spec: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise AutocompressError(f"storage {hide_password(spec)!r} names the file {path!r}, which does not exist; "
+                                f"pass the storage a run or worker wrote its study to")
+
+
+def _journal(path: str, must_exist: bool = False) -> "HeartbeatJournalStorage":
     if not path:
         raise AutocompressError(f"storage 'journal:' names no file; use {ALLOWED}")
+    if must_exist:
+        _require_file(path, f"journal:{path}")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return HeartbeatJournalStorage(JournalFileBackend(path), HEARTBEAT_S)
@@ -124,6 +171,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self.heartbeat_stale_trial_callback
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """The first line of an error message, passwords hidden (it may quote a storage URL)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return hide_password(text.splitlines()[0]) if text else type(exc).__name__

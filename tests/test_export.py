@@ -50,8 +50,6 @@ def file_accuracy(fmt: str, path, result, trial: int, val_loader) -> float:
 
 @pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx"])
 def test_exported_file_reproduces_the_reported_accuracy(fmt, run, best, digits_data, tmp_path):
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime (pip install '.[onnx]')")
     result, _ = run
     trial, reported = best
     path = tmp_path / f"model.{fmt}"

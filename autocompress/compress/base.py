@@ -77,12 +77,37 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, q.detach())
 
 
+class Between:
+    """Allowed numeric choices: low < value <= high, whole numbers only with `whole`, and any value of `also`
+    besides (e.g. 32 = "not compressed" for bit-widths)."""
+
+    def __init__(self, low: float, high: float, whole: bool = False, also: tuple = ()):
+        self.low, self.high, self.whole, self.also = low, high, whole, also
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if value in self.also:
+            return True
+        return self.low < value <= self.high and (not self.whole or isinstance(value, int))
+
+    def __str__(self) -> str:
+        kind = "whole numbers" if self.whole else "numbers"
+        top = f" up to {self.high}" if self.high != float("inf") else ""
+        also = f", or {', '.join(map(str, self.also))}" if self.also else ""
+        return f"{kind} above {self.low}{top}{also}"
+
+
+FRACTION = Between(0, 1)  # a kept share: keep ratio, rank fraction, density, primary filters
+
+
 @dataclass(frozen=True)
 class Technique:
     """One compression technique as the search space sees it.
 
     `fields` are the knobs it exposes (name -> default choices); `settings` are fixed options with
-    their defaults and allowed values (None means any value); `targets(graph)` lists
+    their defaults; `allowed_settings` the allowed values of settings and of every field's choices (a tuple, or
+    an object supporting `in` such as `Between`; None means any value); `targets(graph)` lists
     (target name, stage) pairs that a knob is sampled for; `apply` performs the compression.
     `constraint(module)`, when given, returns a torch parametrization that keeps the module's
     compression in force while it is fine-tuned (or None for modules it did not touch).

@@ -37,6 +37,7 @@ TECHNIQUE = Technique(
     name="depth",
     fields={"keep": [0, 1]},
     settings={},
+    allowed_settings={"keep": (0, 1)},
     targets=_targets,
     apply=apply,
 )

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..graph import output_layers
 from ..students.blocks import GhostConv, ghost_split
-from .base import Technique, set_meta
+from .base import FRACTION, Technique, set_meta
 
 
 def ghost_of(conv: nn.Conv2d, primary: float) -> GhostConv | None:
@@ -93,6 +93,7 @@ TECHNIQUE = Technique(
     name="ghost",
     fields={"primary": [1.0, 0.5, 0.25]},
     settings={},
+    allowed_settings={"primary": FRACTION},
     targets=_targets,
     apply=apply,
 )

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..cost.measure import fixed_threads
-from .base import Technique, layer_targets, set_meta
+from .base import FRACTION, Technique, layer_targets, set_meta
 
 KXK_METHODS = ("tucker", "spatial")
 
@@ -162,7 +162,7 @@ TECHNIQUE = Technique(
     name="lowrank",
     fields={"rank": [1.0, 0.5, 0.25, 0.125]},
     settings={"kxk": "tucker"},
-    allowed_settings={"kxk": KXK_METHODS},
+    allowed_settings={"kxk": KXK_METHODS, "rank": FRACTION},
     targets=lambda graph: layer_targets(graph, ("conv", "linear")),
     apply=apply,
 )

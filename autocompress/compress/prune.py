@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import AutocompressError, one_of
 from ..graph import _first_tensor, output_layers, prune_channels
-from .base import Technique, set_meta
+from .base import FRACTION, Between, Technique, set_meta
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
 DEFAULT_IMPORTANCE = "l1"  # most accurate after BN recalibration at equal MACs on digits: scripts/bench_importance.py
@@ -158,7 +158,7 @@ TECHNIQUE = Technique(
     name="prune",
     fields={"keep": {"low": 0.25, "high": 1.0, "step": 0.125}},
     settings={"importance": DEFAULT_IMPORTANCE, "round_to": 8},
-    allowed_settings={"importance": IMPORTANCE, "round_to": None},
+    allowed_settings={"importance": IMPORTANCE, "round_to": Between(0, math.inf, whole=True), "keep": FRACTION},
     targets=_targets,
     apply=apply,
 )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
+from .base import Between, Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 FIT_SAMPLE = 20_000
 
@@ -103,7 +103,7 @@ TECHNIQUE = Technique(
     name="share",
     fields={"bits": [32, 8, 5, 4, 3, 2]},
     settings={"huffman": False},
-    allowed_settings={"huffman": (False, True)},
+    allowed_settings={"huffman": (False, True), "bits": Between(0, 16, whole=True, also=(32,))},
     targets=layer_targets,
     apply=apply,
     constraint=constraint,

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
+from .base import FRACTION, Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 SURGERY_EVERY = 10  # fine-tuning steps between mask updates
 
@@ -80,6 +80,7 @@ TECHNIQUE = Technique(
     name="sparsity",
     fields={"density": [1.0, 0.5, 0.3, 0.2, 0.1]},
     settings={},
+    allowed_settings={"density": FRACTION},
     targets=layer_targets,
     apply=apply,
     constraint=constraint,

@@ -17,22 +17,9 @@ from torch import nn
 
 from ..students.blocks import ACTIVATIONS
 from ..students.build import DEFAULTS, STAGES, TEMPLATES, build
-from .base import Technique, set_meta
+from .base import Between, Technique, set_meta
 
 SUPERNET_STEPS = 200  # about a minute or two on two idle cores for the built-in spaces on digits
-
-
-class Between:
-    """Allowed numeric choices: low < value <= high."""
-
-    def __init__(self, low: float, high: float):
-        self.low, self.high = low, high
-
-    def __contains__(self, value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low < value <= self.high
-
-    def __str__(self) -> str:
-        return f"numbers above {self.low} up to {self.high}"
 
 
 ALLOWED = {

@@ -75,6 +75,7 @@ TECHNIQUE = Technique(
     name="tie",
     fields={"separate": [1, 0]},
     settings={},
+    allowed_settings={"separate": (0, 1)},
     targets=_targets,
     apply=apply,
 )

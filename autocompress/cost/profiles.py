@@ -235,6 +235,9 @@ def load_profile(spec: "str | Path | HardwareProfile") -> HardwareProfile:
     spec = str(spec)
     if spec in ("host", "host-cuda"):
         return _cached_host("cuda" if spec == "host-cuda" else "cpu")
+    if spec not in builtin_profiles() and Path(spec).is_dir():
+        raise AutocompressError(f"hardware {spec!r} is a folder; pass a profile YAML file or a name: "
+                                f"{', '.join(builtin_profiles())}")
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         if not Path(spec).is_file():
             raise AutocompressError(f"hardware profile file {spec!r} does not exist")
