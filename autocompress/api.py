@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -166,6 +167,8 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
         study.set_user_attr("baseline", {**baseline, **_baseline_accuracy(judge, model)})
         study.set_user_attr("min_accuracy", budgets.accuracy_floor(study.user_attrs["baseline"]["accuracy"]))
     floor = study.user_attrs.get("min_accuracy")
+    if isinstance(judge, Evaluator):  # the rungs stop spending steps on candidates that cannot reach the floor
+        judge.rungs = dataclasses.replace(judge.rungs, floor=floor)
     store = _weight_store(study, storage, study_name, weights)
     problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair), floor,
                              store)
