@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -79,9 +80,8 @@ def accuracy(model: nn.Module, loader, max_batches: int | None = None) -> float:
 def seeded_batches(loader, count: int, seed: int = 0):
     """Yield `count` batches of a map-style dataset in an order fixed by `seed` (a new permutation per pass),
     whatever state the loader's own shuffling is in; other loaders are simply cycled."""
-    dataset = getattr(loader, "dataset", None)
-    size = getattr(loader, "batch_size", None)
-    if dataset is None or size is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+    dataset, size = _indexable(loader), getattr(loader, "batch_size", None)
+    if dataset is None:
         yield from itertools.islice(itertools.cycle(loader), count)
         return
     gen = torch.Generator().manual_seed(seed)
@@ -138,17 +138,94 @@ def _logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _Trainer:
-    """SGD with Nesterov momentum and a cosine learning rate over `total` steps of distillation from `teacher`,
-    run in pieces (the rungs); the model must be inside `compression_kept`."""
+class TeacherOutputs:
+    """The teacher's logits for the training samples, computed once per sample and shared by every candidate's
+    fine-tune and delivery: the teacher's forward pass costs more than a compressed student's training step.
 
-    def __init__(self, model: nn.Module, teacher: nn.Module | None, total: int, lr: float = 0.01,
-                 temperature: float = 4.0, distill_weight: float = 0.7):
-        torch.manual_seed(0)  # dropout and friends: the same candidate always gets the same weights
-        self.model, self.teacher = model, teacher
-        self.temperature, self.distill_weight = temperature, distill_weight
+    Only map-style datasets are indexed (with random augmentation a sample keeps the logits of its first view);
+    other loaders, and samples past `limit` stored logits, get the teacher run on every batch."""
+
+    def __init__(self, teacher: nn.Module | None, limit: int = 2 ** 26):
+        self.teacher, self.limit = teacher, limit
+        self.known: dict[int, torch.Tensor] = {}
+        self.stored = 0
         if teacher is not None:
             teacher.eval()
+
+    def batches(self, loader, steps: int, seed: int = 0):
+        """(inputs, labels, teacher logits or None) of `steps` seeded batches of `loader` (see seeded_batches)."""
+        if self.teacher is None:
+            yield from ((x, y, None) for x, y, *_ in seeded_batches(loader, steps, seed))
+            return
+        if _indexable(loader) is None:
+            yield from with_targets(seeded_batches(loader, steps, seed), self.teacher)
+            return
+        indexed = SimpleNamespace(dataset=_Indexed(loader.dataset), batch_size=loader.batch_size,
+                                  collate_fn=lambda items: (loader.collate_fn([item for item, _ in items]),
+                                                            [i for _, i in items]))
+        for (x, y, *_), idx in seeded_batches(indexed, steps, seed):
+            yield x, y, self._targets(x, idx)
+
+    @torch.no_grad()
+    def _targets(self, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        new = [j for j, i in enumerate(idx) if i not in self.known]
+        if len(new) == len(idx) or self.stored >= self.limit:
+            fresh = _logits(self.teacher(x))
+            self._keep(idx, fresh)
+            return fresh
+        if new:
+            self._keep([idx[j] for j in new], _logits(self.teacher(x[new])))
+        return torch.stack([self.known[i] for i in idx])
+
+    def _keep(self, idx: list[int], logits: torch.Tensor) -> None:
+        for i, row in zip(idx, logits):
+            if self.stored >= self.limit:
+                return
+            if i not in self.known:
+                self.known[i] = row.clone()
+                self.stored += row.numel()
+
+
+def with_targets(batches, teacher: nn.Module | None):
+    """(inputs, labels, teacher logits or None) for an iterable of (inputs, labels, ...) batches."""
+    for x, y, *_ in batches:
+        with torch.no_grad():  # not around the yield: the consumer trains with gradients
+            target = _logits(teacher(x)) if teacher is not None else None
+        yield x, y, target
+
+
+def _indexable(loader):
+    """The map-style dataset behind `loader`, or None."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or getattr(loader, "batch_size", None) is None or not hasattr(dataset, "__getitem__") \
+            or not hasattr(dataset, "__len__"):
+        return None
+    return dataset
+
+
+class _Indexed:
+    """A dataset's items with their indices."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i], i
+
+
+class _Trainer:
+    """SGD with Nesterov momentum and a cosine learning rate over `total` steps of distillation, run in pieces
+    (the rungs) over (inputs, labels, teacher logits or None) batches; the model must be inside
+    `compression_kept`."""
+
+    def __init__(self, model: nn.Module, total: int, lr: float = 0.01, temperature: float = 4.0,
+                 distill_weight: float = 0.7):
+        torch.manual_seed(0)  # dropout and friends: the same candidate always gets the same weights
+        self.model = model
+        self.temperature, self.distill_weight = temperature, distill_weight
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(1, total))
@@ -157,10 +234,7 @@ class _Trainer:
         """Take up to `steps` steps from the `batches` iterator; returns how many were taken."""
         done = 0
         self.model.train()
-        for batch in itertools.islice(batches, steps):
-            x, y = batch[0], batch[1]
-            with torch.no_grad():
-                target = _logits(self.teacher(x)) if self.teacher is not None else None
+        for x, y, target in itertools.islice(batches, steps):
             loss = distill_loss(_logits(self.model(x)), target, y, self.temperature, self.distill_weight)
             self.opt.zero_grad()
             loss.backward()
@@ -174,8 +248,10 @@ def finetune(model: nn.Module, batches, steps: int, teacher: nn.Module | None = 
              temperature: float = 4.0, distill_weight: float = 0.7) -> int:
     """Train `model` in place for `steps` batches of (inputs, labels), compression kept, distilling from
     `teacher` when given (SGD with Nesterov momentum, cosine learning rate). Returns the steps taken."""
+    if teacher is not None:
+        teacher.eval()
     with compression_kept(model):
-        return _Trainer(model, teacher, steps, lr, temperature, distill_weight).run(iter(batches), steps)
+        return _Trainer(model, steps, lr, temperature, distill_weight).run(with_targets(batches, teacher), steps)
 
 
 def fidelity_rungs(finetune_steps: int, eta: int = 3, smallest: int = 4) -> tuple[int, ...]:
@@ -244,7 +320,7 @@ class Evaluator:
         self.max_val_batches = max_val_batches
         self.recal_data = fixed_batches(train_loader, recal_batches) if train_loader is not None else None
         self.finetune_steps = finetune_steps if train_loader is not None else 0
-        self.teacher = teacher
+        self.teacher = TeacherOutputs(teacher)
         self.options = {"lr": lr, "temperature": temperature, "distill_weight": distill_weight}
         self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
 
@@ -267,10 +343,10 @@ class Evaluator:
         self.calibrate(model)
         if not self.rungs.steps:
             return {"accuracy": self.val_accuracy(model), "steps": 0}
-        batches = seeded_batches(self.train_loader, self.rungs.steps[-1])
+        batches = self.teacher.batches(self.train_loader, self.rungs.steps[-1])
         done, reached, value = 0, {}, math.nan
         with compression_kept(model):  # one optimizer and schedule over all rungs: a promoted candidate's steps
-            trainer = _Trainer(model, self.teacher, self.rungs.steps[-1], **self.options)  # equal an unstopped one's
+            trainer = _Trainer(model, self.rungs.steps[-1], **self.options)  # equal an unstopped one's
             for index, steps in enumerate(self.rungs.steps):
                 done += trainer.run(batches, steps - done)
                 value = self._measured(model)
@@ -297,7 +373,9 @@ class Evaluator:
         ("accuracy") and test ("test_accuracy", None without test data)."""
         steps = epochs * len(self.train_loader) if self.train_loader is not None else 0
         if steps:
-            finetune(model, seeded_batches(self.train_loader, steps, seed=1), steps, self.teacher, **self.options)
+            with compression_kept(model):
+                _Trainer(model, steps, **self.options).run(self.teacher.batches(self.train_loader, steps, seed=1),
+                                                           steps)
         self.calibrate(model)
         test = accuracy(model, self.test_loader) if self.test_loader is not None else None
         return {"accuracy": self.val_accuracy(model), "test_accuracy": test, "final_steps": steps}

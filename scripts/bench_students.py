@@ -34,7 +34,7 @@ import torch
 import autocompress as ac
 from autocompress.cost.measure import measure_latency_ms
 from autocompress.data import digits_loaders
-from autocompress.evaluate import Evaluator, accuracy, distill_loss
+from autocompress.evaluate import Evaluator, TeacherOutputs, accuracy, distill_loss
 from autocompress.models import digits_resnet
 from autocompress.result import pareto_front
 from autocompress.space import SearchSpace
@@ -55,7 +55,7 @@ def kd_train(model, train, teacher, steps: int, lr: float) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     model.train()
-    for x, y, target in supernet.distill_batches(train, teacher, steps):
+    for x, y, target in TeacherOutputs(teacher).batches(train, steps):
         opt.zero_grad()
         distill_loss(model(x), target, y, 4.0, 0.7).backward()
         opt.step()

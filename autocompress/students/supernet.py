@@ -21,20 +21,18 @@ the space's `supernet` setting; every student policy then names it, and `inherit
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import random
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import AutocompressError
-from ..evaluate import distill_loss, fixed_batches, seeded_batches
+from ..evaluate import TeacherOutputs, distill_loss, fixed_batches
 from ..graph import check_forward
 from .build import DEFAULTS, FIELDS_OF, build
 
@@ -172,7 +170,7 @@ def train_bank(bank: dict, sampler: Sampler, teacher: nn.Module, train_loader, s
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     extremes = [_skeleton(sampler.uniform(1.0), input_shape, classes), _skeleton(sampler.uniform(0.0), input_shape, classes)]
     start = time.perf_counter()
-    for step, (x, y, target) in enumerate(distill_batches(train_loader, teacher, steps, seed)):
+    for step, (x, y, target) in enumerate(TeacherOutputs(teacher).batches(train_loader, steps, seed)):
         x = x.contiguous(memory_format=torch.channels_last)  # 2-3x faster depthwise convs on CPU
         opt.zero_grad()
         randoms = [_skeleton(sampler.random(rng), input_shape, classes) for _ in range(SANDWICH_RANDOM)]
@@ -184,40 +182,6 @@ def train_bank(bank: dict, sampler: Sampler, teacher: nn.Module, train_loader, s
             log(f"supernet step {step + 1}/{steps} ({time.perf_counter() - start:.0f} s)")
     bank["params"] = {n: p.detach() for n, p in params.items()}
     return bank
-
-
-def distill_batches(loader, teacher: nn.Module, steps: int, seed: int = 0):
-    """(inputs, labels, teacher logits) of `steps` seeded batches. For a map-style dataset the teacher runs
-    once per sample (later epochs reuse its outputs; with random augmentation, those of the first view)."""
-    teacher.eval()
-    dataset, size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
-    if dataset is None or size is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        for x, y in itertools.islice(seeded_batches(loader, steps, seed), steps):
-            with torch.no_grad():
-                yield x, y, _logits(teacher(x))
-        return
-    indexed = SimpleNamespace(dataset=_Indexed(dataset), batch_size=size, collate_fn=lambda items: (
-        loader.collate_fn([item for item, _ in items]), [i for _, i in items]))
-    known: dict[int, torch.Tensor] = {}
-    for (x, y, *_), idx in seeded_batches(indexed, steps, seed):
-        new = [j for j, i in enumerate(idx) if i not in known]
-        if new:
-            with torch.no_grad():
-                known.update(zip([idx[j] for j in new], _logits(teacher(x[new]))))
-        yield x, y, torch.stack([known[i] for i in idx])
-
-
-class _Indexed:
-    """A dataset's items with their indices."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i], i
 
 
 def _skeleton(section: dict, input_shape, classes: int) -> nn.Module:
