@@ -62,8 +62,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
     model_spec: {"model_spec": ..., "checkpoint": ..., "data": ...} as `autocompress run` records it, which lets
         `autocompress worker` (or `work`) rebuild the problem on another machine.
     finetune_steps: the most steps a candidate is fine-tuned in the search, distilling from `model` (built-in
-        evaluator only), in multi-fidelity rungs: every candidate gets the first rung (steps / 9), the promising
-        ones more (see evaluate.Rungs).
+        evaluator only), in multi-fidelity rungs: every candidate is first judged after BatchNorm recalibration
+        alone, the promising third gets steps / 9, the best of those steps / 3, then steps (see evaluate.Rungs).
     repair: a sampled policy over budget is scaled toward the budget before it is evaluated (see repair.py).
     final_epochs: passes over the training data with which every front model is fine-tuned after the search
         (delivery; 0: none, the front is only re-measured on the test data); needs training data.

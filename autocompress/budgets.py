@@ -117,6 +117,11 @@ class Budgets:
         if "accuracy_drop" in self.accuracy:
             floors.append(baseline_accuracy - self.accuracy["accuracy_drop"] / 100)
         return max(floors)
+
+    def cost_metrics(self) -> tuple[str, ...]:
+        """The cost metrics these budgets limit, in METRICS order."""
+        return tuple(m for m in COST_METRICS if m in self.absolute or m in self.relative)
+
     def _named(self, metric: str) -> str:
         """The budget on `metric` as it was given: latency=150% or latency_ms=9."""
         if metric in self.relative:

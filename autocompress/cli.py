@@ -31,7 +31,7 @@ def _run(args) -> int:
     out = Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
-    objectives = args.objectives.split(",") if args.objectives else None
+    objectives = args.objectives.split(",") if args.objectives else _default_objectives(budgets, loaders)
     spec = {"model_spec": args.model, "checkpoint": args.checkpoint, "data": data_spec}
     print(f"model {args.model}, data {data_spec or 'none (cost-only)'}, hardware {args.hardware}, "
           f"space {args.space}, {args.trials} trials -> {out}", file=sys.stderr)
@@ -48,6 +48,14 @@ def _run(args) -> int:
     print(report.format_table(result))
     print(f"\nwrote {out}/ (study.db, trials.csv, pareto.csv, config.json, models/) in {time.perf_counter() - start:.1f} s")
     return INTERRUPTED if result.interrupted else 0
+
+
+def _default_objectives(budgets, loaders) -> list[str] | None:
+    """Accuracy (with data) and every budgeted cost: a user who limits latency and size trades off both."""
+    costs = list(budgets.cost_metrics())
+    if not costs:
+        return None  # the API's default
+    return ["accuracy", *costs] if loaders is not None else costs
 
 
 def _worker(args) -> int:
@@ -206,9 +214,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="digits, fake, imagefolder:PATH or package.module:function")
     run.add_argument("--budget", action="append", help="KEY=VALUE, repeatable: latency_ms=2, size_kb=300, latency=50%%, "
                                                        "accuracy_drop=1 (points below the original), accuracy=0.98")
-    run.add_argument("--objectives", help="comma-separated metrics, e.g. accuracy,latency_ms")
+    run.add_argument("--objectives", help="comma-separated metrics, e.g. accuracy,latency_ms (default: accuracy and "
+                                          "every budgeted cost, e.g. accuracy,latency_ms,size_kb for the default "
+                                          "budgets)")
     run.add_argument("--space", default="default", help="a built-in search space name or a YAML path")
-    run.add_argument("--trials", type=int, default=40)
+    run.add_argument("--trials", type=int, default=60)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--sampler", default="tpe",
                      help="tpe (multivariate; the default, best in scripts/bench_search.py), nsga2 or random")
@@ -218,8 +228,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--study", default="autocompress", help="study name inside the storage")
     run.add_argument("--finetune-steps", type=int, default=90,
                      help="the most steps a candidate is fine-tuned in the search, distilling from the original "
-                          "model, in multi-fidelity rungs (90: every candidate 10 steps, the promising 30, the best "
-                          "90); 0: BatchNorm recalibration only (needs data)")
+                          "model, in multi-fidelity rungs (90: every candidate BatchNorm recalibration alone, the "
+                          "promising third 10 steps, the best of those 30, then 90); 0: BatchNorm recalibration only "
+                          "(needs data)")
     run.add_argument("--final-epochs", type=int, default=3,
                      help="passes over the training data that fine-tune every front model after the search "
                           "(0: none); the front then reports the delivered models")

@@ -10,8 +10,8 @@ dynamic network surgery, shared values, quantization grids, all through straight
 shadows). Batches are drawn in a seeded order, so a candidate judged twice gets the same weights.
 
 Multi-fidelity: the fine-tuning runs in rungs (`Rungs`, asynchronous successive halving over the Pareto
-rank): every candidate is judged after the first rung's steps, and only those that could reach the front
-go on to more. Optuna's pruners do not work in multi-objective studies (`Trial.report` raises), so the
+rank): every candidate is judged after BatchNorm recalibration alone, and only those that could reach the
+front go on to rungs of fine-tuning. Optuna's pruners do not work in multi-objective studies (`Trial.report` raises), so the
 rule lives here and reads the other candidates' rung accuracies from the study, which every worker shares.
 `Evaluator.deliver` gives the final front its longer fine-tune and measures it on validation and test data.
 """
@@ -255,12 +255,13 @@ def finetune(model: nn.Module, batches, steps: int, teacher: nn.Module | None = 
 
 
 def fidelity_rungs(finetune_steps: int, eta: int = 3, smallest: int = 4) -> tuple[int, ...]:
-    """The fine-tuning steps after which a candidate is judged and may be promoted: `finetune_steps` and its
-    successive divisions by `eta` down to `smallest` steps, e.g. 90 -> (10, 30, 90); () for no fine-tuning."""
+    """The fine-tuning steps after which a candidate is judged and may be promoted: 0 (BatchNorm recalibration
+    alone, the cheapest judgement), then `finetune_steps` and its successive divisions by `eta` down to
+    `smallest` steps, e.g. 90 -> (0, 10, 30, 90); () for no fine-tuning."""
     rungs = [finetune_steps] if finetune_steps > 0 else []
     while rungs and rungs[0] // eta >= smallest:
         rungs.insert(0, rungs[0] // eta)
-    return tuple(rungs)
+    return (0, *rungs) if rungs else ()
 
 
 def dominance_rank(points: np.ndarray) -> np.ndarray:
@@ -277,13 +278,36 @@ def dominance_rank(points: np.ndarray) -> np.ndarray:
     return rank
 
 
+def crowding_distance(points: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of rows (one non-dominated layer): the perimeter of the box spanned by each
+    row's neighbours along every objective, normalised by its range; the extremes get infinity."""
+    distance = np.zeros(len(points))
+    for column in points.T:
+        order = np.argsort(column, kind="stable")
+        span = column[order[-1]] - column[order[0]]
+        distance[order[[0, -1]]] = np.inf
+        if span > 0 and len(points) > 2:
+            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / span
+    return distance
+
+
+def promotion_place(points: np.ndarray) -> int:
+    """Where row 0 stands among `points` (rows to be minimized) by non-dominated rank, then, within its rank, by
+    crowding distance (the spread-out before the crowded, as NSGA-II selects): 0 is the best."""
+    rank = dominance_rank(points)
+    layer = np.flatnonzero(rank == rank[0])
+    crowding = crowding_distance(points[layer])
+    return int((rank < rank[0]).sum() + (crowding > crowding[0]).sum())
+
+
 @dataclass
 class Rungs:
     """Multi-fidelity judging by asynchronous successive halving (ASHA) over the Pareto rank.
 
-    A candidate is fine-tuned to the first rung's steps and judged there; it goes on to the next rung only if
-    fewer than max(1, n // eta) of the n candidates judged at this rung (itself included) lie on better
-    non-dominated layers of (accuracy, costs). Each decision uses what is known when it is taken, so no worker
+    A candidate is judged at the first rung (BatchNorm recalibration alone); it goes on to the next rung only if
+    it is among the best max(1, n // eta) of the n candidates judged at this rung (itself included), ranked by
+    non-dominated layer of (accuracy, costs) and, within a layer, by crowding distance (compressed candidates
+    lie on one trade-off curve, so most share the first layer: the layer alone would promote nearly all). Each decision uses what is known when it is taken, so no worker
     waits for another. With an accuracy floor, a candidate more than `floor_margin` below it stops: its steps
     go to candidates that can still meet it. Early stopping is the first rung's decision."""
 
@@ -298,8 +322,7 @@ class Rungs:
         if self.floor is not None and accuracy < self.floor - self.floor_margin:
             return False
         points = np.array([(-accuracy, *cost)] + [(-a, *c) for a, c in peers], dtype=float)
-        rank = dominance_rank(points)
-        return int((rank < rank[0]).sum()) < max(1, len(points) // self.eta)
+        return promotion_place(points) < max(1, len(points) // self.eta)
 
 
 class Evaluator:
@@ -313,7 +336,7 @@ class Evaluator:
 
     def __init__(self, train_loader, val_loader, test_loader=None, recal_batches: int = 4,
                  max_val_batches: int | None = None, finetune_steps: int = 0, teacher: nn.Module | None = None,
-                 lr: float = 0.01, temperature: float = 4.0, distill_weight: float = 0.7, eta: int = 3):
+                 lr: float = 0.01, temperature: float = 4.0, distill_weight: float = 0.7, eta: int | None = 3):
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.test_loader = test_loader
@@ -322,7 +345,10 @@ class Evaluator:
         self.finetune_steps = finetune_steps if train_loader is not None else 0
         self.teacher = TeacherOutputs(teacher)
         self.options = {"lr": lr, "temperature": temperature, "distill_weight": distill_weight}
-        self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
+        if eta is None:  # one fidelity: every candidate gets all the steps
+            self.rungs = Rungs((self.finetune_steps,) if self.finetune_steps else ())
+        else:
+            self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
 
     def calibrate(self, model: nn.Module) -> nn.Module:
         """BatchNorm statistics, then activation-quantization ranges, from the same training batches."""

@@ -34,9 +34,9 @@ BUDGETS = {"latency": 0.6, "size": 0.3}
 
 
 def schedules(data, teacher, steps: int):
-    """name -> evaluator: no fine-tuning; every candidate `steps // 3` steps; rungs of steps/9, /3 and steps."""
+    """name -> evaluator: no fine-tuning; every candidate `steps // 3` steps; rungs of 0, steps/9, /3 and steps."""
     return {"bn-only": Evaluator(*data, teacher=teacher),
-            "fixed": Evaluator(*data, finetune_steps=steps // 3, teacher=teacher, eta=10 ** 9),
+            "fixed": Evaluator(*data, finetune_steps=steps // 3, teacher=teacher, eta=None),
             "multi-fidelity": Evaluator(*data, finetune_steps=steps, teacher=teacher, eta=3)}
 
 

@@ -8,8 +8,8 @@ import torch
 import autocompress as ac
 from autocompress.compress.base import get_meta, layer_targets
 from autocompress.errors import AutocompressError
-from autocompress.evaluate import (Evaluator, Rungs, accuracy, dominance_rank, fidelity_rungs, finetune, make_evaluator,
-                                   seeded_batches)
+from autocompress.evaluate import (Evaluator, Rungs, accuracy, crowding_distance, dominance_rank, fidelity_rungs,
+                                   finetune, make_evaluator, seeded_batches)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_fine_tuning_keeps_every_compression_and_is_repeatable(digits_model, dig
 
 
 def test_rungs_divide_the_steps_and_promote_by_pareto_rank():
-    assert fidelity_rungs(90) == (10, 30, 90) and fidelity_rungs(20) == (6, 20) and fidelity_rungs(9) == (9,)
+    assert fidelity_rungs(90) == (0, 10, 30, 90) and fidelity_rungs(20) == (0, 6, 20) and fidelity_rungs(9) == (0, 9)
     assert fidelity_rungs(0) == ()
     assert list(dominance_rank(np.array([[0, 0], [1, 1], [0, 2], [2, 2]]))) == [0, 1, 1, 2]
     rule = Rungs((10, 30), eta=3)
@@ -67,17 +67,25 @@ def test_rungs_divide_the_steps_and_promote_by_pareto_rank():
     assert not Rungs((10, 30), floor=0.9, floor_margin=0.05).promote(0.84, (0.1,), [])  # cannot reach the floor
 
 
+def test_within_a_pareto_layer_the_spread_out_candidates_go_on():
+    assert list(crowding_distance(np.array([[0.0, 3.0], [1.0, 2.0], [3.0, 0.0]]))) == [np.inf, 2.0, np.inf]
+    curve = [(0.9, (1.0,)), (0.71, (0.72,)), (0.69, (0.68,)), (0.5, (0.5,)), (0.3, (0.3,))]  # one trade-off curve
+    rule = Rungs((10, 30), eta=3)
+    assert not rule.promote(0.7, (0.7,), curve)  # on the front, but crowded: behind both ends and (0.5, 0.5)
+    assert rule.promote(0.2, (0.1,), curve)  # the new end of the curve
+
+
 def test_a_candidate_behind_its_peers_stops_at_the_first_rung(digits_model, digits_input, digits_data, pruned_policy):
     train, val, _ = digits_data
     judge = Evaluator(train, val, finetune_steps=12, teacher=digits_model)
-    assert judge.rungs.steps == (4, 12)
+    assert judge.rungs.steps == (0, 4, 12)
     seen = []
     better = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (2.0,), lambda steps: [(1.0, (1.0,))],
                          lambda steps, acc: seen.append((steps, acc)))
-    assert better["steps"] == 4 and better["early_stopped"] and better["rung"] == 0
-    assert list(better["rung_accuracy"]) == ["4"] and seen == [(4, better["rung_accuracy"]["4"])]
+    assert better["steps"] == 0 and better["early_stopped"] and better["rung"] == 0  # BatchNorm alone
+    assert list(better["rung_accuracy"]) == ["0"] and seen == [(0, better["rung_accuracy"]["0"])]
     cheaper = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (0.5,), lambda steps: [(1.0, (1.0,))])
-    assert cheaper["steps"] == 12 and not cheaper["early_stopped"] and list(cheaper["rung_accuracy"]) == ["4", "12"]
+    assert cheaper["steps"] == 12 and not cheaper["early_stopped"] and list(cheaper["rung_accuracy"]) == ["0", "4", "12"]
 
 
 def test_a_promoted_candidate_trains_exactly_as_one_fine_tune(digits_model, digits_input, digits_data, pruned_policy):
@@ -100,8 +108,8 @@ def test_search_records_rungs_and_delivers_the_front(digits_model, digits_input,
                          storage=storage)
     study = optuna.load_study(study_name="autocompress", storage=storage)
     judged = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
-    assert judged and all(set(t.user_attrs["rung_accuracy"]) <= {"4", "12"} for t in judged)
-    assert all(t.user_attrs["steps"] in (4, 12) for t in judged)
+    assert judged and all(set(t.user_attrs["rung_accuracy"]) <= {"0", "4", "12"} for t in judged)
+    assert all(t.user_attrs["steps"] in (0, 4, 12) for t in judged)
     front = result.pareto
     assert len(front) and front["delivered"].all() and (front["final_steps"] == len(digits_data[0])).all()
     for n, row in front.iterrows():
