@@ -270,8 +270,11 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write one trial's compressed model to a file and check its accuracy")
     source_args(exp)
     exp.add_argument("--trial", type=int, required=True, help="trial number (see `report`)")
-    exp.add_argument("--format", default="state_dict", choices=["state_dict", "torchscript", "onnx"])
-    exp.add_argument("--to", help="output file (default trial_N.pt, trial_N.ts.pt or trial_N.onnx)")
+    exp.add_argument("--format", default="state_dict",
+                     choices=["state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8"],
+                     help="state_dict, torchscript, onnx (float); torch-int8 (torch.ao x86 int8 as TorchScript) or "
+                          "onnx-int8 (ONNX Runtime QDQ int8): files that run without autocompress")
+    exp.add_argument("--to", help="output file (default trial_N.pt, .ts.pt, .onnx, .int8.ts.pt or .int8.onnx)")
     exp.add_argument("--data", help="data for BatchNorm statistics and the accuracy check (default: the run's), "
                                     "e.g. digits, imagefolder:PATH or package.module:function")
     exp.set_defaults(func=_export)

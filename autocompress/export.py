@@ -1,9 +1,15 @@
-"""Export one trial's compressed model to a file (state_dict, TorchScript or ONNX) and prove it on the data.
+"""Export one trial's compressed model to a file and prove it on the data and in its runtime.
+
+Formats: state_dict, TorchScript and ONNX (float), and two real int8 artifacts that run without autocompress:
+`torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it) and
+`onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file: int8 weights per output channel,
+uint8 activations calibrated on training batches). The int8 flows re-quantize the float weights, so sparsity
+and shared values are not kept in them.
 
 The model is `result.model(trial)`: the trial's policy with the weights its reported numbers were measured
 on (delivered or judged), so nothing is trained again. After writing, the file is loaded back on its own
-(torch.load, torch.jit.load, onnxruntime) and its accuracy re-measured on the validation data (and on the
-test data when there is one), next to the reported figures.
+(torch.load, torch.jit.load, onnxruntime), its accuracy re-measured on the validation data (and on the
+test data when there is one) and its latency timed in that runtime on this machine, next to the reported figures.
 """
 from __future__ import annotations
 
@@ -15,12 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cost.measure import measure_latency_ms
 from .data import split_data
 from .errors import one_of
-from .evaluate import accuracy
+from .evaluate import accuracy, fixed_batches
+from .int8 import to_int8
 
-FORMATS = ("state_dict", "torchscript", "onnx")
-SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx"}
+FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8")
+SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx", "torch-int8": "int8.ts.pt",
+          "onnx-int8": "int8.onnx"}
+CALIBRATION_BATCHES = 8  # training batches that set the int8 activation ranges
 
 
 @dataclass
@@ -36,6 +46,9 @@ class Exported:
     reported_accuracy: float | None
     test_accuracy: float | None = None           # ... and on the test data
     reported_test_accuracy: float | None = None
+    latency_ms: float | None = None              # the file timed in its runtime, batch of the example input
+    reported_latency_ms: float | None = None     # the cost model's latency on the run's hardware profile
+    threads: int = 1
     note: str = ""
 
     def summary(self) -> str:
@@ -46,6 +59,10 @@ class Exported:
             if measured is not None:
                 said = f"{reported:.4f}" if reported is not None else "none"
                 lines.append(f"accuracy of the file on the {name} data: {measured:.4f} (reported {said})")
+        if self.latency_ms is not None:
+            said = f"{self.reported_latency_ms:.4g} ms" if self.reported_latency_ms is not None else "none"
+            lines.append(f"latency of the file in its runtime on this machine ({self.threads} thread(s), median): "
+                         f"{self.latency_ms:.4g} ms (the cost model's: {said})")
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
@@ -61,15 +78,20 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     loaders = _loaders(result, data)
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    WRITERS[format](model, result._example_input, path)
+    example = result._example_input
+    calibration = fixed_batches(loaders[0], CALIBRATION_BATCHES) if loaders and loaders[0] is not None else None
+    WRITERS[format](model, example, path, calibration)
+    loaded = LOADERS[format](path, lambda: result.model(trial))
     measured, note = [None, None], ""
     if loaders is None:
         note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
     else:
-        loaded = LOADERS[format](path, lambda: result.model(trial))
         measured = [accuracy(loaded, loader) if loader is not None else None for loader in loaders[1:]]
+    threads = torch.get_num_threads()  # what a user's process gets, not the profile's timing setting
     return Exported(path, format, int(trial), path.stat().st_size, float(row["size_kb"]), measured[0],
-                    _number(row["accuracy"]), measured[1], _number(row.get("test_accuracy")), note)
+                    _number(row["accuracy"]), measured[1], _number(row.get("test_accuracy")),
+                    measure_latency_ms(loaded, example, threads=threads), _number(row.get("latency_ms")), threads,
+                    note)
 
 
 def _number(value) -> float | None:
@@ -88,17 +110,51 @@ def _loaders(result, data):
     return load_data(spec, tuple(result.config.get("input_shape") or ()) or None)
 
 
-def _write_state_dict(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_state_dict(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
     torch.save(model.state_dict(), path)
 
 
-def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, but still the
         torch.jit.trace(model, example).save(str(path))  # format most runtimes (C++, mobile) load
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_torch_int8(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
+    _write_torchscript(to_int8(model, example, calibration), example, path)
+
+
+def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
+    """The float ONNX graph, pre-processed (shape inference, Conv+BN folding) and quantized by ONNX Runtime."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .compress.quantize import synthesize_inputs
+
+    if calibration is None:  # data-free: inputs synthesized from the BatchNorm statistics, as to_int8 does
+        with torch.enable_grad():
+            calibration = [synthesize_inputs(model, example)]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x.detach().numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, prepared = Path(tmp) / "float.onnx", Path(tmp) / "prepared.onnx"
+        _write_onnx(model, example, plain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
     # The TorchScript-based exporter (dynamo=False) needs no extra package; the dynamo one needs onnxscript.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -125,7 +181,9 @@ class OnnxModule(nn.Module):
         super().__init__()
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same threads torch is timed with
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,5 +194,7 @@ def _load_onnx(path: Path, architecture) -> nn.Module:
     return OnnxModule(path)
 
 
-WRITERS = {"state_dict": _write_state_dict, "torchscript": _write_torchscript, "onnx": _write_onnx}
-LOADERS = {"state_dict": _load_state_dict, "torchscript": _load_torchscript, "onnx": _load_onnx}
+WRITERS = {"state_dict": _write_state_dict, "torchscript": _write_torchscript, "onnx": _write_onnx,
+           "torch-int8": _write_torch_int8, "onnx-int8": _write_onnx_int8}
+LOADERS = {"state_dict": _load_state_dict, "torchscript": _load_torchscript, "onnx": _load_onnx,
+           "torch-int8": _load_torchscript, "onnx-int8": _load_onnx}

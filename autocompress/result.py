@@ -207,7 +207,8 @@ class Result:
         return text
 
     def export(self, trial: int, format: str = "state_dict", to=None, data=None):
-        """Write trial `trial`'s compressed model as "state_dict", "torchscript" or "onnx" to `to`, judged as the
+        """Write trial `trial`'s compressed model as "state_dict", "torchscript", "onnx", "torch-int8" or
+        "onnx-int8" (see export.py) to `to`, judged as the
         search judged it (BatchNorm re-estimated on `data`'s training loader, else the run's data); returns an
         `Exported` with the file's size and its re-measured accuracy."""
         from .export import export

@@ -32,7 +32,7 @@ def file_accuracy(fmt: str, path, result, trial: int, val_loader) -> float:
         model = ac.apply(result._base_model, result.trials.loc[trial, "policy"], result._example_input)
         model.load_state_dict(torch.load(path, weights_only=True))
         run = lambda x: model.eval()(x).detach().numpy()  # noqa: E731
-    elif fmt == "torchscript":
+    elif fmt in ("torchscript", "torch-int8"):
         model = torch.jit.load(str(path))
         run = lambda x: model.eval()(x).detach().numpy()  # noqa: E731
     else:
@@ -57,6 +57,28 @@ def test_exported_file_reproduces_the_reported_accuracy(fmt, run, best, digits_d
     assert info.path == path and info.size_bytes == path.stat().st_size > 10_000
     assert info.accuracy == pytest.approx(reported, abs=1e-12)
     assert file_accuracy(fmt, path, result, trial, digits_data[1]) == pytest.approx(reported, abs=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["torch-int8", "onnx-int8"])
+def test_int8_artifacts_hold_int8_kernels_and_say_what_they_measure(fmt, run, best, digits_data, tmp_path):
+    """The int8 files are real int8 (quantized kernels / QDQ nodes), smaller than the float ONNX file, run without
+    autocompress, and the accuracy and latency `export` prints are the file's own."""
+    result, _ = run
+    trial, reported = best
+    path = tmp_path / f"model.{fmt}"
+    info = result.export(trial, fmt, path, data=digits_data)
+    own = file_accuracy(fmt, path, result, trial, digits_data[1])
+    assert info.accuracy == pytest.approx(own, abs=1e-12) and abs(own - reported) <= 0.02
+    assert info.latency_ms > 0 and f"{info.latency_ms:.4g} ms" in info.summary()
+    float_bytes = result.export(trial, "onnx", tmp_path / "float.onnx", data=digits_data).size_bytes
+    assert info.size_bytes < 0.6 * float_bytes
+    if fmt == "torch-int8":
+        assert "quantized::conv2d" in str(torch.jit.load(str(path)).inlined_graph)
+    else:
+        import onnx
+
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
 
 
 def test_cli_export_prints_size_and_accuracy_of_the_file(run, best, tmp_path):
