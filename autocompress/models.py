@@ -116,7 +116,7 @@ def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
     elif spec.startswith("torchvision:"):
         model = _torchvision_model(spec.split(":", 1)[1])
     elif ":" in spec:
-        model = call_factory(spec, "model factory", "returns a torch.nn.Module")
+        model = call_factory(spec, "model factory", "must return a torch.nn.Module")
         if not isinstance(model, nn.Module):
             raise AutocompressError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
@@ -134,12 +134,21 @@ def load_recorded(config: dict, where: str, state: dict | None = None) -> nn.Mod
     spec, checkpoint = config["model_spec"], config.get("checkpoint")
     announce("model", spec, where, f" and loading checkpoint {checkpoint!r}" if checkpoint else "")
     model = load_model(spec, checkpoint)
-    if state is not None:
-        model.load_state_dict(state)
-    if config.get("model") not in (None, model_fingerprint(model)):
+    if not _takes(model, state) or config.get("model") not in (None, model_fingerprint(model)):
         raise AutocompressError(f"model {spec!r} (checkpoint {checkpoint!r}) on this machine differs from the one "
                                 f"{where} was made with; it needs the same model code and checkpoint file")
     return model
+
+
+def _takes(model: nn.Module, state: dict | None) -> bool:
+    """Load `state` (None: nothing to load) into `model`; False when it is the state of another architecture."""
+    if state is None:
+        return True
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        return False
+    return True
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -282,6 +282,8 @@ def _read_config(src: Path) -> dict:
 def _read_trials(path: Path, objectives) -> pd.DataFrame:
     """trials.csv as `Result.save` wrote it; a file that is not one is one sentence."""
     try:
+        if not path.read_bytes().endswith(b"\n"):  # pandas ends every line with one
+            raise ValueError("it ends in the middle of a line: cut short")
         trials = pd.read_csv(path, index_col="number")
         missing = sorted({"state", "feasible", "policy", *objectives} - set(trials.columns))
         if missing:
