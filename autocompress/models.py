@@ -134,21 +134,12 @@ def load_recorded(config: dict, where: str, state: dict | None = None) -> nn.Mod
     spec, checkpoint = config["model_spec"], config.get("checkpoint")
     announce("model", spec, where, f" and loading checkpoint {checkpoint!r}" if checkpoint else "")
     model = load_model(spec, checkpoint)
-    if not _takes(model, state) or config.get("model") not in (None, model_fingerprint(model)):
+    if state is not None:
+        load_state(model, state, f"base_model.pt of {where}")
+    if config.get("model") not in (None, model_fingerprint(model)):
         raise AutocompressError(f"model {spec!r} (checkpoint {checkpoint!r}) on this machine differs from the one "
                                 f"{where} was made with; it needs the same model code and checkpoint file")
     return model
-
-
-def _takes(model: nn.Module, state: dict | None) -> bool:
-    """Load `state` (None: nothing to load) into `model`; False when it is the state of another architecture."""
-    if state is None:
-        return True
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        return False
-    return True
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -179,13 +170,18 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise AutocompressError(f"checkpoint {path!r} is not a loadable state_dict ({type(exc).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    load_state(model, state, f"checkpoint {path!r}")
+
+
+def load_state(model: nn.Module, state, source: str) -> None:
+    """`model.load_state_dict(state)`; a state of another architecture is one sentence naming its `source`."""
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:  # other keys or shapes, or not a state_dict at all
         lines = [line.strip() for line in str(exc).splitlines()]  # the first only says "Error(s) in loading"
         detail = " ".join(lines[1:] or lines)
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-        raise AutocompressError(f"checkpoint {path!r} does not match the model: {detail}") from None
+        raise AutocompressError(f"{source} does not match the model: {detail}") from None
 
 
 def default_input(spec: str, model: nn.Module) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .budgets import METRICS
 from .compress import apply
 from .errors import AutocompressError
 from .judged import WeightStore, beside
-from .models import load_recorded
+from .models import load_recorded, load_state
 from .space import Policy
 from .storage import read_study
 
@@ -246,7 +246,7 @@ def _base(src: Path | None, config: dict, model, build_model: bool, where: str):
     folder's base_model.pt weights, and the example input (the folder's, else the seeded one `run` makes)."""
     state = _saved(src / "base_model.pt") if src is not None and (model is not None or build_model) else None
     if model is not None and state is not None:
-        model.load_state_dict(state)
+        load_state(model, state, repr(str(src / "base_model.pt")))
     elif model is None and build_model and config.get("model_spec"):
         model = load_recorded(config, where, state)
     example = _saved(src / "example_input.pt") if src is not None else None

@@ -109,6 +109,11 @@ def run_copy(F: Path, T: Path, spec: str | None = None, study: bool = True, **fi
     return str(copy)
 
 
+def copy_storage(F: Path, T: Path, spec: str) -> str:
+    """The study of a copy of F whose recorded model spec is `spec`, as a storage URL."""
+    return f"sqlite:///{run_copy(F, T, spec)}/study.db"
+
+
 def truncated(path: Path) -> bytes:
     return path.read_bytes()[:len(path.read_bytes()) // 2]
 
@@ -244,11 +249,17 @@ CASES = [
     ("export-spec-not-a-module", lambda F, T: ["export", run_copy(F, T, "bad_models:not_a_module"), "--trial", "0"],
      "model factory 'bad_models:not_a_module' returned int, not a torch.nn.Module"),
     ("export-spec-other-model", lambda F, T: ["export", run_copy(F, T, "bad_models:tiny_cnn"), "--trial", "0"],
-     "model 'bad_models:tiny_cnn' (checkpoint None) on this machine differs from the one run folder"),
-    ("export-storage-spec-exits", lambda F, T: ["export", "--storage", f"sqlite:///{run_copy(F, T, 'sys:exit')}/study.db",
-                                                "--trial", "0"], "model factory 'sys:exit' failed"),
-    ("worker-spec-exits", lambda F, T: ["worker", "--storage", f"sqlite:///{run_copy(F, T, 'sys:exit')}/study.db",
-                                        "--trials", "1"], "model factory 'sys:exit' failed"),
+     "base_model.pt of run folder '"),
+    ("export-storage-spec-other-model",
+     lambda F, T: ["export", "--storage", copy_storage(F, T, "bad_models:tiny_cnn"), "--trial", "0"],
+     "model 'bad_models:tiny_cnn' (checkpoint None) on this machine differs from the one study 'autocompress' was "
+     "made with"),
+    ("export-other-model", lambda F, T: ["export", str(F), "--model", "bad_models:tiny_cnn", "--trial", "0"],
+     "base_model.pt' does not match the model: Missing key(s) in state_dict"),
+    ("export-storage-spec-exits", lambda F, T: ["export", "--storage", copy_storage(F, T, "sys:exit"), "--trial", "0"],
+     "model factory 'sys:exit' failed"),
+    ("worker-spec-exits", lambda F, T: ["worker", "--storage", copy_storage(F, T, "sys:exit"), "--trials", "1"],
+     "model factory 'sys:exit' failed"),
     ("export-corrupt-base-model", lambda F, T: ["export", run_copy(F, T, base_model_pt=b"garbage"), "--trial", "0"],
      "base_model.pt' cannot be read as saved tensors (UnpicklingError)"),
     # run folders with a corrupt study, CSV or configuration
@@ -260,7 +271,8 @@ CASES = [
          "storage 'sqlite:///"),
         ("truncated-study", lambda F, T: run_copy(F, T, study_db=truncated(F / "study.db")),
          ("holds a study that cannot be read", "database disk image is malformed")),
-        ("empty-study", lambda F, T: run_copy(F, T, study_db=b""), ("holds a study that cannot be read", "which is empty")),
+        ("empty-study", lambda F, T: run_copy(F, T, study_db=b""),
+         ("holds a study that cannot be read", "which is empty")),
         ("garbage-trials-csv", lambda F, T: run_copy(F, T, study=False, trials_csv=bytes(range(128, 256)) + b"\n"),
          "trials.csv' is corrupt ('utf-8' codec can't decode byte 0x80"),
         ("truncated-trials-csv", lambda F, T: run_copy(F, T, study=False, trials_csv=truncated(F / "trials.csv")),
@@ -350,10 +362,10 @@ def test_a_run_killed_during_a_trial_reports_and_exports_from_its_study(tmp_path
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": f"{TESTS}:{TESTS.parent}"}
-    run = subprocess.Popen([sys.executable, "-m", "autocompress.cli", "run", *TINY, "--data", "worker_problem:slow_digits",
-                            "--budget", "size=200%", "--trials", "6", "--finetune-steps", "0", "--final-epochs", "0",
-                            "--no-progress", "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    run = subprocess.Popen([sys.executable, "-m", "autocompress.cli", "run", *TINY, "--data",
+                            "worker_problem:slow_digits", "--budget", "size=200%", "--trials", "6", "--finetune-steps",
+                            "0", "--final-epochs", "0", "--no-progress", "--out", str(out)],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, states = time.time() + 600, []
     while time.time() < deadline and run.poll() is None:
         time.sleep(0.5)
@@ -372,7 +384,8 @@ def test_a_run_killed_during_a_trial_reports_and_exports_from_its_study(tmp_path
     last = done[-1]
     code, printed = cli(["export", str(out), "--trial", str(last.number), "--to", str(tmp_path / "m.pt")], capsys)
     reported = last.user_attrs["accuracy"]
-    assert code == 0 and f"accuracy of the file on the validation data: {reported:.4f} (reported {reported:.4f})" in printed
+    assert code == 0, printed
+    assert f"accuracy of the file on the validation data: {reported:.4f} (reported {reported:.4f})" in printed
     assert "model: calling 'worker_problem:tiny_model', as run folder" in printed
     assert snapshot(out) == before
 
