@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,11 +15,13 @@ from .budgets import Budgets, check_objectives
 from .compress import apply as _apply
 from .cost.model import Estimate, estimate as _estimate
 from .cost.profiles import HardwareProfile, load_profile
+from .data import load_recorded_data
 from .deliver import deliver_front, dominated_by_delivered
 from .errors import AutocompressError
 from .evaluate import Evaluator, accuracy, make_evaluator
 from .graph import LayerGraph, analyze as _analyze
 from .judged import WeightStore
+from .models import load_recorded, model_fingerprint
 from .result import Result
 from .space import Policy, SearchSpace
 from .students import supernet
@@ -97,17 +98,10 @@ def work(storage, study_name: str = "autocompress", trials: int = 10, progress: 
     if not config.get("model_spec"):
         raise AutocompressError(f"study {study_name!r} was made from Python without a model spec, so a worker "
                                 f"cannot rebuild its model; make it with `autocompress run --model ...`")
-    from .data import load_data
-    from .models import load_model
-
-    model = load_model(config["model_spec"], config.get("checkpoint"))
-    if model_fingerprint(model) != config["model"]:
-        raise AutocompressError(f"model {config['model_spec']!r} (checkpoint {config.get('checkpoint')!r}) on this "
-                                f"machine differs from the one study {study_name!r} was made with; a worker needs the "
-                                f"same model code and checkpoint file")
+    model = load_recorded(config, f"study {study_name!r}")
     shape = tuple(config["input_shape"])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # as `autocompress run` makes it
-    data = load_data(config["data"], shape) if config.get("data") else None
+    data = load_recorded_data(config, f"study {study_name!r}")
     judge = make_evaluator(data, None, config.get("finetune_steps", 0), teacher=model)
     profile = HardwareProfile.from_dict(config["hardware"], f"stored in study {study_name!r}")
     space = SearchSpace(config["space"]["name"], config["space"]["techniques"], config["space"]["description"])
@@ -208,12 +202,3 @@ def _baseline_accuracy(judge, model: nn.Module) -> dict:
         test = accuracy(model, judge.test_loader) if judge.test_loader is not None else None
         return {"accuracy": judge.val_accuracy(model), "test_accuracy": test}
     return {"accuracy": float(judge(copy.deepcopy(model)))}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's architecture and weights, so a resumed study is the same problem."""
-    h = hashlib.sha1(str(model).encode())
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes()[:4096])
-    return h.hexdigest()[:16]

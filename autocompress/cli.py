@@ -16,12 +16,7 @@ def _run(args) -> int:
     from . import api, data as data_mod, models, report
     from .budgets import Budgets
 
-    if args.trials < 0:
-        raise AutocompressError(f"--trials {args.trials} is not allowed; it must be 0 or more")
-    if args.finetune_steps < 0:
-        raise AutocompressError(f"--finetune-steps {args.finetune_steps} is not allowed; it must be 0 or more")
-    if args.final_epochs < 0:
-        raise AutocompressError(f"--final-epochs {args.final_epochs} is not allowed; it must be 0 or more")
+    _check_counts(args, "trials", "finetune_steps", "final_epochs")
     start = time.perf_counter()
     model = models.load_model(args.model, args.checkpoint)
     example = _example_input(args, model)
@@ -62,6 +57,7 @@ def _worker(args) -> int:
     from . import api, report
     from .search import WORKER
 
+    _check_counts(args, "trials")
     start = time.perf_counter()
     print(f"worker {WORKER}: joining study {args.study!r} in {_shown(args.storage)}, adding {args.trials} trials "
           f"to its target", file=sys.stderr)
@@ -71,6 +67,13 @@ def _worker(args) -> int:
           f"{int((result.trials['state'] == 'COMPLETE').sum())} completed trials; see them again with "
           f"`autocompress report --storage {_shown(args.storage)} --study {args.study}`")
     return INTERRUPTED if result.interrupted else 0
+
+
+def _check_counts(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 0:
+            raise AutocompressError(f"--{name.replace('_', '-')} {getattr(args, name)} is not allowed; it must be 0 "
+                                    f"or more")
 
 
 def _print_joining(storage: str, study: str, result) -> None:
@@ -101,7 +104,7 @@ def _example_input(args, model):
 
 
 def _report(args) -> None:
-    result = _load_result(args)
+    result = _load_result(args, build=False)  # tables and plots: no model, so no code the run folder names
     text = result.report(args.format, args.to, args.trial)
     if args.to:
         print(f"wrote {args.to} ({args.format}, {len(text.encode()) / 1024:,.1f} KB)")
@@ -110,7 +113,7 @@ def _report(args) -> None:
 
 
 def _export(args) -> None:
-    result = _load_result(args)
+    result = _load_result(args, build=True)
     data = None
     if args.data:
         from .data import load_data
@@ -119,34 +122,18 @@ def _export(args) -> None:
     print(result.export(args.trial, args.format, args.to, data).summary())
 
 
-def _load_result(args):
-    """A saved run folder, or a study in an Optuna storage (--storage URL --study NAME)."""
-    import optuna
-    import torch
-
+def _load_result(args, build: bool):
+    """A run folder, or a study in an Optuna storage (--storage URL --study NAME). The model is --model's;
+    else, with `build`, the one the run recorded (its factory named on stderr before it is called)."""
     from . import models
     from .result import Result
-    from .storage import first_line, open_storage
 
     base = models.load_model(args.model) if args.model else None
     if args.dir:
-        return Result.load(args.dir, model=base)
+        return Result.load(args.dir, model=base, build_model=build, study=args.study)
     if not args.storage:
         raise AutocompressError(f"{args.command} needs a run folder (DIR) or --storage URL with --study NAME")
-    storage = open_storage(args.storage, must_exist=True)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except Exception as exc:
-        raise AutocompressError(f"cannot open study {args.study!r} in storage {_shown(args.storage)!r}: "
-                                f"{first_line(exc)}") from None
-    config = study.user_attrs.get("config")
-    if config is None:
-        raise AutocompressError(f"study {args.study!r} in {_shown(args.storage)!r} was not written by autocompress "
-                                f"(no config)")
-    if base is None and config.get("model_spec"):
-        base = models.load_model(config["model_spec"], config.get("checkpoint"))
-    example = torch.randn(config["input_shape"], generator=torch.Generator().manual_seed(0)) if base is not None else None
-    return Result.from_study(study, base, example)
+    return Result.read(args.storage, args.study or "autocompress", model=base, build_model=build)
 
 
 def _estimate(args) -> None:
@@ -255,9 +242,11 @@ def parser() -> argparse.ArgumentParser:
     def source_args(sp):
         sp.add_argument("dir", nargs="?", help="a run folder (written by `run` or Result.save)")
         sp.add_argument("--storage", help="read the study from this Optuna storage URL instead of a folder")
-        sp.add_argument("--study", default="autocompress", help="study name inside --storage")
+        sp.add_argument("--study", help="study name inside --storage (default autocompress) or DIR/study.db "
+                                        "(default: its only study)")
         sp.add_argument("--model", help="the uncompressed architecture (built-in name, torchvision:NAME or "
-                                        "package.module:factory) when the run was started from Python")
+                                        "package.module:factory); default: for export, the one the run recorded, "
+                                        "for report none (the HTML per-layer costs need it)")
 
     rep = sub.add_parser("report", help="show a run's Pareto front (table, CSV, JSON or an HTML page)")
     source_args(rep)

@@ -6,6 +6,7 @@ package), upscaled from 8x8 to 32x32 so that convolutions have real spatial work
 from __future__ import annotations
 
 import importlib
+import sys
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ def load_data(spec: str, input_shape=None, classes: int | None = None):
         size = input_shape[-1] if input_shape is not None else 224
         return imagefolder_loaders(spec.split(":", 1)[1], size=size)
     if ":" in spec:
-        loaders = resolve_callable(spec, "data")()
+        loaders = call_factory(spec, "data function", "must return (train_loader, val_loader[, test_loader])")
         if not (isinstance(loaders, (tuple, list)) and len(loaders) in (2, 3)):
             raise AutocompressError(f"data function {spec!r} must return (train_loader, val_loader) or (train_loader, "
                                     f"val_loader, test_loader), got {type(loaders).__name__}")
@@ -109,8 +110,40 @@ def resolve_callable(spec: str, what: str):
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AutocompressError(f"cannot import module {module_name!r} for {what} {spec!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # not found, or the module itself fails (or exits) on import
+        raise AutocompressError(f"cannot import module {module_name!r} for {what} {spec!r}: {_said(exc)}") from None
     if not hasattr(module, attr):
         raise AutocompressError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r})")
     return getattr(module, attr)
+
+
+def call_factory(spec: str, what: str, contract: str):
+    """Import `package.module:function` and call it with no arguments; whatever it raises (or an exit it asks
+    for) is one sentence naming the spec and what such a function must do (`contract`)."""
+    factory = resolve_callable(spec, what)
+    try:
+        return factory()
+    except (Exception, SystemExit) as exc:
+        raise AutocompressError(f"{what} {spec!r} failed when called with no arguments ({_said(exc)}); a {what} "
+                                f"takes no arguments and {contract}") from None
+
+
+def announce(what: str, spec: str, where: str, also: str = "") -> None:
+    """Say, before calling it, which code a run recorded (`where`) makes this process call: a spec stored in a
+    folder or study is code someone else chose."""
+    print(f"{what}: calling {spec!r}{also}, as {where} records it", file=sys.stderr)
+
+
+def load_recorded_data(config: dict, where: str):
+    """The loaders of the data spec a run recorded (`config` of a study or run folder, described by `where`),
+    named on stderr before it is called; None for a cost-only run."""
+    if not config.get("data"):
+        return None
+    announce("data", config["data"], where)
+    return load_data(config["data"], tuple(config.get("input_shape") or ()) or None)
+
+
+def _said(exc: BaseException) -> str:
+    """An exception in a few words: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

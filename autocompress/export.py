@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cost.measure import measure_latency_ms
-from .data import split_data
+from .data import load_recorded_data, split_data
 from .errors import one_of
 from .evaluate import accuracy, fixed_batches
 from .int8 import to_int8
@@ -102,12 +102,7 @@ def _loaders(result, data):
     """(train, val, test) loaders: the given ones, else those of the run's data spec (runs from the command line)."""
     if data is not None:
         return split_data(data)
-    spec = result.config.get("data")
-    if not spec:
-        return None
-    from .data import load_data
-
-    return load_data(spec, tuple(result.config.get("input_shape") or ()) or None)
+    return load_recorded_data(result.config, "the run")
 
 
 def _write_state_dict(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DIGITS_SIZE, digits_loaders, resolve_callable
+from .data import DIGITS_SIZE, announce, call_factory, digits_loaders
 from .errors import AutocompressError
 
 
@@ -116,7 +116,7 @@ def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
     elif spec.startswith("torchvision:"):
         model = _torchvision_model(spec.split(":", 1)[1])
     elif ":" in spec:
-        model = resolve_callable(spec, "model")()
+        model = call_factory(spec, "model factory", "must return a torch.nn.Module")
         if not isinstance(model, nn.Module):
             raise AutocompressError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     else:
@@ -125,6 +125,30 @@ def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model.eval()
+
+
+def load_recorded(config: dict, where: str, state: dict | None = None) -> nn.Module:
+    """The uncompressed model a run recorded (`config` of a study or run folder, described by `where`): its model
+    spec is named on stderr, then called, given `state` (the run's saved base weights) when there is one, and
+    checked against the recorded fingerprint, so the trials' weights and policies fit it."""
+    spec, checkpoint = config["model_spec"], config.get("checkpoint")
+    announce("model", spec, where, f" and loading checkpoint {checkpoint!r}" if checkpoint else "")
+    model = load_model(spec, checkpoint)
+    if state is not None:
+        load_state(model, state, f"base_model.pt of {where}")
+    if config.get("model") not in (None, model_fingerprint(model)):
+        raise AutocompressError(f"model {spec!r} (checkpoint {checkpoint!r}) on this machine differs from the one "
+                                f"{where} was made with; it needs the same model code and checkpoint file")
+    return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's architecture and weights, so a resumed study is the same problem."""
+    h = hashlib.sha1(str(model).encode())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
 
 
 def _torchvision_model(name: str) -> nn.Module:
@@ -146,13 +170,18 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise AutocompressError(f"checkpoint {path!r} is not a loadable state_dict ({type(exc).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    load_state(model, state, f"checkpoint {path!r}")
+
+
+def load_state(model: nn.Module, state, source: str) -> None:
+    """`model.load_state_dict(state)`; a state of another architecture is one sentence naming its `source`."""
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:  # other keys or shapes, or not a state_dict at all
         lines = [line.strip() for line in str(exc).splitlines()]  # the first only says "Error(s) in loading"
         detail = " ".join(lines[1:] or lines)
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-        raise AutocompressError(f"checkpoint {path!r} does not match the model: {detail}") from None
+        raise AutocompressError(f"{source} does not match the model: {detail}") from None
 
 
 def default_input(spec: str, model: nn.Module) -> torch.Tensor:

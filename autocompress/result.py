@@ -14,8 +14,10 @@ from optuna.trial import TrialState
 from .budgets import METRICS
 from .compress import apply
 from .errors import AutocompressError
-from .judged import WeightStore
+from .judged import WeightStore, beside
+from .models import load_recorded, load_state
 from .space import Policy
+from .storage import read_study
 
 COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
            "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair",
@@ -167,32 +169,33 @@ class Result:
         return out
 
     @classmethod
-    def load(cls, path, model: torch.nn.Module | None = None) -> "Result":
-        """Read a saved result; `model` (the uncompressed architecture) is needed unless the run named a model spec."""
-        src = Path(path)
-        if not (src / "trials.csv").exists() or not (src / "config.json").exists():
-            raise AutocompressError(f"{str(src)!r} holds no saved result (trials.csv and config.json are missing)")
-        try:
-            config = json.loads((src / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise AutocompressError(f"{str(src / 'config.json')!r} is corrupt ({exc})") from None
-        baseline = config.pop("baseline", {})
-        trials = pd.read_csv(src / "trials.csv", index_col="number")
-        for c in ("macs", "params", "steps", "final_steps"):
-            if c in trials:
-                trials[c] = trials[c].astype("Int64")
-        for c in ("feasible", "delivered"):
-            if c in trials:
-                trials[c] = trials[c].astype(bool)
-        base, example = model, None
-        if (src / "example_input.pt").exists():
-            example = torch.load(src / "example_input.pt", weights_only=True)
-        if base is None and config.get("model_spec"):
-            from .models import load_model
+    def read(cls, storage, study: str | None = None, model: torch.nn.Module | None = None,
+             build_model: bool = True) -> "Result":
+        """The result of study `study` (None: the only one) in an Optuna storage, read without changing it.
+        `model` is the uncompressed architecture; without it the model spec the study records is called (named on
+        stderr first) unless `build_model` is False: the tables, CSV, JSON and plots need no model."""
+        opened = read_study(storage, study)
+        where = f"study {opened.study_name!r}"
+        base, example = _base(None, _config_of(opened, where), model, build_model, where)
+        return cls.from_study(opened, base, example)
 
-            base = load_model(config["model_spec"], config.get("checkpoint"))
-        if base is not None and (src / "base_model.pt").exists():
-            base.load_state_dict(torch.load(src / "base_model.pt", map_location="cpu", weights_only=True))
+    @classmethod
+    def load(cls, path, model: torch.nn.Module | None = None, build_model: bool = True,
+             study: str | None = None) -> "Result":
+        """A run folder: the study in it whenever there is one (study.db, every trial as committed, so also a run
+        that was killed), else its saved trials.csv and config.json. `model` and `build_model` as in `read`; the
+        folder's base_model.pt and example_input.pt are used where they are."""
+        src = Path(path)
+        where = f"run folder {str(src)!r}"
+        if (src / "study.db").exists():
+            opened = _folder_study(src, study)
+            base, example = _base(src, _config_of(opened, where), model, build_model, where)
+            weights = beside(f"sqlite:///{src / 'study.db'}", opened.study_name)  # there, even if moved
+            return cls.from_study(opened, base, example, WeightStore(weights) if weights.is_dir() else None)
+        config = _read_config(src)
+        trials = _read_trials(src / "trials.csv", config["objectives"])
+        baseline = config.pop("baseline", {})
+        base, example = _base(src, config, model, build_model, where)
         saved = WeightStore(src / "models")  # the front as reported: one trial_N.pt each
         return cls(trials, baseline, config, base, example, saved.get)
 
@@ -220,3 +223,80 @@ class Result:
         return (f"Result({len(self.trials)} trials, {n_feasible} feasible, {len(self.pareto)} on the Pareto front, "
                 f"objectives={self.objectives})")
 
+
+
+def _folder_study(src: Path, name: str | None) -> optuna.Study:
+    """The study in a run folder's study.db; one that cannot be read is said, never replaced by the CSVs beside
+    it (they are written when a run ends, so they may be older than the study)."""
+    try:
+        return read_study(f"sqlite:///{src / 'study.db'}", name)
+    except AutocompressError as exc:
+        raise AutocompressError(f"run folder {str(src)!r} holds a study that cannot be read, so its saved CSVs "
+                                f"(perhaps older) are not shown instead: {exc}") from None
+
+
+def _config_of(study: optuna.Study, where: str) -> dict:
+    config = study.user_attrs.get("config")
+    if not isinstance(config, dict):
+        raise AutocompressError(f"{where} was not written by autocompress (it stores no configuration)")
+    return config
+
+
+def _base(src: Path | None, config: dict, model, build_model: bool, where: str):
+    """The uncompressed model (`model`, else the recorded spec's when `build_model`, else None) with the run
+    folder's base_model.pt weights, and the example input (the folder's, else the seeded one `run` makes)."""
+    state = _saved(src / "base_model.pt") if src is not None and (model is not None or build_model) else None
+    if model is not None and state is not None:
+        load_state(model, state, repr(str(src / "base_model.pt")))
+    elif model is None and build_model and config.get("model_spec"):
+        model = load_recorded(config, where, state)
+    example = _saved(src / "example_input.pt") if src is not None else None
+    if example is None and model is not None:
+        example = torch.randn(config["input_shape"], generator=torch.Generator().manual_seed(0))
+    return model, example
+
+
+def _saved(path: Path):
+    """A tensor or state_dict file of a run folder (None when absent), read with weights_only=True."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign, or a pickle that would run code
+        raise AutocompressError(f"{str(path)!r} cannot be read as saved tensors ({type(exc).__name__})") from None
+
+
+def _read_config(src: Path) -> dict:
+    path = src / "config.json"
+    if not path.exists() or not (src / "trials.csv").exists():
+        raise AutocompressError(f"{str(src)!r} holds no saved result (no study.db, and trials.csv or config.json "
+                                f"is missing)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:  # not JSON, or not text at all
+        raise AutocompressError(f"{str(path)!r} is corrupt ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("objectives"), list):
+        raise AutocompressError(f"{str(path)!r} is corrupt (it holds no run configuration with objectives)")
+    return config
+
+
+def _read_trials(path: Path, objectives) -> pd.DataFrame:
+    """trials.csv as `Result.save` wrote it; a file that is not one is one sentence."""
+    try:
+        if not path.read_bytes().endswith(b"\n"):  # pandas ends every line with one
+            raise ValueError("it ends in the middle of a line: cut short")
+        trials = pd.read_csv(path, index_col="number")
+        missing = sorted({"state", "feasible", "policy", *objectives} - set(trials.columns))
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        for c in objectives:
+            trials[c] = pd.to_numeric(trials[c]).astype(float)
+    except ValueError as exc:  # not text, not CSV, cut short, or not the trials table
+        raise AutocompressError(f"{str(path)!r} is corrupt ({str(exc).strip().splitlines()[0]})") from None
+    for c in ("macs", "params", "steps", "final_steps"):
+        if c in trials:
+            trials[c] = trials[c].astype("Int64")
+    for c in ("feasible", "delivered"):
+        if c in trials:
+            trials[c] = trials[c].astype(bool)
+    return trials

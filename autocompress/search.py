@@ -164,16 +164,7 @@ def seed_for(study: optuna.Study, seed: int | None) -> int | None:
 def peek(storage, study_name: str) -> tuple[dict, int]:
     """The configuration a study was made with, and its target, read without joining it (a worker rebuilds
     its problem from the configuration)."""
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storages.open_storage(storage, must_exist=True))
-    except KeyError:
-        raise AutocompressError(f"no study {study_name!r} in storage {_shown(storage)!r}; create it with "
-                                f"`autocompress run ... --storage URL --study {study_name} --trials 0`") from None
-    except AutocompressError:
-        raise
-    except Exception as exc:
-        raise AutocompressError(f"cannot open study {study_name!r} in storage {_shown(storage)!r}: "
-                                f"{_shown(_first_line(exc))}") from None
+    study = storages.read_study(storage, study_name)
     config = study.user_attrs.get("config")
     if config is None:
         raise AutocompressError(f"study {study_name!r} in {_shown(storage)!r} was not made by autocompress "

@@ -76,6 +76,26 @@ def open_storage(spec, must_exist: bool = False):
         raise AutocompressError(f"cannot open storage {hide_password(text)!r}: {first_line(exc)}") from None
 
 
+def read_study(spec, name: str | None = None) -> optuna.Study:
+    """Study `name` in the storage `spec` names (None: the only study it holds), for reading: a missing file,
+    a corrupt one, a missing study or several to choose from is one sentence, and nothing is created."""
+    storage, shown = open_storage(spec, must_exist=True), hide_password(str(spec))
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:
+        raise AutocompressError(f"cannot read storage {shown!r}: {first_line(exc)}") from None
+    if name is None and len(names) != 1:
+        raise AutocompressError(f"storage {shown!r} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                                f"name one with --study NAME")
+    name = names[0] if name is None else name
+    if name not in names:
+        raise AutocompressError(f"no study {name!r} in storage {shown!r}; it holds: {', '.join(names) or 'none'}")
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception as exc:
+        raise AutocompressError(f"cannot open study {name!r} in storage {shown!r}: {first_line(exc)}") from None
+
+
 SCHEMA_RACE = re.compile(r"already exists|UNIQUE constraint failed|duplicate key", re.IGNORECASE)
 SCHEMA_TRIES = 10  # two processes creating one new database (two `run --out NEW` at once): the later one retries
 
@@ -127,8 +147,10 @@ def _sqlite_path(url: str) -> str | None:
 
 
 def _require_file(path: str | None, spec: str) -> None:
-    if path is not None and not Path(path).is_file():
-        raise AutocompressError(f"storage {hide_password(spec)!r} names the file {path!r}, which does not exist; "
+    """A study file to read must be there and hold something (SQLite would write its tables into an empty one)."""
+    if path is not None and not (Path(path).is_file() and Path(path).stat().st_size):
+        said = "which is empty" if Path(path).is_file() else "which does not exist"
+        raise AutocompressError(f"storage {hide_password(spec)!r} names the file {path!r}, {said}; "
                                 f"pass the storage a run or worker wrote its study to")
 
 

@@ -89,7 +89,36 @@ def empty_dir(tmp: Path) -> str:
     return str(tmp / "empty")
 
 
-# (id, argv given the run folder F and a scratch folder T, what the last line must say)
+def run_copy(F: Path, T: Path, spec: str | None = None, study: bool = True, **files: bytes) -> str:
+    """A copy of the run folder F in T: with its recorded model spec replaced by `spec` (in its study and its
+    config.json), without study.db unless `study`, and with `files` (trials_csv=... for trials.csv) written over."""
+    import json
+    import shutil
+
+    copy = T / "copy"
+    shutil.copytree(F, copy)
+    if spec is not None:
+        stored = optuna.load_study(study_name="autocompress", storage=f"sqlite:///{copy}/study.db")
+        stored.set_user_attr("config", {**stored.user_attrs["config"], "model_spec": spec})
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "model_spec": spec}))
+    if not study:
+        (copy / "study.db").unlink()
+    for name, data in files.items():
+        (copy / ".".join(name.rsplit("_", 1))).write_bytes(data)
+    return str(copy)
+
+
+def copy_storage(F: Path, T: Path, spec: str) -> str:
+    """The study of a copy of F whose recorded model spec is `spec`, as a storage URL."""
+    return f"sqlite:///{run_copy(F, T, spec)}/study.db"
+
+
+def truncated(path: Path) -> bytes:
+    return path.read_bytes()[:len(path.read_bytes()) // 2]
+
+
+# (id, argv given the run folder F and a scratch folder T, what the last line must say: one text, or several)
 RUN = lambda *args: lambda F, T: ["run", *TINY, "--no-progress", "--out", str(F), *args]  # noqa: E731
 CASES = [
     # run: trial counts and budgets of every wrong type
@@ -178,7 +207,7 @@ CASES = [
     ("report-garbage-sqlite", lambda F, T: ["report", "--storage", f"sqlite:///{garbage(T / 'garbage.db')}"],
      "file is not a database"),
     ("report-no-study", lambda F, T: ["report", "--storage", f"sqlite:///{F}/study.db", "--study", "nope"],
-     "cannot open study 'nope'"),
+     "no study 'nope' in storage 'sqlite:///"),
     ("report-password", lambda F, T: ["report", "--storage", f"postgresql://u:{SECRET}@127.0.0.1:1/db"],
      "postgresql://u:***@127.0.0.1:1/db"),
     ("report-password-at", lambda F, T: ["report", "--storage", f"postgresql://u:se@{SECRET}@127.0.0.1:1/db"],
@@ -195,30 +224,178 @@ CASES = [
     ("export-format", lambda F, T: ["export", str(F), "--trial", "0", "--format", "tflite"],
      "invalid choice: 'tflite' (choose from 'state_dict', 'torchscript', 'onnx')"),
     ("report-absent-folder", lambda F, T: ["report", str(T / "nowhere")], "holds no saved result"),
+    ("worker-trials-negative", lambda F, T: ["worker", "--storage", f"sqlite:///{F}/study.db", "--trials", "-1"],
+     "--trials -1 is not allowed; it must be 0 or more"),
+    # model and data specs that are not factories (run), or that a run folder names (export, worker)
+    *[(f"run-{what}-{spec.replace(':', '-')}", RUN(f"--{what}", spec),
+       (f"{kind} {spec!r} failed when called with no arguments (TypeError", f"; a {kind} takes no arguments and "
+                                                                           f"must return {returns}"))
+      for what, kind, returns in [("model", "model factory", "a torch.nn.Module"),
+                                  ("data", "data function", "(train_loader, val_loader[, test_loader])")]
+      for spec in ("os:system", "json:loads")],
+    ("run-model-not-callable", RUN("--model", "os:sep"),
+     ("model factory 'os:sep' failed when called with no arguments (TypeError: 'str' object is not callable)",
+      "must return a torch.nn.Module")),
+    ("run-model-absent-module", RUN("--model", "no_such_package:make"),
+     "cannot import module 'no_such_package' for model factory 'no_such_package:make'"),
+    ("export-spec-exits", lambda F, T: ["export", run_copy(F, T, "sys:exit"), "--trial", "0", "--to", str(T / "m.pt")],
+     "model factory 'sys:exit' failed when called with no arguments (SystemExit); a model factory takes no "
+     "arguments and must return a torch.nn.Module"),
+    ("export-spec-exits-csv", lambda F, T: ["export", run_copy(F, T, "sys:exit", study=False), "--trial", "0",
+                                            "--to", str(T / "m.pt")],
+     "model factory 'sys:exit' failed when called with no arguments (SystemExit)"),
+    ("export-spec-system", lambda F, T: ["export", run_copy(F, T, "os:system"), "--trial", "0"],
+     "model factory 'os:system' failed when called with no arguments (TypeError"),
+    ("export-spec-not-a-module", lambda F, T: ["export", run_copy(F, T, "bad_models:not_a_module"), "--trial", "0"],
+     "model factory 'bad_models:not_a_module' returned int, not a torch.nn.Module"),
+    ("export-spec-other-model", lambda F, T: ["export", run_copy(F, T, "bad_models:tiny_cnn"), "--trial", "0"],
+     "base_model.pt of run folder '"),
+    ("export-storage-spec-other-model",
+     lambda F, T: ["export", "--storage", copy_storage(F, T, "bad_models:tiny_cnn"), "--trial", "0"],
+     "model 'bad_models:tiny_cnn' (checkpoint None) on this machine differs from the one study 'autocompress' was "
+     "made with"),
+    ("export-other-model", lambda F, T: ["export", str(F), "--model", "bad_models:tiny_cnn", "--trial", "0"],
+     "base_model.pt' does not match the model: Missing key(s) in state_dict"),
+    ("export-storage-spec-exits", lambda F, T: ["export", "--storage", copy_storage(F, T, "sys:exit"), "--trial", "0"],
+     "model factory 'sys:exit' failed"),
+    ("worker-spec-exits", lambda F, T: ["worker", "--storage", copy_storage(F, T, "sys:exit"), "--trials", "1"],
+     "model factory 'sys:exit' failed"),
+    ("export-corrupt-base-model", lambda F, T: ["export", run_copy(F, T, base_model_pt=b"garbage"), "--trial", "0"],
+     "base_model.pt' cannot be read as saved tensors (UnpicklingError)"),
+    # run folders with a corrupt study, CSV or configuration
+    *[(f"{verb}-{name}", (lambda verb, make: lambda F, T: [verb, make(F, T), *(
+        ["--trial", "0", "--to", str(T / "m.pt")] if verb == "export" else [])])(verb, make), message)
+      for verb in ("report", "export") for name, make, message in [
+        ("garbage-study", lambda F, T: run_copy(F, T, study_db=b"garbage" * 100),
+         "holds a study that cannot be read, so its saved CSVs (perhaps older) are not shown instead: cannot open "
+         "storage 'sqlite:///"),
+        ("truncated-study", lambda F, T: run_copy(F, T, study_db=truncated(F / "study.db")),
+         ("holds a study that cannot be read", "database disk image is malformed")),
+        ("empty-study", lambda F, T: run_copy(F, T, study_db=b""),
+         ("holds a study that cannot be read", "which is empty")),
+        ("garbage-trials-csv", lambda F, T: run_copy(F, T, study=False, trials_csv=bytes(range(128, 256)) + b"\n"),
+         "trials.csv' is corrupt ('utf-8' codec can't decode byte 0x80"),
+        ("truncated-trials-csv", lambda F, T: run_copy(F, T, study=False, trials_csv=truncated(F / "trials.csv")),
+         "trials.csv' is corrupt (it ends in the middle of a line: cut short)"),
+        ("trials-csv-open-quote", lambda F, T: run_copy(F, T, study=False, trials_csv=(
+            F / "trials.csv").read_bytes().split(b"\n")[0] + b'\n0,,,0.1,1,2,3,4,True,COMPLETE,c,False,,,,"{\n'),
+         "trials.csv' is corrupt (Error tokenizing data. C error: EOF inside string"),
+        ("foreign-trials-csv", lambda F, T: run_copy(F, T, study=False, trials_csv=b"a,b\n1,2\n"),
+         "trials.csv' is corrupt (Index number invalid)"),
+        ("trials-csv-without-objective", lambda F, T: run_copy(F, T, study=False, trials_csv=b"number,state\n0,x\n"),
+         "trials.csv' is corrupt (no column feasible, latency_ms, policy, size_kb)"),
+        ("trials-csv-text-objective", lambda F, T: run_copy(F, T, study=False, trials_csv=(
+            F / "trials.csv").read_bytes().replace(b"\n0,,,", b"\n0,,,fast", 1)),
+         "trials.csv' is corrupt (Unable to parse string 'fast0."),
+        ("corrupt-config", lambda F, T: run_copy(F, T, study=False, config_json=b"{not json"),
+         "config.json' is corrupt (Expecting property name enclosed in double quotes"),
+        ("garbage-config", lambda F, T: run_copy(F, T, study=False, config_json=bytes(range(128, 256))),
+         "config.json' is corrupt ('utf-8' codec can't decode byte 0x80"),
+        ("foreign-config", lambda F, T: run_copy(F, T, study=False, config_json=b"[1, 2]"),
+         "config.json' is corrupt (it holds no run configuration with objectives)"),
+    ]],
 ]
 
 
 @pytest.mark.parametrize("make_argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(make_argv, message, folder, tmp_path, capsys):
     before = snapshot(folder)
-    code, printed = cli(make_argv(folder, tmp_path), capsys)
+    argv = make_argv(folder, tmp_path)
+    scratch = snapshot(tmp_path)  # what the case made there: a run folder copy, a space file
+    code, printed = cli(argv, capsys)
     assert code == 2, printed
-    assert message in printed.strip().splitlines()[-1], printed
+    last = printed.strip().splitlines()[-1]
+    assert "error: " in last and all(part in last for part in
+                                              (message if isinstance(message, tuple) else (message,))), printed
     assert "Traceback" not in printed and SECRET not in printed
-    assert snapshot(folder) == before
-    assert not (tmp_path / "absent.db").exists() and not (tmp_path / "absent.log").exists()
+    assert snapshot(folder) == before and snapshot(tmp_path) == scratch
 
 
-def test_a_corrupt_config_in_the_run_folder_is_one_sentence(folder, tmp_path, capsys):
-    import shutil
+@pytest.mark.parametrize("study", [True, False], ids=["study", "csv"])
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "html"])
+def test_report_calls_no_model_factory_the_run_folder_names(fmt, study, folder, tmp_path, capsys):
+    """A folder (its study, or its config.json when it has no study) naming sys:exit as its model: report reads the
+    files and shows the front in every format, exit 0, without calling it (a call would end the command)."""
+    copy = run_copy(folder, tmp_path, "sys:exit", study=study)
+    before = snapshot(Path(copy))
+    code, printed = cli(["report", copy, "--format", fmt, "--to", str(tmp_path / f"report.{fmt}")], capsys)
+    assert code == 0 and f"wrote {tmp_path / f'report.{fmt}'} ({fmt}" in printed, printed
+    assert "calling" not in printed and snapshot(Path(copy)) == before
+    text = (tmp_path / f"report.{fmt}").read_text()
+    assert {"table": "Pareto front", "csv": "latency_ms", "json": '"pareto"', "html": "Not available"}[fmt] in text
 
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    (copy / "config.json").write_text("{not json")
-    before = snapshot(copy)
-    code, printed = cli(["report", str(copy)], capsys)
-    assert code == 2 and "config.json' is corrupt" in printed and "Traceback" not in printed
-    assert snapshot(copy) == before
+
+def test_report_on_a_folder_whose_model_aborts_the_process_shows_the_front(folder, tmp_path):
+    """os:abort cannot be caught: a report that called it would die with SIGABRT (exit 134)."""
+    copy = run_copy(folder, tmp_path, "os:abort")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{TESTS}:{TESTS.parent}"}
+    proc = subprocess.run([sys.executable, "-m", "autocompress.cli", "report", copy], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and "Pareto front" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("verb", ["export", "worker"])
+def test_export_and_worker_name_the_factory_a_run_records_before_calling_it(verb, folder, tmp_path, capsys):
+    copy = run_copy(folder, tmp_path, "sys:exit")
+    argv = {"export": ["export", copy, "--trial", "0", "--to", str(tmp_path / "m.pt")],
+            "worker": ["worker", "--storage", f"sqlite:///{copy}/study.db", "--trials", "1"]}[verb]
+    code, printed = cli(argv, capsys)
+    where = {"export": f"run folder {copy!r}", "worker": "study 'autocompress'"}[verb]
+    lines = [line for line in printed.splitlines() if "sys:exit" in line]
+    assert code == 2 and lines == [f"model: calling 'sys:exit', as {where} records it",
+                                   "error: model factory 'sys:exit' failed when called with no arguments (SystemExit); "
+                                   "a model factory takes no arguments and must return a torch.nn.Module"], printed
+
+
+def test_a_worker_refuses_a_negative_trial_count_before_it_says_it_joins(folder, capsys):
+    code, printed = cli(["worker", "--storage", f"sqlite:///{folder}/study.db", "--trials", "-1"], capsys)
+    assert code == 2 and printed.strip() == "error: --trials -1 is not allowed; it must be 0 or more"
+
+
+def test_a_run_killed_during_a_trial_reports_and_exports_from_its_study(tmp_path, capsys):
+    """kill -9 while a trial is evaluated: only study.db and the judged weights beside it exist (no trials.csv,
+    no config.json). Before any resume, `report DIR` shows the completed trials and `export DIR --trial N` writes
+    a model whose file scores what the study reported, and neither changes a file in the folder."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}:{TESTS.parent}"}
+    run = subprocess.Popen([sys.executable, "-m", "autocompress.cli", "run", *TINY, "--data",
+                            "worker_problem:slow_digits", "--budget", "size=200%", "--trials", "6", "--finetune-steps",
+                            "0", "--final-epochs", "0", "--no-progress", "--out", str(out)],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, states = time.time() + 600, []
+    while time.time() < deadline and run.poll() is None:
+        time.sleep(0.5)
+        states = _states(out / "study.db")
+        if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+            break
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert states.count("COMPLETE") >= 2 and "RUNNING" in states, states
+    assert not (out / "trials.csv").exists() and not (out / "config.json").exists()
+    before = snapshot(out)
+    code, printed = cli(["report", str(out)], capsys)
+    study = optuna.load_study(study_name="autocompress", storage=f"sqlite:///{out}/study.db")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert code == 0 and f"trials: {len(done)} finished" in printed and "Pareto front" in printed, printed
+    last = done[-1]
+    code, printed = cli(["export", str(out), "--trial", str(last.number), "--to", str(tmp_path / "m.pt")], capsys)
+    reported = last.user_attrs["accuracy"]
+    assert code == 0, printed
+    assert f"accuracy of the file on the validation data: {reported:.4f} (reported {reported:.4f})" in printed
+    assert "model: calling 'worker_problem:tiny_model', as run folder" in printed
+    assert snapshot(out) == before
+
+
+def _states(db: Path) -> list[str]:
+    """The trial states of the study in `db`, once two trials' judged weights are beside it (so the run has long
+    made the study: opening it sooner could create the file, or race the run making its tables)."""
+    if len(list(db.parent.glob("study.db.weights/autocompress/trial_*.pt"))) < 2:
+        return []
+    return [t.state.name for t in optuna.load_study(study_name="autocompress", storage=f"sqlite:///{db}").trials]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -220,7 +220,7 @@ def data_fingerprint(loader) -> str:
 
 
 def supernet_key(teacher: nn.Module, train_loader, input_shape, classes: int, cfg: dict) -> str:
-    from ..api import model_fingerprint
+    from ..models import model_fingerprint
 
     payload = {"version": VERSION, "teacher": model_fingerprint(teacher), "data": data_fingerprint(train_loader),
                "input_shape": list(input_shape), "classes": classes,
