@@ -46,11 +46,10 @@ def _run(args) -> int:
 
 
 def _default_objectives(budgets, loaders) -> list[str] | None:
-    """Accuracy (with data) and every budgeted cost: a user who limits latency and size trades off both."""
+    """With data: accuracy and every budgeted cost (a user who limits latency and size trades off both);
+    otherwise None, the API's default."""
     costs = list(budgets.cost_metrics())
-    if not costs:
-        return None  # the API's default
-    return ["accuracy", *costs] if loaders is not None else costs
+    return ["accuracy", *costs] if loaders is not None and costs else None
 
 
 def _worker(args) -> int:
@@ -201,9 +200,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="digits, fake, imagefolder:PATH or package.module:function")
     run.add_argument("--budget", action="append", help="KEY=VALUE, repeatable: latency_ms=2, size_kb=300, latency=50%%, "
                                                        "accuracy_drop=1 (points below the original), accuracy=0.98")
-    run.add_argument("--objectives", help="comma-separated metrics, e.g. accuracy,latency_ms (default: accuracy and "
-                                          "every budgeted cost, e.g. accuracy,latency_ms,size_kb for the default "
-                                          "budgets)")
+    run.add_argument("--objectives", help="comma-separated metrics, e.g. accuracy,latency_ms (default with data: "
+                                          "accuracy and every budgeted cost, accuracy,latency_ms,size_kb for the "
+                                          "default budgets)")
     run.add_argument("--space", default="default", help="a built-in search space name or a YAML path")
     run.add_argument("--trials", type=int, default=60)
     run.add_argument("--seed", type=int, default=0)
