@@ -16,7 +16,7 @@ from .compress import apply as _apply
 from .cost.model import Estimate, estimate as _estimate
 from .cost.profiles import HardwareProfile, load_profile
 from .data import load_recorded_data
-from .deliver import deliver_front, dominated_by_delivered
+from .deliver import deliver_front, dominated_by_delivered, timed
 from .errors import AutocompressError
 from .evaluate import Evaluator, accuracy, make_evaluator
 from .graph import LayerGraph, analyze as _analyze
@@ -48,7 +48,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
              objectives=None, space="default", trials: int = 100, seed: int = 0, sampler: str = "tpe",
              storage=None, study_name: str = "autocompress", evaluator: Callable | None = None,
              progress: bool = True, model_spec: dict | None = None, finetune_steps: int = 0,
-             repair: bool = True, final_epochs: int = 3, weights=None, timeout: float | None = None) -> Result:
+             repair: bool = True, final_epochs: int = 3, weights=None, timeout: float | None = None,
+             measure: bool = False) -> Result:
     """Search compressed versions of `model` within `budgets` and return every trial and the Pareto front.
 
     data: (train_loader, val_loader) or (train_loader, val_loader, test_loader): training batches for BN
@@ -68,6 +69,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
     repair: a sampled policy over budget is scaled toward the budget before it is evaluated (see repair.py).
     final_epochs: passes over the training data with which every front model is fine-tuned after the search
         (delivery; 0: none, the front is only re-measured on the test data); needs training data.
+    measure: time every delivered front model (and the original) on this machine: `measured_latency_ms` beside
+        the cost model's `latency_ms`, at the profile's thread count (delivery needs the built-in evaluator).
     timeout: seconds after which no new trial starts (the study then holds fewer than `trials`); delivery follows.
     weights: the folder for the judged weights of trials (what `Result.model(n)` loads); default beside the
         study's file, in memory for an in-memory study. Give shared-database studies a folder all workers reach.
@@ -82,6 +85,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
                            trials_hint=trials, weights=weights)
     search.ask_trials(study, "run", trials)
     study.set_user_attr("final_epochs", final_epochs)  # what a worker that ends the study delivers with
+    if measure:
+        _measure_baseline(study, problem)
     return _search(study, problem, progress, final_epochs, timeout)
 
 
@@ -192,6 +197,14 @@ def _search(study, problem: search.Problem, progress: bool, final_epochs: int, t
         print(f"interrupted: {finished} finished trials are kept in the study (the running one is "
               f"queued again); run again to resume")
     return result
+
+
+def _measure_baseline(study, problem: search.Problem) -> None:
+    """Turn timing on for the study's deliveries and time the original model once."""
+    study.set_user_attr("measure", True)
+    baseline = study.user_attrs["baseline"]
+    if "measured_latency_ms" not in baseline:
+        study.set_user_attr("baseline", {**baseline, "measured_latency_ms": timed(problem.model, problem)})
 
 
 def _baseline_accuracy(judge, model: nn.Module) -> dict:

@@ -35,7 +35,7 @@ def _run(args) -> int:
                           sampler=args.sampler, storage=storage, study_name=args.study,
                           progress=not args.no_progress, model_spec=spec, repair=not args.no_repair,
                           finetune_steps=args.finetune_steps, final_epochs=args.final_epochs,
-                          weights=args.weights)
+                          weights=args.weights, measure=args.measure)
     if args.trials == 0:  # the study alone, for workers to fill
         _print_joining(storage, args.study, result)
         return 0
@@ -222,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
                           "(0: none); the front then reports the delivered models")
     run.add_argument("--weights", help="folder for the judged weights of trials (default: beside the study file); "
                                        "with a database storage, a folder every worker can reach")
+    run.add_argument("--measure", action="store_true", help="time every delivered front model (and the original) on "
+                                                            "this machine: measured_latency_ms beside latency_ms")
     run.add_argument("--no-repair", action="store_true", help="evaluate sampled policies as sampled: do not scale "
                                                               "those over budget toward the budget first")
     run.add_argument("--out", help="output folder (default runs/<timestamp>); the same folder resumes")

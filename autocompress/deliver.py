@@ -5,6 +5,8 @@ delivered model, the one `Result.model(n)` returns.
 Fine-tuning changes accuracies, so the front can change: delivery repeats on the new front until every model on
 it is delivered. With an accuracy budget, a candidate not yet delivered counts as possibly meeting it when its
 search accuracy is within `slack` of the floor (fine-tuning usually lifts it); a delivered one must meet it.
+With the study's `measure` attribute (`--measure`), each delivered model is also timed on this machine
+(`measured_latency_ms`, at the profile's thread count, beside the cost model's `latency_ms`).
 Each model is delivered once per study (a `delivered:N` study attribute, so every worker and report sees it) and
 fails alone: its error is recorded and the others go on.
 """
@@ -18,6 +20,7 @@ import optuna
 
 from .budgets import METRICS, violations
 from .compress import apply
+from .cost.measure import DEFAULT_THREADS, measure_latency_ms
 from .cost.model import estimate
 from .evaluate import Evaluator
 from .result import DELIVERED, pareto_front, trials_frame
@@ -68,6 +71,8 @@ def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) 
         model.load_state_dict(state)
         outcome = problem.evaluator.deliver(model, epochs)
         metrics = {**estimate(model, problem.example_input, problem.profile).as_dict(), **outcome}
+        if study.user_attrs.get("measure"):
+            metrics["measured_latency_ms"] = timed(model, problem)
         metrics["constraints"] = constraints(metrics, problem)
         metrics["feasible"] = all(v <= 0 for v in metrics["constraints"])
         problem.store.put(number, model, final=True)  # before the record: a reader never finds one without it
@@ -76,6 +81,11 @@ def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) 
     except Exception as exc:  # this model keeps its search numbers; the others are delivered
         return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
     return {**metrics, "search_accuracy": trial.user_attrs.get("accuracy"), "final_epochs": epochs}
+
+
+def timed(model, problem: Problem) -> float:
+    """`model`'s latency measured here, at the thread count the profile's latencies are for."""
+    return measure_latency_ms(model, problem.example_input, threads=problem.profile.threads or DEFAULT_THREADS)
 
 
 def dominated_by_delivered(study: optuna.Study, objectives) -> list[int]:

@@ -23,7 +23,7 @@ from .budgets import METRICS
 from .errors import AutocompressError, one_of
 from .result import Result, pareto_mask
 
-SHOWN = ["accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params"]
+SHOWN = ["accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params"]
 FORMATS = ("table", "csv", "json", "html")
 PACKAGES = ("autocompress", "torch", "torchvision", "optuna", "torch-pruning", "fvcore", "numpy", "pandas")
 FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group",

@@ -19,12 +19,12 @@ from .models import load_recorded, load_state
 from .space import Policy
 from .storage import read_study
 
-COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
+COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
            "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair",
            "duplicate_of"]
 DELIVERED = "delivered:"  # study user attribute per delivered trial: its final numbers (see deliver.py)
 # a delivered model's numbers replace its search ones; the search's accuracy stays as search_accuracy
-DELIVERY_KEYS = ("accuracy", "test_accuracy", "latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible",
+DELIVERY_KEYS = ("accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible",
                  "search_accuracy", "final_steps")
 
 
@@ -48,7 +48,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["feasible"] = bool(row["feasible"]) and t.state == TrialState.COMPLETE
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["number"] + COLUMNS).set_index("number")
-    for c in ("accuracy", "test_accuracy", "search_accuracy", "latency_ms", "energy_mj", "size_kb", "duration_s",
+    for c in ("accuracy", "test_accuracy", "search_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "duration_s",
               "repair"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
     for c in ("steps", "final_steps"):

@@ -92,3 +92,17 @@ def test_bad_accuracy_budgets_name_the_value_and_what_is_allowed(item, message):
     with pytest.raises(ac.AutocompressError, match=message):
         ac.Budgets.parse([item])
     assert ac.Budgets.parse(["accuracy_drop=1", "accuracy=0.9"]).accuracy_floor(0.995) == pytest.approx(0.985)
+
+
+def test_measure_times_every_delivered_front_model_and_the_original(digits_model, digits_input, tiny_data):
+    from autocompress.report import format_table
+
+    result = ac.compress(digits_model, digits_input, data=tiny_data, trials=3, finetune_steps=0, final_epochs=0,
+                         budgets={"size": 0.5}, progress=False, measure=True)
+    front = result.pareto
+    assert len(front) and front["delivered"].all() and (front["measured_latency_ms"] > 0).all()
+    assert result.baseline["measured_latency_ms"] > 0
+    assert "measured_latency_ms" in format_table(result)
+    plain = ac.compress(digits_model, digits_input, data=tiny_data, trials=2, finetune_steps=0, final_epochs=0,
+                        progress=False)
+    assert plain.pareto["measured_latency_ms"].isna().all() and "measured_latency_ms" not in format_table(plain)
