@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from ..compress.base import get_meta
-from ..graph import analyze
-from .flow import INPUT, Flow, dataflow
+from .flow import INPUT, Flow
 from .fusion import fusion_groups
 from .memory import peak_activation_bytes
 from .profiles import DTYPE_BITS, HardwareProfile, load_profile
+from .trace import trace
 
 GEMM_KINDS = ("conv", "linear", "matmul")
 WEIGHT_KINDS = ("conv", "dwconv", "linear")
@@ -287,8 +287,7 @@ def _mac_energy_pj(table: dict, bits: int) -> float:
 def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host") -> Estimate:
     """Price `model` on `hardware` (a profile name, a YAML path or a HardwareProfile)."""
     profile = load_profile(hardware)
-    graph = analyze(model, example_input, groups=False)
-    flow = dataflow(model, graph)
+    graph, flow = trace(model, example_input)
     table = op_table(graph, flow, profile)
     layers = price(table, profile)
     out_bytes = table["width"].to_numpy() * np.array([l.out_numel for l in graph.layers], dtype=float)
