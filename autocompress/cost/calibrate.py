@@ -368,11 +368,12 @@ def write_profile(profile: HardwareProfile, path: Path) -> Path:
 
 
 def calibrate_host(path: Path, quick: bool = False, threads: int | None = None, force: bool = False,
-                   device: str = "cpu") -> tuple[HardwareProfile, str]:
+                   device: str = "cpu", clock: str | None = None) -> tuple[HardwareProfile, str]:
     """Calibrate this machine and save it where `--hardware host` looks; (profile, why it was not saved or '').
 
     On a busy machine the previous profile at `path` is kept unless `force` (or there is none)."""
-    profile = calibrate("host-cuda" if device == "cuda" else "host", quick=quick, threads=threads, device=device)
+    profile = calibrate("host-cuda" if device == "cuda" else "host", quick=quick, threads=threads, device=device,
+                        clock=clock)
     reason = busy_reason(profile)
     if reason and Path(path).exists() and not force:
         return profile, reason
