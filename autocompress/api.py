@@ -32,9 +32,10 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> LayerGraph:
     return _analyze(model, example_input)
 
 
-def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host") -> Estimate:
-    """Latency, energy, size, MACs and parameters of `model` on `hardware`, with a per-layer table."""
-    return _estimate(model, example_input, hardware)
+def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None) -> Estimate:
+    """Latency, energy, size, MACs and parameters of `model` on `hardware` run with `threads` torch threads
+    (None: `host` at torch's count, a calibrated profile at its own), with a per-layer table."""
+    return _estimate(model, example_input, hardware, threads)
 
 
 def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:

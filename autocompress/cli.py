@@ -15,6 +15,7 @@ DEFAULT_BUDGETS = ["latency=60%", "size=30%"]
 def _run(args) -> int:
     from . import api, data as data_mod, models, report
     from .budgets import Budgets
+    from .cost.profiles import load_profile
 
     _check_counts(args, "trials", "finetune_steps", "final_epochs")
     start = time.perf_counter()
@@ -30,7 +31,8 @@ def _run(args) -> int:
     spec = {"model_spec": args.model, "checkpoint": args.checkpoint, "data": data_spec}
     print(f"model {args.model}, data {data_spec or 'none (cost-only)'}, hardware {args.hardware}, "
           f"space {args.space}, {args.trials} trials -> {out}", file=sys.stderr)
-    result = api.compress(model, example, data=loaders, hardware=args.hardware, budgets=budgets,
+    hardware = load_profile(args.hardware, threads=args.threads) if args.threads else args.hardware
+    result = api.compress(model, example, data=loaders, hardware=hardware, budgets=budgets,
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
                           progress=not args.no_progress, model_spec=spec, repair=not args.no_repair,
@@ -141,13 +143,14 @@ def _estimate(args) -> None:
     from . import api, models
 
     model = models.load_model(args.model, args.checkpoint)
-    est = api.estimate(model, _example_input(args, model), args.hardware)
+    est = api.estimate(model, _example_input(args, model), args.hardware, threads=args.threads)
     table = est.layers.drop(columns=["out_shape", "type"])
     table["bits"] = [f"{w}/{a}" for w, a in zip(table.pop("weight_bits"), table.pop("act_bits"))]
     with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 40):
         print(table[["kind", "macs", "params", "bits", "dtype", "bytes", "bound", "latency_ms", "energy_mj",
                      "fused_into"]].to_string(float_format=lambda v: f"{v:.4g}"))
-    print(f"\ntotal on {est.hardware}: latency {est.latency_ms:.4g} ms, energy {est.energy_mj:.4g} mJ, "
+    where = f"{est.hardware} at {est.threads} threads" if est.threads else est.hardware
+    print(f"\ntotal on {where}: latency {est.latency_ms:.4g} ms, energy {est.energy_mj:.4g} mJ, "
           f"size {est.size_kb:.4g} KB, peak activation memory {est.peak_mem_kb:.4g} KB, {est.macs:,} MACs, "
           f"{est.params:,} parameters ({int((est.layers['latency_ms'] > 0).sum())} kernels, "
           f"{int((est.layers['bound'] == 'compute').sum())} compute-bound)")
@@ -167,22 +170,30 @@ def _hardware(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from .cost.calibrate import calibrate, write_profile
-    from .cost.profiles import host_profile_path
+    from .cost.calibrate import calibrate, calibrate_host, quality_line, write_profile
+    from .cost.profiles import default_threads, host_profile_path
 
-    if args.threads < 1:
+    threads = default_threads() if args.threads is None else args.threads
+    if threads < 1:
         raise AutocompressError(f"--threads {args.threads} is not allowed; it must be 1 or more")
     device = "cuda" if args.hardware == "host-cuda" else args.device
     cached = args.hardware in ("host", "host-cuda")
     if not cached and not args.to:
         raise AutocompressError(f"calibrating {args.hardware!r}: only host and host-cuda are saved by name; "
                                 "pass --to FILE")
-    name = ("host-cuda" if device == "cuda" else "host") if cached else args.hardware
-    profile = calibrate(name, quick=args.quick, device=device, threads=args.threads, clock=args.clock)
-    path = write_profile(profile, Path(args.to) if args.to else host_profile_path(device))
-    fit = profile.calibration
-    print(f"wrote {path}: median error {fit['fit_median_error']:.1%}, {fit['fit_within_20pct']:.0%} of "
-          f"{fit['networks']} calibration networks within 20 % ({fit['seconds']:.0f} s on {device})")
+    if cached and not args.to:
+        path = host_profile_path(device, threads)
+        profile, kept = calibrate_host(path, quick=args.quick, threads=threads, force=args.force, device=device,
+                                       clock=args.clock)
+    else:
+        path, kept = Path(args.to), ""
+        profile = calibrate(args.hardware, quick=args.quick, device=device, threads=threads, clock=args.clock)
+        write_profile(profile, path)
+    if kept:
+        print(f"the machine is busy ({kept}): kept the previous profile {path}; calibrate again when it is idle, "
+              "or pass --force to overwrite it")
+    else:
+        print(f"wrote {path}: {quality_line(profile)}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,8 +206,14 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
         sp.add_argument("--hardware", default="host", help="profile name (see `hardware list`) or a YAML path")
 
+    def threads_arg(sp):
+        sp.add_argument("--threads", type=int, help="torch threads the model will run with (default: torch's count "
+                                                    "for host, a calibrated profile's own; another count than a "
+                                                    "calibrated profile's is refused)")
+
     run = sub.add_parser("run", help="search compressed models within budgets")
     model_args(run)
+    threads_arg(run)
     run.add_argument("--data", help="digits, fake, imagefolder:PATH or package.module:function")
     run.add_argument("--budget", action="append", help="KEY=VALUE, repeatable: latency_ms=2, size_kb=300, latency=50%%, "
                                                        "accuracy_drop=1 (points below the original), accuracy=0.98")
@@ -271,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate", help="per-layer cost of a model on a device (latency, energy, size, memory)")
     model_args(est)
+    threads_arg(est)
     est.set_defaults(func=_estimate)
 
     hw = sub.add_parser("hardware", help="list hardware profiles, or show one with the sources of its numbers")
@@ -283,7 +301,9 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="time on the CPU or the CUDA GPU")
     cal.add_argument("--to", help="profile YAML to write (default: the cached host profile)")
     cal.add_argument("--quick", action="store_true", help="fewer networks and repeats (what first use runs)")
-    cal.add_argument("--threads", type=int, default=1, help="torch threads to time with (CPU)")
+    cal.add_argument("--threads", type=int, help="torch threads to time with (CPU; default: torch's count, the one "
+                                                 "a model runs with when nobody sets it)")
+    cal.add_argument("--force", action="store_true", help="overwrite the host profile even when the machine is busy")
     cal.add_argument("--clock", choices=["wall", "cpu"], help="elapsed time, or the timing thread's CPU time "
                                                              "(default: cpu with one thread on the CPU, else wall)")
     cal.set_defaults(func=_calibrate)

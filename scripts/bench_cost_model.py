@@ -1,18 +1,21 @@
-"""How well the cost model predicts measured host latency, against a MACs-proportional baseline.
+"""How well the cost model predicts measured host latency, at 1 and 2 torch threads, against a MACs baseline.
 
 Random compressed candidates of torchvision models (pruned widths through `ac.apply` with the default
-search space's knobs, weight bit-widths, dropped blocks when the depth technique exists) are priced
-by the cost model with the host profile and timed on this machine (median of repeated timings, one
-torch thread, the profile's). The host profile is calibrated on random networks (cost/calibrate.py),
-none of which is a torchvision model, so every scored candidate is held out. The baseline predicts
-latency = scale x MACs with the scale fitted on the scored candidates themselves (least squares on
-log latency): the best any MACs-proportional model can do. Prints, per model and overall, Spearman
-rho and the share of candidates within +-10 % and +-20 % of the measured latency.
+search space's knobs, weight bit-widths, dropped blocks when the depth technique exists; the first of
+each model uncompressed) are priced with the host profile of each thread count and timed on this machine
+at that thread count (median over rounds of repeated timings; one thread on the CPU clock, more on the
+wall clock, as the profile was calibrated). The host profiles are calibrated on sampled kernels
+(cost/calibrate.py), no torchvision model among them, so every scored candidate is held out. The baseline
+predicts latency = scale x MACs with the scale fitted on the scored candidates themselves (least squares on
+log latency): the best any MACs-proportional model can do. Prints, per model, per thread count and pooled:
+Spearman rho, the share within +-10 % and +-20 % of the measured latency, and the share of compressed
+candidates whose predicted speedup over their uncompressed model is within +-10 % of the measured one;
+with the load average before and after timing.
 
-    .venv/bin/python scripts/bench_cost_model.py                      # the cached host profile
-    .venv/bin/python scripts/bench_cost_model.py --calibrate          # refit the host profile first
+    .venv/bin/python scripts/bench_cost_model.py                      # the cached host profiles
+    .venv/bin/python scripts/bench_cost_model.py --calibrate          # refit them first (full calibration)
     .venv/bin/python scripts/bench_cost_model.py --save m.csv         # keep the timings ...
-    .venv/bin/python scripts/bench_cost_model.py --measured m.csv     # ... and re-score a profile without re-timing
+    .venv/bin/python scripts/bench_cost_model.py --measured m.csv     # ... and re-score profiles without re-timing
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from autocompress.space import value_at  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1",
           "mnasnet0_5", "regnet_x_400mf", "efficientnet_b0", "googlenet")
-RESOLUTIONS = (64, 96)
+RESOLUTIONS = (128,)
 
 
 def space() -> ac.SearchSpace:
@@ -89,13 +92,13 @@ def wait_until_quiet(max_load: float, timeout_s: float = 120.0) -> bool:
     return True
 
 
-def measure(model, x, threads: int, args) -> float:
+def measure(model, x, threads: int, clock: str, args) -> float:
     """Median over rounds of the median of repeated timings, each round once the load is below --max-load."""
     times = []
     for _ in range(args.rounds):
         if args.max_load and not wait_until_quiet(args.max_load):
             print(f"  (load stayed above {args.max_load}: timing anyway)", file=sys.stderr)
-        times.append(measure_latency_ms(model, x, repeats=args.repeats, threads=threads, clock=args.clock))
+        times.append(measure_latency_ms(model, x, repeats=args.repeats, threads=threads, clock=clock))
     return float(np.median(times))
 
 
@@ -108,61 +111,78 @@ def score(pred: np.ndarray, meas: np.ndarray) -> dict:
             "median_err": float(np.median(err))}
 
 
+def speedups(frame: pd.DataFrame) -> pd.Series:
+    """Per compressed candidate: |predicted speedup over its uncompressed model / measured speedup - 1|."""
+    base = frame[frame["candidate"].str.endswith("/0")].set_index(["model", "threads", "resolution"])
+    rest = frame[~frame["candidate"].str.endswith("/0")]
+    key = list(zip(rest["model"], rest["threads"], rest["resolution"]))
+    ref = base.reindex(key)
+    predicted = ref["predicted_ms"].to_numpy() / rest["predicted_ms"].to_numpy()
+    measured = ref["measured_ms"].to_numpy() / rest["measured_ms"].to_numpy()
+    return pd.Series(np.abs(predicted / measured - 1), index=rest.index).dropna()
+
+
 def table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per model and overall: the cost model's and the MACs baseline's scores."""
-    scale = np.exp(np.mean(np.log(frame["measured_ms"] / frame["macs"])))  # least squares on log latency
-    frame = frame.assign(macs_ms=frame["macs"] * scale)
+    """Per model and thread count, per thread count and pooled: the cost model's and the MACs baseline's scores."""
+    parts = [(f"{m} @{t}", part) for (t, m), part in frame.groupby(["threads", "model"], sort=False)]
+    parts += [(f"all @{t}", part) for t, part in frame.groupby("threads")] + [("pooled", frame)]
     rows = []
-    for model, part in list(frame.groupby("model", sort=False)) + [("all", frame)]:
-        cost, base = score(part["predicted_ms"].to_numpy(), part["measured_ms"].to_numpy()), \
-            score(part["macs_ms"].to_numpy(), part["measured_ms"].to_numpy())
-        rows.append({"model": model, "n": cost["n"], "rho": cost["rho"], "±10%": cost["within_10"],
-                     "±20%": cost["within_20"], "median err": cost["median_err"], "MACs rho": base["rho"],
-                     "MACs ±10%": base["within_10"], "MACs ±20%": base["within_20"], "MACs median err": base["median_err"]})
+    for label, part in parts:
+        scale = np.exp(np.mean(np.log(part["measured_ms"] / part["macs"])))  # least squares on log latency
+        cost = score(part["predicted_ms"].to_numpy(), part["measured_ms"].to_numpy())
+        base = score(part["macs"].to_numpy() * scale, part["measured_ms"].to_numpy())
+        sp = speedups(part)
+        rows.append({"model": label, "n": cost["n"], "rho": cost["rho"], "±10%": cost["within_10"],
+                     "±20%": cost["within_20"], "median err": cost["median_err"],
+                     "speedup ±10%": float(np.mean(sp <= 0.1)) if len(sp) else np.nan,
+                     "MACs rho": base["rho"], "MACs ±20%": base["within_20"]})
     return pd.DataFrame(rows).set_index("model")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--per-model", type=int, default=8, help="candidates per model (the first is uncompressed)")
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--per-model", type=int, default=6, help="candidates per model (the first is uncompressed)")
+    p.add_argument("--threads", default="1,2", help="torch thread counts to price and time at")
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clock", choices=["wall", "cpu"], help="wall time, or the timing thread's CPU time (default: "
-                   "the clock the profile was calibrated with, see measure_latency_ms)")
     p.add_argument("--max-load", type=float, default=None,
                    help="time only while the 1-minute load average is below this (waits; the bench itself adds ~1)")
-    p.add_argument("--hardware", default="host", help="the profile to score (host: the cached calibration)")
-    p.add_argument("--calibrate", action="store_true", help="refit the host profile (full calibration) first")
+    p.add_argument("--calibrate", action="store_true", help="refit the host profiles (full calibration) first")
     p.add_argument("--save", help="write the candidates' timings and predictions to this CSV")
     p.add_argument("--measured", help="reuse the timings in this CSV (written by --save) instead of timing")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
+    threads = [int(t) for t in args.threads.split(",")]
     if args.calibrate:
-        from autocompress.cost.calibrate import calibrate_host
+        from autocompress.cost.calibrate import calibrate_host, quality_line
         from autocompress.cost.profiles import host_profile_path
 
-        start = time.perf_counter()
-        calibrate_host(host_profile_path())
-        print(f"calibrated the host profile in {time.perf_counter() - start:.0f} s")
-    profile = load_profile(args.hardware)
-    args.clock = args.clock or profile.calibration.get("clock", "wall")
-    known = pd.read_csv(args.measured).set_index("candidate")["measured_ms"] if args.measured else None
-    rows = []
+        for t in threads:
+            profile, _ = calibrate_host(host_profile_path(threads=t), threads=t, force=True)
+            print(f"calibrated host at {t} threads: {quality_line(profile)}")
+    profiles = {t: load_profile("host", threads=t) for t in threads}
+    known = pd.read_csv(args.measured).set_index(["candidate", "threads"])["measured_ms"] if args.measured else None
+    load_before, rows = os.getloadavg(), []
     for name in args.models.split(","):
         for cid, res, model, x in candidates(name, args.per_model, args.seed):
-            est = ac.estimate(model, x, profile)
-            ms = float(known[cid]) if known is not None else measure(model, x, profile.threads or 1, args)
-            rows.append({"candidate": cid, "model": name, "resolution": res, "macs": est.macs,
-                         "params": est.params, "predicted_ms": est.latency_ms, "measured_ms": ms})
-            print(f"  {cid:24s} {res:4d}px {est.macs / 1e6:8.1f} MMACs  predicted {est.latency_ms:7.2f} ms  "
-                  f"measured {ms:7.2f} ms", file=sys.stderr)
+            for t, profile in profiles.items():
+                est = ac.estimate(model, x, profile)
+                clock = profile.calibration.get("clock", "wall")
+                ms = float(known[(cid, t)]) if known is not None else measure(model, x, t, clock, args)
+                rows.append({"candidate": cid, "model": name, "resolution": res, "threads": t, "macs": est.macs,
+                             "params": est.params, "predicted_ms": est.latency_ms, "measured_ms": ms})
+                print(f"  {cid:24s} {res:4d}px @{t} {est.macs / 1e6:8.1f} MMACs  predicted {est.latency_ms:7.2f} ms  "
+                      f"measured {ms:7.2f} ms", file=sys.stderr)
     frame = pd.DataFrame(rows)
     if args.save:
         frame.to_csv(args.save, index=False)
-    print(f"\nprofile: {profile.name} ({profile.description}); {args.clock} clock; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    for t, profile in profiles.items():
+        print(f"profile @{t}: {profile.description}; {profile.calibration.get('clock')} clock; "
+              f"fit {profile.calibration.get('fit_median_error')} median error on held-out kernels")
+    print(f"load average (1, 5, 15 min) before timing {' '.join(f'{v:.2f}' for v in load_before)}, after "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(table(frame).to_string(float_format=lambda v: f"{v:.2f}"))
 
 

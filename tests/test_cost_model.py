@@ -1,7 +1,4 @@
 """The cost model's rules: dtypes, sparsity, fusion, energy, peak memory; and one formula for fit and estimate."""
-import random
-
-import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -139,23 +136,6 @@ def test_peak_memory_is_a_budget(digits_model, digits_input):
     assert violations(est, Budgets({"peak_mem": 1.5}).limits(est)) == [pytest.approx(1 / 1.5 - 1)]
 
 
-def test_calibration_fit_and_estimate_share_one_formula():
-    """A profile fitted to (here made-up) timings predicts, through estimate(), what the fit predicted."""
-    rng = random.Random(3)
-    networks = [(*cal.random_network(rng), t) for t in (0.3, 0.5, 0.8, 1.2, 2.0, 0.4, 0.9, 1.5)]
-    fitted = cal.fit(networks, cache_kb=64, bandwidths=(10.0, 40.0))
-    profile = cal.fitted_profile(fitted, "test")
-    theta = np.log(np.concatenate([[profile.overhead_for(k) for k in cal.KINDS],
-                                   [profile.peak_gmacs["fp32"] * profile.efficiency[k] for k in cal.COMPUTE_KINDS],
-                                   [profile.gemm_half[k] for k in cal.SHAPE_KEYS], [profile.narrow_efficiency]]))
-    form = {k: getattr(profile, k) for k in cal.FORMS}
-    for model, x, _ in networks[:3]:
-        d = cal.design(cal.traced([(model, x, 0)]), profile.channel_multiple, profile.cache_kb,
-                       (profile.bandwidth_gbs, profile.cache_bandwidth_gbs))
-        predicted = cal.predict_ms(theta, d, form)[0]
-        assert ac.estimate(model, x, profile).latency_ms == pytest.approx(predicted, rel=1e-9)
-
-
 def test_cuda_calibration_is_guarded():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -173,7 +153,7 @@ def test_stale_host_calibration_is_refitted(tmp_path, monkeypatch):
     old = {**load_profile("raspberry-pi-4").to_dict(), "name": "host", "calibration": {"model_version": 1}}
     path.write_text(__import__("yaml").safe_dump(old))
     calls = []
-    monkeypatch.setattr(cal, "calibrate_host", lambda p, quick: calls.append(quick) or cal.write_profile(
+    monkeypatch.setattr(cal, "calibrate_host", lambda p, quick, threads: calls.append(quick) or cal.write_profile(
         HardwareProfile.from_dict({**old, "calibration": {"model_version": cal.MODEL_VERSION}}, "x"), p))
     assert load_profile("host").calibration["model_version"] == cal.MODEL_VERSION
     assert calls == [True]

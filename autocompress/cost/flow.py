@@ -49,7 +49,11 @@ def dataflow(model: nn.Module, graph) -> Flow:
 def _fx_flow(model: nn.Module, graph) -> Flow:
     import torch.fx
 
-    gm = torch.fx.symbolic_trace(model)
+    return flow_of(torch.fx.symbolic_trace(model), graph)
+
+
+def flow_of(gm, graph) -> Flow:
+    """The edges between `graph.layers`, read from the fx GraphModule they were traced from."""
     modules = dict(gm.named_modules())
     layers = graph.layers  # parameters used by functional code come last, as layers of kind "param"
     index: dict = {}      # fx node -> producer indices (layers, INPUT): one, or several for an alias of many

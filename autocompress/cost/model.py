@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from ..compress.base import get_meta
-from ..graph import analyze
-from .flow import INPUT, Flow, dataflow
+from .flow import INPUT, Flow
 from .fusion import fusion_groups
 from .memory import peak_activation_bytes
 from .profiles import DTYPE_BITS, HardwareProfile, load_profile
+from .trace import trace
 
 GEMM_KINDS = ("conv", "linear", "matmul")
 WEIGHT_KINDS = ("conv", "dwconv", "linear")
@@ -59,13 +59,14 @@ class Estimate:
     params: int
     hardware: str
     layers: pd.DataFrame
+    threads: int | None = None  # torch threads the latency is for (None: a datasheet profile, no thread count)
 
     def as_dict(self) -> dict:
         return {"latency_ms": self.latency_ms, "energy_mj": self.energy_mj, "size_kb": self.size_kb,
                 "peak_mem_kb": self.peak_mem_kb, "macs": self.macs, "params": self.params}
 
     def __repr__(self) -> str:
-        return (f"Estimate(hardware={self.hardware!r}, latency_ms={self.latency_ms:.4g}, energy_mj={self.energy_mj:.4g}, "
+        return (f"Estimate(hardware={self.hardware!r}, threads={self.threads}, latency_ms={self.latency_ms:.4g}, energy_mj={self.energy_mj:.4g}, "
                 f"size_kb={self.size_kb:.4g}, peak_mem_kb={self.peak_mem_kb:.4g}, macs={self.macs:,}, "
                 f"params={self.params:,})")
 
@@ -237,9 +238,20 @@ def _output_widths(layers, flow: Flow, rows) -> list[float]:
     return width
 
 
-def price(table: pd.DataFrame, profile: HardwareProfile) -> pd.DataFrame:
+def kernel_seconds(graph, table: pd.DataFrame, profile: HardwareProfile) -> np.ndarray:
+    """Per row of `op_table`, the kernel regressor's seconds for the kernel it anchors (0 for other members)."""
+    from . import kernels
+
+    index, rows = kernels.features(graph.layers, list(table["anchor"]))
+    seconds = np.zeros(len(table))
+    seconds[index] = kernels.predict_s(rows, profile)
+    return seconds
+
+
+def price(table: pd.DataFrame, profile: HardwareProfile, kernel_s: np.ndarray | None = None) -> pd.DataFrame:
     """Latency and energy of every op of `op_table`. A fused group is priced on its anchor's row (the anchor's
-    work, the group's traffic and weights, one overhead); its other members cost nothing of their own."""
+    work, the group's traffic and weights, one overhead); its other members cost nothing of their own. With
+    `kernel_s` (a profile with timed kernels) latency is the kernel regressor's, not the roofline's."""
     anchor = table["anchor"].to_numpy()
     is_anchor = anchor == np.arange(len(table))
 
@@ -262,7 +274,8 @@ def price(table: pd.DataFrame, profile: HardwareProfile) -> pd.DataFrame:
         profile.overlap)
     traffic = act_bytes + w_bytes
     real = (kinds != "param") & is_anchor
-    latency_s = np.where(real, bound_s + np.array([profile.overhead_for(k) for k in kinds]) * 1e-6, 0.0)
+    roofline = bound_s + np.array([profile.overhead_for(k) for k in kinds]) * 1e-6
+    latency_s = np.where(real, roofline if kernel_s is None else kernel_s, 0.0)
     e = profile.energy
     mac_pj = np.array([_mac_energy_pj(e["mac_pj"], b) for b in table["mac_bits"]])
     energy_j = (group_sum("exec_macs") * mac_pj + group_sum("w_stored") * e["dram_pj_per_byte"]
@@ -284,13 +297,14 @@ def _mac_energy_pj(table: dict, bits: int) -> float:
     return table[min(wider)] if wider else table[max(table)]
 
 
-def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host") -> Estimate:
-    """Price `model` on `hardware` (a profile name, a YAML path or a HardwareProfile)."""
-    profile = load_profile(hardware)
-    graph = analyze(model, example_input, groups=False)
-    flow = dataflow(model, graph)
+def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None) -> Estimate:
+    """Price `model` on `hardware` (a profile name, a YAML path or a HardwareProfile) run with `threads` torch
+    threads (None: `host` at torch's count, a fitted profile at its own; another count than a fitted profile's
+    is refused)."""
+    profile = load_profile(hardware, threads)
+    graph, flow = trace(model, example_input)
     table = op_table(graph, flow, profile)
-    layers = price(table, profile)
+    layers = price(table, profile, kernel_seconds(graph, table, profile) if profile.kernels else None)
     out_bytes = table["width"].to_numpy() * np.array([l.out_numel for l in graph.layers], dtype=float)
     peak, _ = peak_activation_bytes(graph, flow, list(out_bytes), table.attrs["input_bytes"])
     return Estimate(
@@ -302,4 +316,5 @@ def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host") -> 
         params=sum(p.numel() for p in model.parameters()),
         hardware=profile.name,
         layers=layers,
+        threads=profile.threads,
     )

@@ -24,7 +24,8 @@ FUSION_MEMBERS = ("bn", "relu", "act", "add")
 SHAPE_KEYS = ("m", "n", "k")
 REQUIRED = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
 OPTIONAL = ("description", "cache_kb", "cache_bandwidth_gbs", "sparse", "fuses", "overlap", "im2col",
-            "channel_multiple", "gemm_half", "narrow_n", "narrow_efficiency", "threads", "device", "calibration")
+            "channel_multiple", "gemm_half", "narrow_n", "narrow_efficiency", "threads", "device", "calibration",
+            "kernels")
 
 
 @dataclass
@@ -52,8 +53,11 @@ class HardwareProfile:
     narrow_n:         a convolution with fewer output positions than this runs a slower code path (CPU kernels
                       vectorize over output pixels; a late stage's 2x2 or 3x3 map cannot fill a vector). 0: none
     narrow_efficiency: the fraction of its efficiency such a narrow convolution keeps
-    threads:          torch threads a calibration used (measurements use the same)
+    threads:          torch threads a calibration was timed with; a fitted profile prices only that count
     device:           torch device a calibration ran on (cpu, cuda)
+    calibration:      how the profile was fitted: when, how long, the load, how repeatable, the fit's quality
+    kernels:          timed kernels (cost/kernels.py, base64 text): where present, latency is the kernel
+                      regressor's, fitted on them, and peak_gmacs, bandwidth_gbs and overhead_us are its measured prior
     """
 
     name: str
@@ -76,6 +80,7 @@ class HardwareProfile:
     threads: int | None = None
     device: str = "cpu"
     calibration: dict = field(default_factory=dict)
+    kernels: str = ""
 
     def dtype_for(self, bits: int) -> str:
         """The narrowest supported dtype holding `bits` bits, else the widest supported one (an accelerator
@@ -102,7 +107,17 @@ class HardwareProfile:
             out["threads"] = self.threads
         if self.calibration:
             out["calibration"] = self.calibration
+        if self.kernels:
+            out["kernels"] = self.kernels
         return out
+
+    def check_threads(self, threads: int | None) -> None:
+        """Refuse to price a thread count a fitted profile was not timed with (its kernels ran on `threads`)."""
+        if threads is None or not self.threads or threads == self.threads:
+            return
+        raise AutocompressError(f"hardware profile {self.name!r} was calibrated with {self.threads} torch threads, "
+                                f"not {threads}; estimate with threads={self.threads} or calibrate it with "
+                                f"`autocompress calibrate --threads {threads}`")
 
     @classmethod
     def from_dict(cls, data, where: str) -> "HardwareProfile":
@@ -152,12 +167,15 @@ class HardwareProfile:
         device = data.get("device", "cpu")
         if device not in ("cpu", "cuda"):
             raise AutocompressError(f"hardware profile {where} device = {device!r}; allowed: cpu, cuda")
+        kernels = data.get("kernels", "")
+        if not isinstance(kernels, str):
+            raise AutocompressError(f"hardware profile {where} kernels must be the base64 text `calibrate` writes")
         return cls(str(data["name"]), dict(data["peak_gmacs"]), dict(data["efficiency"]), float(data["bandwidth_gbs"]),
                    overhead, _energy(data["energy"], where), _flag(data, "sparse", where),
                    str(data.get("description", "")), float(cache_kb), float(cache_bw),
                    _fusions(data.get("fuses") or [], where), float(overlap), _flag(data, "im2col", where), multiple,
                    {k: float(v) for k, v in gemm_half.items()}, narrow_n, float(narrow_efficiency), threads, device,
-                   dict(data.get("calibration") or {}))
+                   dict(data.get("calibration") or {}), kernels)
 
 
 def _energy(energy, where: str) -> dict:
@@ -220,21 +238,41 @@ def builtin_profiles() -> list[str]:
     return sorted(["host"] + [p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")])
 
 
-def host_profile_path(device: str = "cpu") -> Path:
-    """Where the calibration of this machine (its CPU, or its GPU with device='cuda') is saved."""
+def default_threads() -> int:
+    """The torch threads a model runs with when nobody sets a count: what `host` is priced for by default."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def host_profile_path(device: str = "cpu", threads: int | None = None) -> Path:
+    """Where the calibration of this machine (its CPU at `threads` torch threads, default: torch's count; or its
+    GPU with device='cuda') is saved."""
     from ..models import cache_dir
 
-    suffix = "-cuda" if device == "cuda" else ""
+    suffix = "-cuda" if device == "cuda" else f"-t{threads or default_threads()}"
     return cache_dir() / "profiles" / f"host-{platform.node() or 'local'}{suffix}.yaml"
 
 
-def load_profile(spec: "str | Path | HardwareProfile") -> HardwareProfile:
-    """A profile by name (`host`, `host-cuda`, a built-in) or a path to a YAML file."""
+def load_profile(spec: "str | Path | HardwareProfile", threads: int | None = None) -> HardwareProfile:
+    """A profile by name (`host`, `host-cuda`, a built-in) or a path to a YAML file, for `threads` torch threads
+    (None: `host` at torch's count, any other profile at its own). `host` at a thread count is this machine's
+    calibration at that count (made on first use); a fitted profile refuses another count."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise AutocompressError(f"threads = {threads!r} is not allowed; it must be an integer >= 1")
     if isinstance(spec, HardwareProfile):
+        spec.check_threads(threads)
         return spec
     spec = str(spec)
     if spec in ("host", "host-cuda"):
-        return _cached_host("cuda" if spec == "host-cuda" else "cpu")
+        return _cached_host("cuda" if spec == "host-cuda" else "cpu", threads)
+    profile = _named(spec)
+    profile.check_threads(threads)
+    return profile
+
+
+def _named(spec: str) -> HardwareProfile:
+    """A built-in profile by name, or a profile file by path."""
     if spec not in builtin_profiles() and Path(spec).is_dir():
         raise AutocompressError(f"hardware {spec!r} is a folder; pass a profile YAML file or a name: "
                                 f"{', '.join(builtin_profiles())}")
@@ -252,17 +290,19 @@ def profile_text(spec: str) -> str:
     """The YAML text of a profile, comments (the sources of its numbers) included."""
     profile = load_profile(spec)  # validates, and calibrates `host` on first use
     if spec in ("host", "host-cuda"):
-        return host_profile_path(profile.device).read_text()
+        return host_profile_path(profile.device, profile.threads).read_text()
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         return Path(spec).read_text()
     return (resources.files("autocompress.cost") / "profiles" / f"{spec}.yaml").read_text()
 
 
-def _cached_host(device: str) -> HardwareProfile:
-    """This machine's saved calibration; on the CPU made now (quick) when missing or fitted to an older model."""
+def _cached_host(device: str, threads: int | None) -> HardwareProfile:
+    """This machine's saved calibration at `threads`; on the CPU made now (quick) when missing or fitted to an
+    older model."""
     from .calibrate import MODEL_VERSION, calibrate_host
 
-    path = host_profile_path(device)
+    threads = threads or default_threads()
+    path = host_profile_path(device, threads)
     try:
         profile = _load_file(path) if path.exists() else None
     except AutocompressError:  # written by an older version: calibrate again
@@ -272,7 +312,7 @@ def _cached_host(device: str) -> HardwareProfile:
     if device == "cuda":
         raise AutocompressError("hardware 'host-cuda' has no calibration for this cost model yet; run "
                                 "`autocompress calibrate --device cuda` on this machine (it needs a CUDA GPU)")
-    calibrate_host(path, quick=True)
+    calibrate_host(path, quick=True, threads=threads)
     return _load_file(path)
 
 

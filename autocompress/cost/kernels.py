@@ -1,0 +1,170 @@
+"""Kernel-level latency: the ops a runtime executes together, each predicted by a regressor fitted on timed kernels.
+
+A model's latency is the sum of its kernels'. A kernel is an anchor op with the ops that follow it along
+sole-reader edges (KERNEL_FUSES: conv+bn+act, linear+act, add+act, ... as cost/fusion.py matches them), or
+one op alone (a pooling, a concatenation, an activation). Each kernel is described by a few numbers
+(`features`: its family, work, tensor sizes, GEMM dimensions, channels and their alignment, groups, kernel
+size, stride, what is fused into it) and its latency is
+
+    seconds = prior x exp(regressor(features, log prior))
+    prior   = overhead + max(MACs / peak, bytes / bandwidth)
+
+where overhead, peak and bandwidth are measured on the machine (an empty op, a large matrix product, large
+copies), never fitted, and the regressor (scikit-learn's HistGradientBoostingRegressor on log latency over
+the prior) is fitted on kernels sampled over the shapes pruning and students produce and timed alone
+(cost/calibrate.py). Predicting the ratio to the roofline, not the latency, keeps a kernel larger than any
+timed one on the roofline's slope: trees cannot extrapolate, a ratio saturates where efficiency does.
+Features are computed from a traced graph, the same way for a timed kernel and for a layer of a model.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+from torch import nn
+
+from .model import gemm_dims, pool_work
+
+KERNEL_FUSES = (("conv", "bn", "act"), ("conv", "bn"), ("conv", "act"), ("linear", "act"), ("add", "act"))
+FAMILIES = ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul", "norm", "act", "maxpool", "avgpool",
+            "adaptivepool", "add", "mul", "cat", "elementwise", "other")
+ACT_CODES = {"ReLU": 1, "relu": 1, "relu_": 1, "ReLU6": 2, "relu6": 2, "Hardtanh": 2, "hardtanh": 2,
+             "Hardswish": 3, "hardswish": 3, "Hardsigmoid": 4, "hardsigmoid": 4, "SiLU": 5, "silu": 5,
+             "Sigmoid": 6, "sigmoid": 6, "GELU": 7, "gelu": 7}
+FEATURES = ("family", "log_work", "log_in", "log_out", "log_params", "log_m", "log_n", "log_k", "cin", "cout",
+            "groups", "kernel", "stride", "cin_mod16", "cout_mod16", "bn", "act", "log_spatial", "log_weights_between", "log_prior")
+GEMM_FAMILIES = {FAMILIES.index(f) for f in ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul")}
+
+
+def family(layer) -> str:
+    """The kernel family of an anchor layer: which code path the runtime takes for it."""
+    m = layer.module
+    if layer.kind == "conv":
+        if m.groups > 1:
+            return "grouped"
+        return "pointwise" if math.prod(m.kernel_size) == 1 else "conv"
+    if layer.kind in ("dwconv", "linear", "matmul", "norm", "act"):
+        return layer.kind
+    if layer.kind == "pool":
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or "adaptive" in layer.type:
+            return "adaptivepool"
+        return "maxpool" if "max" in layer.type.lower() else "avgpool"
+    if layer.kind == "elementwise":
+        name = layer.type.lower()
+        if name in ("add", "iadd", "add_"):
+            return "add"
+        if name in ("mul", "imul"):
+            return "mul"
+        if name in ("cat", "concat"):
+            return "cat"
+        if layer.type in ACT_CODES:
+            return "act"
+        return "adaptivepool" if "adaptive" in name else "elementwise"
+    return "other"
+
+
+def weight_bytes(layers) -> float:
+    """Float32 bytes of a graph's parameters: what streams through the caches between two visits of one weight."""
+    return 4.0 * sum(l.params for l in layers)
+
+
+def features(layers, anchor: list[int], between: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(anchor indices, feature rows without the prior) of every kernel of a traced graph. `between`: the weight
+    bytes read between two runs of a kernel (default: the graph's own, once per inference), which decides from which memory level its weights come (0 for a kernel without weights)."""
+    between = weight_bytes(layers) if between is None else between
+    members: dict[int, list[int]] = {}
+    for i, a in enumerate(anchor):
+        if layers[i].kind != "param":
+            members.setdefault(a, []).append(i)
+    index = np.array(sorted(members), dtype=int)
+    rows = [_kernel_row(layers, members[a]) for a in index]
+    rows = [row + [_log(between) if row[4] else 0.0] for row in rows]  # only a kernel with weights reads them
+    return index, np.array(rows, dtype=float).reshape(len(rows), len(FEATURES) - 1)
+
+
+def _kernel_row(layers, group: list[int]) -> list[float]:
+    first, last = layers[group[0]], layers[group[-1]]
+    fam = family(first)
+    m, n, k = gemm_dims(first)
+    mod = first.module
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        cin, cout, groups = mod.in_channels, mod.out_channels, mod.groups
+        kernel, stride = math.prod(mod.kernel_size), math.prod(mod.stride)
+    elif isinstance(mod, nn.Linear):
+        cin, cout, groups, kernel, stride = mod.in_features, mod.out_features, 1, 1, 1
+    else:
+        channels = first.out_shape[1] if len(first.out_shape) > 1 else 1
+        cin, cout, groups, kernel, stride = channels, channels, 1, 1, 1
+    if fam in ("maxpool", "avgpool", "adaptivepool"):
+        work = pool_work(first)
+    else:
+        work = first.macs if FAMILIES.index(fam) in GEMM_FAMILIES else first.out_numel
+    act = max([ACT_CODES.get(layers[j].type, 8) for j in group if layers[j].kind in ("act", "elementwise")
+               and j != group[0]] or [0])
+    spatial = math.prod(last.out_shape[2:]) if len(last.out_shape) > 2 else 1
+    return [FAMILIES.index(fam), _log(work), _log(first.in_numel), _log(last.out_numel),
+            _log(sum(layers[j].params for j in group)), _log(m), _log(n), _log(k), cin, cout, groups, kernel,
+            stride, cin % 16, cout % 16, float(any(layers[j].kind == "norm" for j in group[1:])), act, _log(spatial)]
+
+
+def _log(value: float) -> float:
+    return math.log2(1.0 + float(value))
+
+
+def prior_s(rows: np.ndarray, overhead_us: float, peak_gmacs: float, bandwidth_gbs: float) -> np.ndarray:
+    """The roofline prior of every kernel row: a measured op overhead plus the larger of its compute at the
+    measured peak and its float32 traffic (input, output written once and re-read by every fused op, weights)
+    at the measured bandwidth."""
+    col = {name: i for i, name in enumerate(FEATURES)}
+    work, ins, outs, params = (np.exp2(rows[:, col[c]]) - 1 for c in ("log_work", "log_in", "log_out", "log_params"))
+    gemm = np.isin(rows[:, col["family"]], list(GEMM_FAMILIES))
+    compute = np.where(gemm, work / (peak_gmacs * 1e9), 0.0)
+    fused = rows[:, col["bn"]] + (rows[:, col["act"]] > 0)
+    traffic = 4.0 * (ins + outs * (1.0 + 2.0 * fused) + params) / (bandwidth_gbs * 1e9)
+    return overhead_us * 1e-6 + np.maximum(compute, traffic)
+
+
+def with_prior(rows: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    return np.column_stack([rows, np.log(prior)])
+
+
+def regressor():
+    """The kernel regressor: gradient-boosted trees on the features (the family as a category)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, max_leaf_nodes=31, min_samples_leaf=4,
+                                         l2_regularization=1.0, categorical_features=[0], early_stopping=False,
+                                         random_state=0)
+
+
+def encode(x: np.ndarray, y: np.ndarray) -> str:
+    """Timed kernels (features with prior, log(seconds / prior)) as one base64 text: the profile stays YAML data."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=x.astype(np.float32), y=y.astype(np.float32))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode(text: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(io.BytesIO(base64.b64decode(text)))
+    return data["x"].astype(float), data["y"].astype(float)
+
+
+_FITTED: dict = {}  # kernel data text -> its fitted regressor: fitted once per process, deterministic
+
+
+def fitted(text: str):
+    """The regressor fitted on a profile's timed kernels (refitted from the data, never unpickled)."""
+    if text not in _FITTED:
+        x, y = decode(text)
+        _FITTED[text] = regressor().fit(x, y)
+    return _FITTED[text]
+
+
+def predict_s(rows: np.ndarray, profile) -> np.ndarray:
+    """Seconds of every kernel row on a profile that carries timed kernels."""
+    prior = prior_s(rows, profile.overhead_for("other"), profile.peak_gmacs["fp32"], profile.bandwidth_gbs)
+    if not len(rows):
+        return prior
+    return prior * np.exp(fitted(profile.kernels).predict(with_prior(rows, prior)))
