@@ -182,6 +182,22 @@ def _own_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters(recurse=False))
 
 
+def node_layer(node, modules: dict, values: dict) -> Layer:
+    """The Layer (MACs still 0) of one fx call node, from the shapes recorded in `values`; kind "free" for
+    functions that move no data (views, getitem, ...). Parameters of non-leaf-traced containers are counted
+    on their own leaves."""
+    in_nodes = node.all_input_nodes
+    in_shape = _shape(values.get(in_nodes[0].name)) if in_nodes else ()
+    out_shape = _shape(values.get(node.name))
+    if node.op == "call_module":
+        m = modules[node.target]
+        return Layer(node.target, _module_kind(m), type(m).__name__, in_shape, out_shape, 0, _own_params(m), m)
+    fname = getattr(node.target, "__name__", str(node.target)).strip("_")
+    kind = ("matmul" if fname in MATMUL_FUNCS else "free" if fname in FREE_FUNCS
+            else "elementwise" if fname in ELEMENTWISE_FUNCS else "other")
+    return Layer(node.name, kind, fname, in_shape, out_shape, 0, 0, None)
+
+
 def _fx_layers(model: nn.Module, example_input: torch.Tensor):
     """Every op of the fx graph with shapes from a real run; returns (layers, output layer names)."""
     import torch.fx
@@ -202,22 +218,11 @@ def _fx_layers(model: nn.Module, example_input: torch.Tensor):
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        in_nodes = [a for a in node.all_input_nodes]
-        in_shape = _shape(values.get(in_nodes[0].name)) if in_nodes else ()
-        out_shape = _shape(values.get(node.name))
-        if node.op == "call_module":
-            m = modules[node.target]
-            kind, typ, params, name = _module_kind(m), type(m).__name__, _own_params(m), node.target
-            # parameters of non-leaf-traced containers are counted on their own leaves
-        else:
-            fname = getattr(node.target, "__name__", str(node.target)).strip("_")
-            typ, params, name, m = fname, 0, node.name, None
-            kind = ("matmul" if fname in MATMUL_FUNCS else "free" if fname in FREE_FUNCS
-                    else "elementwise" if fname in ELEMENTWISE_FUNCS else "other")
-        if kind == "free":
+        layer = node_layer(node, modules, values)
+        if layer.kind == "free":
             continue
-        macs = _matmul_macs(node, values) if kind == "matmul" and m is None else 0
-        layers.append(Layer(name, kind, typ, in_shape, out_shape, macs, params, m))
+        layer.macs = _matmul_macs(node, values) if layer.kind == "matmul" and layer.module is None else 0
+        layers.append(layer)
     _add_get_attr_params(gm, layers)
     return layers, _output_layers(gm, modules), _residual_blocks(gm, values, modules)
 

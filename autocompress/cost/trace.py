@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ..graph import (FREE_FUNCS, MATMUL_FUNCS, ELEMENTWISE_FUNCS, Layer, LayerGraph, _add_get_attr_params,
-                     _matmul_macs, _module_kind, _output_layers, _own_params, _shape, analyze, check_forward)
+from ..graph import (Layer, LayerGraph, _add_get_attr_params, _matmul_macs, _output_layers, analyze, check_forward,
+                     node_layer)
 from .flow import Flow, dataflow, flow_of
 
 EXACT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)  # the parametric modules whose MACs are counted here
@@ -71,23 +71,15 @@ def _layers(gm, modules, values) -> list[Layer] | None:
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        in_nodes = node.all_input_nodes
-        in_shape = _shape(values.get(in_nodes[0].name)) if in_nodes else ()
-        out_shape = _shape(values.get(node.name))
-        if node.op == "call_module":
-            m = modules[node.target]
-            kind, typ, params, name = _module_kind(m), type(m).__name__, _own_params(m), node.target
-            if kind in ("matmul", "other") and params and not isinstance(m, EXACT_MODULES):
-                return None
-        else:
-            fname = getattr(node.target, "__name__", str(node.target)).strip("_")
-            typ, params, name, m = fname, 0, node.name, None
-            kind = ("matmul" if fname in MATMUL_FUNCS else "free" if fname in FREE_FUNCS
-                    else "elementwise" if fname in ELEMENTWISE_FUNCS else "other")
-        if kind == "free":
+        layer = node_layer(node, modules, values)
+        m = layer.module
+        if m is not None and layer.kind in ("matmul", "other") and layer.params and not isinstance(m, EXACT_MODULES):
+            return None
+        if layer.kind == "free":
             continue
-        macs = _matmul_macs(node, values) if kind == "matmul" and m is None else _module_macs(m, out_shape)
-        layers.append(Layer(name, kind, typ, in_shape, out_shape, macs, params, m))
+        layer.macs = (_matmul_macs(node, values) if layer.kind == "matmul" and m is None
+                      else _module_macs(m, layer.out_shape))
+        layers.append(layer)
     return layers
 
 
