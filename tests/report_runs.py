@@ -32,7 +32,8 @@ def example_input() -> torch.Tensor:
 def digits_run():
     """(result, saved folder) of a real 6-trial accuracy/latency search on the digits within BUDGETS."""
     result = ac.compress(digits_resnet(), example_input(), data=digits_loaders(), budgets=BUDGETS, trials=6,
-                         progress=False, storage=None, repair=False, final_epochs=1)  # repair=False: some over budget
+                         progress=False, storage=None, repair=False, final_epochs=1,  # repair=False: some over budget
+                         hardware="raspberry-pi-4")  # a datasheet profile: the same costs on every machine
     folder = _folder("ac-digits-run-")
     result.save(folder)
     return result, folder
