@@ -11,8 +11,8 @@ shadows). Batches are drawn in a seeded order, so a candidate judged twice gets 
 
 Multi-fidelity: the fine-tuning runs in rungs (`Rungs`, asynchronous successive halving over the Pareto
 rank): every candidate is judged after BatchNorm recalibration alone, and only those that could reach the
-front go on to rungs of fine-tuning. Optuna's pruners do not work in multi-objective studies (`Trial.report` raises), so the
-rule lives here and reads the other candidates' rung accuracies from the study, which every worker shares.
+front go on to rungs of fine-tuning. Optuna's pruners do not work in multi-objective studies (`Trial.report`
+raises), so the rule lives here and reads the other candidates' rung accuracies from the study, which every worker shares.
 `Evaluator.deliver` gives the final front its longer fine-tune and measures it on validation and test data.
 """
 from __future__ import annotations
@@ -154,10 +154,7 @@ class TeacherOutputs:
 
     def batches(self, loader, steps: int, seed: int = 0):
         """(inputs, labels, teacher logits or None) of `steps` seeded batches of `loader` (see seeded_batches)."""
-        if self.teacher is None:
-            yield from ((x, y, None) for x, y, *_ in seeded_batches(loader, steps, seed))
-            return
-        if _indexable(loader) is None:
+        if self.teacher is None or _indexable(loader) is None:
             yield from with_targets(seeded_batches(loader, steps, seed), self.teacher)
             return
         indexed = SimpleNamespace(dataset=_Indexed(loader.dataset), batch_size=loader.batch_size,
