@@ -368,27 +368,25 @@ class Evaluator:
             return {"accuracy": self.val_accuracy(model), "steps": 0}
         batches = self.teacher.batches(self.train_loader, self.rungs.steps[-1])
         done, reached, value = 0, {}, math.nan
-        with compression_kept(model):  # one optimizer and schedule over all rungs: a promoted candidate's steps
-            trainer = _Trainer(model, self.rungs.steps[-1], **self.options)  # equal an unstopped one's
+        # One optimizer and schedule over all rungs: a promoted candidate's steps equal an unstopped one's. Each
+        # rung judges the model as it stands if it stops there, with BN statistics and activation ranges of its
+        # current weights: training's lagging running averages, measured mid-run, ranked candidates at random
+        # (Spearman 0.05 against the final accuracy at 10 of 90 steps; 0.70 recalibrated).
+        with compression_kept(model):
+            trainer = _Trainer(model, self.rungs.steps[-1], **self.options)
             for index, steps in enumerate(self.rungs.steps):
-                done += trainer.run(batches, steps - done)
-                value = self._measured(model)
+                if steps > done:
+                    done += trainer.run(batches, steps - done)
+                    self.calibrate(model)
+                value = self.val_accuracy(model)
                 reached[str(steps)] = value
                 if on_rung is not None:
                     on_rung(steps, value)
                 last = index == len(self.rungs.steps) - 1
                 if last or not self.rungs.promote(value, cost, peers(steps) if peers else []):
                     break
-        self.calibrate(model)
-        value = self.val_accuracy(model)
         return {"accuracy": value, "steps": done, "rung": index, "rung_accuracy": reached,
                 "early_stopped": done < self.rungs.steps[-1]}
-
-    def _measured(self, model: nn.Module) -> float:
-        """Accuracy mid-training (with compression kept), leaving the model in training mode."""
-        value = self.val_accuracy(model)
-        model.train()
-        return value
 
     def deliver(self, model: nn.Module, epochs: int) -> dict:
         """The final fine-tune of a front model, in place: `epochs` passes over the training data, distilled from
