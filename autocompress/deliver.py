@@ -3,8 +3,10 @@ accuracy, every cost of the fine-tuned module) and its weights are stored; what 
 delivered model, the one `Result.model(n)` returns.
 
 Fine-tuning changes accuracies, so the front can change: delivery repeats on the new front until every model on
-it is delivered. With an accuracy budget, a candidate not yet delivered counts as possibly meeting it when its
-search accuracy is within `slack` of the floor (fine-tuning usually lifts it); a delivered one must meet it.
+it is delivered. The final fine-tune usually lifts a model by a point or two, so a candidate not yet delivered
+competes with its search accuracy plus `slack`, both for the front and for an accuracy budget's floor; a
+delivered one competes with what it measures. (Without the lift, a candidate one validation image behind a
+delivered model was never delivered, whatever fine-tuning would have made of it.)
 With the study's `measure` attribute (`--measure`), each delivered model is also timed on this machine
 (`measured_latency_ms`, at the profile's thread count, beside the cost model's `latency_ms`).
 Each model is delivered once per study (a `delivered:N` study attribute, so every worker and report sees it) and
@@ -47,17 +49,23 @@ def deliver_front(study: optuna.Study, problem: Problem, epochs: int, say: Calla
 
 
 def candidates(study: optuna.Study, problem: Problem, slack: float) -> list[int]:
-    """The front over judged trials within the cost budgets, where a trial not yet delivered meets the accuracy
-    budget if it is within `slack` of it."""
-    frame = trials_frame(study)
-    judged = frame[(frame["state"] == "COMPLETE") & frame["accuracy"].notna()]
+    """The front over judged trials within the cost budgets and the accuracy floor, a trial not yet delivered
+    counting `slack` more accurate than its search accuracy."""
+    judged = _lifted(study, slack)
     if judged.empty:
         return []
     fits = judged.apply(lambda row: all(v <= 0 for v in violations(row, problem.limits)), axis=1)
     floor = -math.inf if problem.floor is None else problem.floor
-    reach = judged["accuracy"] >= judged["delivered"].map({True: floor, False: floor - slack})
-    open_ = judged[fits & reach].assign(feasible=True)
+    open_ = judged[fits & (judged["accuracy"] >= floor)].assign(feasible=True)
     return [int(n) for n in pareto_front(open_, problem.objectives).index]
+
+
+def _lifted(study: optuna.Study, slack: float):
+    """Judged trials, the accuracy of those not yet delivered raised by `slack`."""
+    frame = trials_frame(study)
+    judged = frame[(frame["state"] == "COMPLETE") & frame["accuracy"].notna()].copy()
+    judged.loc[~judged["delivered"], "accuracy"] += slack
+    return judged
 
 
 def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) -> dict:
@@ -88,11 +96,10 @@ def timed(model, problem: Problem) -> float:
     return measure_latency_ms(model, problem.example_input, threads=problem.profile.threads or DEFAULT_THREADS)
 
 
-def dominated_by_delivered(study: optuna.Study, objectives) -> list[int]:
-    """Judged trials, not delivered, that a delivered feasible model dominates: delivered numbers never change, so
-    no later front can hold them and their stored weights can go."""
-    frame = trials_frame(study)
-    judged = frame[(frame["state"] == "COMPLETE") & frame["accuracy"].notna()]
+def dominated_by_delivered(study: optuna.Study, objectives, slack: float = SLACK) -> list[int]:
+    """Judged trials, not delivered, that a delivered feasible model dominates even with their `slack`: delivered
+    numbers never change, so no later delivery can pick them and their stored weights can go."""
+    judged = _lifted(study, slack)
     signs = np.array([-1.0 if METRICS[o] == "maximize" else 1.0 for o in objectives])
     best = judged[judged["delivered"] & judged["feasible"]][list(objectives)].to_numpy(dtype=float) * signs
     out = []
