@@ -1,9 +1,10 @@
-# The two front-door commands: `make demo` and `make test`. Both set up .venv first if needed.
+# The front-door commands: `make demo`, `make test` and `make lint` (the import layers in pyproject.toml). Each sets
+# up .venv first if needed.
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test lint
 
 setup: $(VENV)/.installed
 
@@ -17,3 +18,6 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/lint-imports

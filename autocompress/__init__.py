@@ -6,16 +6,18 @@
     result.pareto                       # the non-dominated feasible trials
     small = result.model(result.pareto.index[0])
 """
+from . import versions
 from .api import analyze, apply, compress, estimate
 from .budgets import Budgets
+from .cost.hardware import load_profile
 from .cost.model import Estimate
-from .cost.profiles import HardwareProfile, load_profile
+from .cost.profiles import HardwareProfile
 from .errors import AutocompressError
 from .graph import LayerGraph
 from .result import Result
 from .space import Policy, SearchSpace
 
-__version__ = "0.1.0"
+__version__ = versions.__version__
 
 __all__ = ["compress", "estimate", "apply", "analyze", "SearchSpace", "Policy", "HardwareProfile", "Budgets",
            "Result", "Estimate", "LayerGraph", "AutocompressError", "load_profile"]

@@ -10,11 +10,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import judged, search
+from . import judged, search, supernet
 from .budgets import Budgets, check_objectives
 from .compress import apply as _apply
+from .cost.hardware import load_profile
 from .cost.model import Estimate, estimate as _estimate
-from .cost.profiles import HardwareProfile, load_profile
+from .cost.profiles import HardwareProfile
 from .data import load_recorded_data
 from .deliver import deliver_front, dominated_by_delivered, timed
 from .errors import AutocompressError
@@ -24,7 +25,6 @@ from .judged import WeightStore
 from .models import load_recorded, model_fingerprint
 from .result import Result
 from .space import Policy, SearchSpace
-from .students import supernet
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> LayerGraph:

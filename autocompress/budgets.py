@@ -1,8 +1,11 @@
-"""Objectives and budgets: which metrics exist, which way each is better, and limits on them."""
+"""Objectives and budgets: which metrics exist, which way each is better, which points no other beats (the
+Pareto front), and limits on them."""
 from __future__ import annotations
 
 import math
 import warnings
+
+import numpy as np
 
 from .errors import AutocompressError, one_of
 
@@ -148,3 +151,13 @@ def accuracy_violation(accuracy: float | None, floor: float | None) -> list[floa
 def exceeded(metrics: dict, limits: dict) -> list[str]:
     """The metrics over their limit (by the same test as `violations`, which a trial's feasibility uses)."""
     return [m for m, excess in zip(sorted(limits), violations(metrics, limits)) if excess > 0]
+
+
+def pareto_mask(values: np.ndarray) -> np.ndarray:
+    """Rows of `values` (all to be minimized) that no other row dominates."""
+    n = len(values)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = np.all(values <= values[i], axis=1) & np.any(values < values[i], axis=1)
+        keep[i] = not dominated.any()
+    return keep

@@ -7,22 +7,27 @@ import sys
 import time
 from pathlib import Path
 
+from . import api, models, report
+from .budgets import Budgets
+from .cost import hardware
+from .cost.calibrate import calibrate, calibrate_host, quality_line, write_profile
+from .cost.profiles import builtin_profiles, default_threads
+from .data import load_data
 from .errors import AutocompressError
+from .result import Result
+from .search import WORKER
+from .storage import hide_password
 
 DEFAULT_BUDGETS = ["latency=60%", "size=30%"]
 
 
 def _run(args) -> int:
-    from . import api, data as data_mod, models, report
-    from .budgets import Budgets
-    from .cost.profiles import load_profile
-
     _check_counts(args, "trials", "finetune_steps", "final_epochs")
     start = time.perf_counter()
     model = models.load_model(args.model, args.checkpoint)
     example = _example_input(args, model)
     data_spec = args.data or ("digits" if args.model == "digits_resnet" else None)
-    loaders = data_mod.load_data(data_spec, tuple(example.shape)) if data_spec else None
+    loaders = load_data(data_spec, tuple(example.shape)) if data_spec else None
     budgets = Budgets.parse(args.budget if args.budget else DEFAULT_BUDGETS)
     out = Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
@@ -31,8 +36,8 @@ def _run(args) -> int:
     spec = {"model_spec": args.model, "checkpoint": args.checkpoint, "data": data_spec}
     print(f"model {args.model}, data {data_spec or 'none (cost-only)'}, hardware {args.hardware}, "
           f"space {args.space}, {args.trials} trials -> {out}", file=sys.stderr)
-    hardware = load_profile(args.hardware, threads=args.threads) if args.threads else args.hardware
-    result = api.compress(model, example, data=loaders, hardware=hardware, budgets=budgets,
+    profile = hardware.load_profile(args.hardware, threads=args.threads) if args.threads else args.hardware
+    result = api.compress(model, example, data=loaders, hardware=profile, budgets=budgets,
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
                           progress=not args.no_progress, model_spec=spec, repair=not args.no_repair,
@@ -55,9 +60,6 @@ def _default_objectives(budgets, loaders) -> list[str] | None:
 
 
 def _worker(args) -> int:
-    from . import api, report
-    from .search import WORKER
-
     _check_counts(args, "trials")
     start = time.perf_counter()
     print(f"worker {WORKER}: joining study {args.study!r} in {_shown(args.storage)}, adding {args.trials} trials "
@@ -84,15 +86,11 @@ def _print_joining(storage: str, study: str, result) -> None:
 
 
 def _shown(storage: str) -> str:
-    from .storage import hide_password
-
     return hide_password(storage)
 
 
 def _example_input(args, model):
     import torch
-
-    from . import models
 
     if args.input_shape:
         try:
@@ -117,8 +115,6 @@ def _export(args) -> None:
     result = _load_result(args, build=True)
     data = None
     if args.data:
-        from .data import load_data
-
         data = load_data(args.data, tuple(result.config.get("input_shape") or ()) or None)
     print(result.export(args.trial, args.format, args.to, data).summary())
 
@@ -126,9 +122,6 @@ def _export(args) -> None:
 def _load_result(args, build: bool):
     """A run folder, or a study in an Optuna storage (--storage URL --study NAME). The model is --model's;
     else, with `build`, the one the run recorded (its factory named on stderr before it is called)."""
-    from . import models
-    from .result import Result
-
     base = models.load_model(args.model) if args.model else None
     if args.dir:
         return Result.load(args.dir, model=base, build_model=build, study=args.study)
@@ -139,8 +132,6 @@ def _load_result(args, build: bool):
 
 def _estimate(args) -> None:
     import pandas as pd
-
-    from . import api, models
 
     model = models.load_model(args.model, args.checkpoint)
     est = api.estimate(model, _example_input(args, model), args.hardware, threads=args.threads)
@@ -157,22 +148,17 @@ def _estimate(args) -> None:
 
 
 def _hardware(args) -> None:
-    from .cost.profiles import builtin_profiles, load_profile, profile_text
-
     if args.action == "list":
         for name in builtin_profiles():
-            desc = "this machine (calibrated on first use)" if name == "host" else load_profile(name).description
+            desc = "this machine (calibrated on first use)" if name == "host" else hardware.load_profile(name).description
             print(f"{name:20s} {desc}")
     else:
         if not args.name:
             raise AutocompressError("hardware show needs a profile name or path, e.g. `autocompress hardware show host`")
-        print(profile_text(args.name), end="")
+        print(hardware.profile_text(args.name), end="")
 
 
 def _calibrate(args) -> None:
-    from .cost.calibrate import calibrate, calibrate_host, quality_line, write_profile
-    from .cost.profiles import default_threads, host_profile_path
-
     threads = default_threads() if args.threads is None else args.threads
     if threads < 1:
         raise AutocompressError(f"--threads {args.threads} is not allowed; it must be 1 or more")
@@ -182,7 +168,7 @@ def _calibrate(args) -> None:
         raise AutocompressError(f"calibrating {args.hardware!r}: only host and host-cuda are saved by name; "
                                 "pass --to FILE")
     if cached and not args.to:
-        path = host_profile_path(device, threads)
+        path = hardware.host_profile_path(device, threads)
         profile, kept = calibrate_host(path, quick=args.quick, threads=threads, force=args.force, device=device,
                                        clock=args.clock)
     else:
@@ -318,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted (what was computed is kept)."""
     import warnings
 
-    from .storage import hide_password
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parser().parse_args(argv)
     if args.command is None:  # `autocompress` alone: the embedded default run
@@ -338,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as the shell shows them: one sentence, no source location, passwords hidden."""
-    from .storage import hide_password
-
     print(f"warning: {hide_password(str(message))}", file=sys.stderr)
 
 

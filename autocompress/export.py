@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compress.quantize import synthesize_inputs
 from .cost.measure import measure_latency_ms
 from .data import load_recorded_data, split_data
 from .errors import one_of
@@ -125,8 +126,6 @@ def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibr
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from .compress.quantize import synthesize_inputs
 
     if calibration is None:  # data-free: inputs synthesized from the BatchNorm statistics, as to_int8 does
         with torch.enable_grad():

@@ -162,19 +162,20 @@ def _module_kind(m: nn.Module) -> str:
     return "other"
 
 
-def _first_tensor(x):
+def first_tensor(x):
+    """The first tensor in `x` (a tensor, or tuples and lists of them, as a module may return), else None."""
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, (tuple, list)):
         for item in x:
-            t = _first_tensor(item)
+            t = first_tensor(item)
             if t is not None:
                 return t
     return None
 
 
 def _shape(x) -> tuple:
-    t = _first_tensor(x)
+    t = first_tensor(x)
     return tuple(t.shape) if t is not None else ()
 
 
@@ -221,10 +222,10 @@ def _fx_layers(model: nn.Module, example_input: torch.Tensor):
         layer = node_layer(node, modules, values)
         if layer.kind == "free":
             continue
-        layer.macs = _matmul_macs(node, values) if layer.kind == "matmul" and layer.module is None else 0
+        layer.macs = matmul_macs(node, values) if layer.kind == "matmul" and layer.module is None else 0
         layers.append(layer)
-    _add_get_attr_params(gm, layers)
-    return layers, _output_layers(gm, modules), _residual_blocks(gm, values, modules)
+    add_get_attr_params(gm, layers)
+    return layers, traced_output_layers(gm, modules), _residual_blocks(gm, values, modules)
 
 
 ADD_FUNCS = {"add", "iadd", "add_"}
@@ -294,7 +295,7 @@ def _depends_on(node, source, members) -> bool:
     return False
 
 
-def _add_get_attr_params(gm, layers) -> None:
+def add_get_attr_params(gm, layers) -> None:
     """Parameters used directly by functional code (class tokens, position embeddings) as their own layers."""
     counted = {id(p) for l in layers if l.module is not None for p in l.module.parameters(recurse=False)}
     for name, p in gm.named_parameters():
@@ -306,10 +307,10 @@ def _add_get_attr_params(gm, layers) -> None:
             counted.add(id(p))
 
 
-def _matmul_macs(node, values) -> int:
+def matmul_macs(node, values) -> int:
     """MACs of a functional matmul-like op from its real input and output shapes."""
-    ins = [_first_tensor(values.get(a.name)) for a in node.all_input_nodes]
-    out = _first_tensor(values.get(node.name))
+    ins = [first_tensor(values.get(a.name)) for a in node.all_input_nodes]
+    out = first_tensor(values.get(node.name))
     if out is None or not ins or ins[0] is None:
         return 0
     fname = getattr(node.target, "__name__", "")
@@ -319,7 +320,7 @@ def _matmul_macs(node, values) -> int:
     return out.numel() * ins[0].shape[-1]
 
 
-def _output_layers(gm, modules) -> list[str]:
+def traced_output_layers(gm, modules) -> list[str]:
     """Parametric layers whose output channels reach the model output unchanged (must keep their width)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     found, stack, seen = [], list(output.all_input_nodes), set()
@@ -691,7 +692,7 @@ def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
         import torch.fx
 
         gm = torch.fx.symbolic_trace(model)
-        return _output_layers(gm, dict(gm.named_modules()))
+        return traced_output_layers(gm, dict(gm.named_modules()))
     except Exception:
         return _hook_layers(model, example_input)[1]
 

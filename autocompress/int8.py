@@ -23,7 +23,7 @@ from torch import nn
 
 from .compress import apply
 from .compress.base import layer_targets
-from .compress.quantize import _act_fake_quant, synthesize_inputs
+from .compress.quantize import act_fake_quant, synthesize_inputs
 from .cost.measure import measure_latency_ms
 from .cost.model import estimate
 from .errors import AutocompressError
@@ -57,7 +57,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model).eval()
     for m in out.modules():
         for key, hook in list(m._forward_pre_hooks.items()):
-            if hook is _act_fake_quant:
+            if hook is act_fake_quant:
                 del m._forward_pre_hooks[key]
         m._buffers.pop("act_range", None)
     return out

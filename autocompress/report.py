@@ -5,6 +5,9 @@ The HTML report needs nothing but a browser: no script, no stylesheet or font fr
 Hypervolume is measured on normalized objectives (see `normalized`), so its reference point is the
 same sentence for every run: accuracy 0 and, for each cost, its budget (or the uncompressed model's
 value when that cost has no budget).
+
+Every function here reads a `Result` (result.py), which renders itself with `render` (`Result.report`): the
+result is passed in, never imported.
 """
 from __future__ import annotations
 
@@ -12,20 +15,21 @@ import datetime
 import json
 import math
 from html import escape
-from importlib import metadata, resources
+from importlib import resources
 from string import Template
 
 import numpy as np
 import pandas as pd
 
 from . import plots
-from .budgets import METRICS
+from .budgets import METRICS, pareto_mask
+from .cost.model import estimate
+from .cost.profiles import HardwareProfile
 from .errors import AutocompressError, one_of
-from .result import Result, pareto_mask
+from .versions import __version__, package_versions
 
 SHOWN = ["accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params"]
 FORMATS = ("table", "csv", "json", "html")
-PACKAGES = ("autocompress", "torch", "torchvision", "optuna", "torch-pruning", "fvcore", "numpy", "pandas")
 FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group",
                 ("quantize", "weight_bits"): "weight bits, per layer",
                 ("quantize", "act_bits"): "activation bits, per layer",
@@ -45,7 +49,7 @@ def binding(row, limits: dict) -> str:
     return f"{metric} {used[metric]:.0%}"
 
 
-def pareto_table(result: Result) -> pd.DataFrame:
+def pareto_table(result) -> pd.DataFrame:
     """The baseline, the budgets and the Pareto rows, with ratios to the baseline and the binding budget."""
     front = result.pareto.reindex(columns=SHOWN).astype(float)
     front.index = [f"trial {n}" for n in front.index]
@@ -62,19 +66,19 @@ def pareto_table(result: Result) -> pd.DataFrame:
     return _counts_as_int(table.dropna(axis=1, how="all"))
 
 
-def _accuracy_budget(result: Result) -> dict:
+def _accuracy_budget(result) -> dict:
     """{"accuracy": floor} when the run has an accuracy budget (a lower limit, shown in the budget row)."""
     return {} if result.min_accuracy is None else {"accuracy": result.min_accuracy}
 
 
-def budget_line(result: Result) -> str:
+def budget_line(result) -> str:
     """'budgets: accuracy >= 0.98, latency_ms <= 2.6, ...', or '' without budgets."""
     parts = [f"accuracy >= {result.min_accuracy:.4g}"] if result.min_accuracy is not None else []
     parts += [f"{k} <= {v:.4g}" for k, v in sorted(result.limits.items())]
     return ("budgets: " + ", ".join(parts)) if parts else ""
 
 
-def closest(result: Result, k: int = 5) -> pd.DataFrame:
+def closest(result, k: int = 5) -> pd.DataFrame:
     """Completed candidates ranked by their largest relative excess over a budget, with how much each misses."""
     done = result.trials[result.trials["state"] == "COMPLETE"]
     if done.empty:
@@ -96,7 +100,7 @@ def _counts_as_int(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def closest_table(result: Result) -> pd.DataFrame:
+def closest_table(result) -> pd.DataFrame:
     """The closest candidates under the baseline and budget rows, for runs where none met the budgets."""
     near = closest(result)
     if near.empty:
@@ -124,7 +128,7 @@ def _text(table: pd.DataFrame) -> str:
     return table.map(lambda v: _number(v) if _is_number(v) else v).to_string()
 
 
-def format_table(result: Result) -> str:
+def format_table(result) -> str:
     """The terminal view of a run: budgets, the Pareto front against the baseline, or why it is empty."""
     lines = [f"objectives: {', '.join(result.objectives)}"]
     if budget_line(result):
@@ -147,7 +151,7 @@ def format_table(result: Result) -> str:
     return "\n".join(lines)
 
 
-def _none_met(result: Result) -> str:
+def _none_met(result) -> str:
     completed = int((result.trials["state"] == "COMPLETE").sum())
     if result.trials.empty:
         return "no candidate yet: the run has no finished trials"
@@ -156,7 +160,7 @@ def _none_met(result: Result) -> str:
     return f"no candidate met the budgets: all {completed} completed candidates are over budget; the closest ones:"
 
 
-def to_csv(result: Result) -> str:
+def to_csv(result) -> str:
     """The table's rows (baseline, budget, Pareto models or the closest candidates) with each trial's policy."""
     table = pareto_table(result) if not result.pareto.empty else closest_table(result)
     policies = {f"trial {n}": p for n, p in result.trials["policy"].items()}
@@ -164,7 +168,7 @@ def to_csv(result: Result) -> str:
     return table.to_csv(index_label="row")
 
 
-def to_json(result: Result) -> str:
+def to_json(result) -> str:
     """Objectives, budgets, baseline, the Pareto rows (or the closest candidates) and the hypervolume."""
     def rows(frame):
         return {name: {k: (None if pd.isna(v) else v) for k, v in row.items()} for name, row in frame.iterrows()}
@@ -184,7 +188,7 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else str(v)
 
 
-def render(result: Result, fmt: str = "table", trial: int | None = None) -> str:
+def render(result, fmt: str = "table", trial: int | None = None) -> str:
     """The report in one of FORMATS; `trial` picks the model whose per-layer costs the HTML report shows."""
     if fmt not in FORMATS:
         raise one_of("report format", fmt, FORMATS)
@@ -222,14 +226,14 @@ def _slice_volume(pts: np.ndarray, ref: np.ndarray) -> float:
     return total
 
 
-def reference_point(result: Result) -> dict:
+def reference_point(result) -> dict:
     """The hypervolume's reference point in the objectives' own units: accuracy 0, each cost at its budget
     (at the uncompressed model's value where it has no budget)."""
     return {o: 0.0 if METRICS[o] == "maximize" else float(result.limits.get(o) or result.baseline.get(o) or 1.0)
             for o in result.objectives}
 
 
-def normalized(result: Result, frame: pd.DataFrame) -> np.ndarray:
+def normalized(result, frame: pd.DataFrame) -> np.ndarray:
     """Objectives of `frame` as minimization in units of the reference point (which becomes all ones):
     1 - accuracy for accuracy, value / (budget, else uncompressed value) for each cost."""
     cols, reference = [], reference_point(result)
@@ -239,7 +243,7 @@ def normalized(result: Result, frame: pd.DataFrame) -> np.ndarray:
     return np.stack(cols, axis=1) if cols else np.zeros((len(frame), 0))
 
 
-def hypervolume_history(result: Result) -> pd.Series:
+def hypervolume_history(result) -> pd.Series:
     """Hypervolume of the feasible trials finished so far, after each trial (indexed by trial number)."""
     trials = result.trials.sort_index()
     ok = trials["feasible"] & (trials["state"] == "COMPLETE") & trials[list(result.objectives)].notna().all(axis=1)
@@ -256,10 +260,8 @@ def hypervolume_history(result: Result) -> pd.Series:
 
 # ---------------------------------------------------------------------------------------- HTML
 
-def to_html(result: Result, trial: int | None = None) -> str:
+def to_html(result, trial: int | None = None) -> str:
     """One self-contained HTML page: front, hypervolume, policy heatmaps, per-layer costs, run metadata."""
-    from . import __version__
-
     base_layers = _layers(result, None)
     chosen = _chosen(result, trial)
     plots_row = _front_section(result) + _hypervolume_section(result)
@@ -277,7 +279,7 @@ def to_html(result: Result, trial: int | None = None) -> str:
                                             f"{datetime.datetime.now():%Y-%m-%d %H:%M}"))
 
 
-def _subtitle(result: Result) -> str:
+def _subtitle(result) -> str:
     hw = result.config.get("hardware", {}).get("name", "?")
     floor = [f"accuracy >= {plots.fmt(result.min_accuracy)}"] if result.min_accuracy is not None else []
     budgets = ", ".join(floor + [f"{k} <= {plots.fmt(v)}" for k, v in sorted(result.limits.items())]) or "no budgets"
@@ -303,7 +305,7 @@ def _is_number(v) -> bool:
     return v is pd.NA or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
 
 
-def _summary(result: Result, chosen: int | None) -> str:
+def _summary(result, chosen: int | None) -> str:
     t = result.trials
     history = hypervolume_history(result)
     cards = [("trials finished", len(t)), ("within budget", int(t["feasible"].sum())),
@@ -322,7 +324,7 @@ def _summary(result: Result, chosen: int | None) -> str:
     return f'<section>{html}</section>'
 
 
-def _front_section(result: Result) -> str:
+def _front_section(result) -> str:
     objectives = list(result.objectives)
     if len(objectives) < 2:
         return ""
@@ -343,7 +345,7 @@ def _orient(a: str, b: str) -> tuple[str, str]:
     return (b, a) if METRICS[a] == "maximize" and METRICS[b] != "maximize" else (a, b)
 
 
-def _panel(result: Result, xo: str, yo: str, size: tuple[int, int]) -> str:
+def _panel(result, xo: str, yo: str, size: tuple[int, int]) -> str:
     t = result.trials[result.trials["state"] == "COMPLETE"]
     front = result.pareto
     base = result.baseline
@@ -388,13 +390,13 @@ def _axis_name(metric: str) -> str:
     return f"{metric} ({better})"
 
 
-def _tip(name, row, result: Result) -> str:
+def _tip(name, row, result) -> str:
     label = f"trial {name}" if name != "baseline" else "uncompressed model"
     values = ", ".join(f"{m} {plots.fmt(row.get(m))}" for m in SHOWN if row.get(m) is not None and pd.notna(row.get(m)))
     return f"{label}: {values}"
 
 
-def _hypervolume_section(result: Result) -> str:
+def _hypervolume_section(result) -> str:
     history = hypervolume_history(result)
     if history.empty:
         return ""
@@ -417,7 +419,7 @@ def _hypervolume_section(result: Result) -> str:
     return _section("Hypervolume over trials", f'<figure class="plot hv">{ax.svg()}</figure>', note)
 
 
-def _heatmap_section(result: Result, order: list[str] | None) -> str:
+def _heatmap_section(result, order: list[str] | None) -> str:
     models = result.pareto if not result.pareto.empty else result.trials.loc[
         [int(i.split()[1]) for i in closest(result).index]]
     if models.empty:
@@ -461,11 +463,11 @@ def _value(policy: dict, technique: str, field: str, target: str):
     return float(v) if v is not None else None
 
 
-def _row_label(row, result: Result) -> str:
+def _row_label(row, result) -> str:
     return " · ".join(plots.fmt(row[o]) for o in result.objectives)
 
 
-def _field_range(result: Result, technique: str, field: str, values) -> tuple[float, float, bool]:
+def _field_range(result, technique: str, field: str, values) -> tuple[float, float, bool]:
     """The knob's range from the run's search space (observed values when the space does not say)."""
     spec = result.config.get("space", {}).get("techniques", {}).get(technique, {}).get(field)
     if isinstance(spec, dict) and "low" in spec and "high" in spec:
@@ -486,7 +488,7 @@ def _scale(lo: float, hi: float, log: bool):
     return lambda v: (v - lo) / (hi - lo)
 
 
-def _chosen(result: Result, trial: int | None) -> int | None:
+def _chosen(result, trial: int | None) -> int | None:
     """The model whose costs are broken down: `trial`, else the first Pareto model, else the closest candidate."""
     if trial is not None:
         if trial not in result.trials.index:
@@ -499,11 +501,8 @@ def _chosen(result: Result, trial: int | None) -> int | None:
     return int(near.index[0].split()[1]) if not near.empty else None
 
 
-def _layers(result: Result, trial: int | None) -> pd.DataFrame | None:
+def _layers(result, trial: int | None) -> pd.DataFrame | None:
     """The cost model's per-layer table of a trial's model (None: the uncompressed one), on the run's hardware."""
-    from .cost.model import estimate
-    from .cost.profiles import HardwareProfile
-
     if result._base_model is None or result._example_input is None or "hardware" not in result.config:
         return None
     profile = HardwareProfile.from_dict(result.config["hardware"], "in the run's config")
@@ -511,7 +510,7 @@ def _layers(result: Result, trial: int | None) -> pd.DataFrame | None:
     return estimate(model, result._example_input, profile).layers
 
 
-def _breakdown_section(result: Result, trial: int | None, base: pd.DataFrame | None) -> str:
+def _breakdown_section(result, trial: int | None, base: pd.DataFrame | None) -> str:
     if trial is None:
         return ""
     title = f"Per-layer cost of trial {trial}"
@@ -542,18 +541,7 @@ def _breakdown_section(result: Result, trial: int | None, base: pd.DataFrame | N
     return _section(title, body, note)
 
 
-def package_versions() -> dict:
-    """Installed versions of the packages a run depends on."""
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _metadata_section(result: Result) -> str:
+def _metadata_section(result) -> str:
     import yaml
 
     c = result.config

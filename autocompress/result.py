@@ -11,11 +11,13 @@ import pandas as pd
 import torch
 from optuna.trial import TrialState
 
-from .budgets import METRICS
+from .budgets import METRICS, pareto_mask
 from .compress import apply
 from .errors import AutocompressError
+from .export import export
 from .judged import WeightStore, beside
 from .models import load_recorded, load_state
+from .report import render
 from .space import Policy
 from .storage import read_study
 
@@ -59,16 +61,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     frame["feasible"] = frame["feasible"].astype(bool)
     frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), np.nan)  # as read back from CSV
     return frame
-
-
-def pareto_mask(values: np.ndarray) -> np.ndarray:
-    """Rows of `values` (all to be minimized) that no other row dominates."""
-    n = len(values)
-    keep = np.ones(n, dtype=bool)
-    for i in range(n):
-        dominated = np.all(values <= values[i], axis=1) & np.any(values < values[i], axis=1)
-        keep[i] = not dominated.any()
-    return keep
 
 
 def pareto_front(trials: pd.DataFrame, objectives) -> pd.DataFrame:
@@ -202,8 +194,6 @@ class Result:
     def report(self, format: str = "table", to=None, trial: int | None = None) -> str:
         """The Pareto report as text: "table", "csv", "json" or "html" (one self-contained page); also written to
         `to` when given. `trial` picks the model whose per-layer costs the HTML report breaks down."""
-        from .report import render
-
         text = render(self, format, trial)
         if to is not None:
             Path(to).write_text(text, encoding="utf-8")
@@ -214,8 +204,6 @@ class Result:
         "onnx-int8" (see export.py) to `to`, judged as the
         search judged it (BatchNorm re-estimated on `data`'s training loader, else the run's data); returns an
         `Exported` with the file's size and its re-measured accuracy."""
-        from .export import export
-
         return export(self, trial, format, to, data)
 
     def __repr__(self) -> str:

@@ -55,6 +55,7 @@ from .evaluate import Evaluator
 from .judged import WeightStore
 from .repair import levers, repair
 from .space import KINDS, STUDENT, BoundSpace
+from .versions import package_versions
 
 SAMPLERS = ("nsga2", "tpe", "random")
 WARM_START = (0.25, 0.5, 0.75)  # uniform policies tried first: the front never loses to uniform compression
@@ -137,8 +138,6 @@ def open_study(storage, study_name: str, objectives, config: dict) -> optuna.Stu
                                 f"{_shown(_first_line(exc))}") from None
     stored = study.user_attrs.get("config")
     if stored is None:
-        from .report import package_versions
-
         study.set_user_attr("versions", package_versions())  # not part of config: a resumed study may upgrade
         study.set_user_attr("heartbeat_s", heartbeat)
         study.set_user_attr("config", config)

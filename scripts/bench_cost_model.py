@@ -34,8 +34,8 @@ import torchvision
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import autocompress as ac  # noqa: E402
 from autocompress.compress import TECHNIQUES  # noqa: E402
+from autocompress.cost.hardware import load_profile  # noqa: E402
 from autocompress.cost.measure import measure_latency_ms  # noqa: E402
-from autocompress.cost.profiles import load_profile  # noqa: E402
 from autocompress.space import value_at  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1",
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     if args.calibrate:
         from autocompress.cost.calibrate import calibrate_host, quality_line
-        from autocompress.cost.profiles import host_profile_path
+        from autocompress.cost.hardware import host_profile_path
 
         for t in threads:
             profile, _ = calibrate_host(host_profile_path(threads=t), threads=t, force=True)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress as ac
 from autocompress.data import digits_tensors
-from autocompress.cost.profiles import load_profile
+from autocompress.cost.hardware import load_profile
 from autocompress.evaluate import Evaluator, accuracy
 from autocompress.models import cache_dir, digits_resnet, train_classifier
 from autocompress.report import hypervolume

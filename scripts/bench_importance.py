@@ -21,11 +21,11 @@ import torch
 
 import autocompress as ac
 from autocompress.compress.prune import IMPORTANCE, calibration_data, kept_channels
-from autocompress.cost.measure import fixed_threads
 from autocompress.data import digits_loaders
 from autocompress.evaluate import Evaluator
 from autocompress.graph import analyze, output_layers, prune_channels
 from autocompress.models import digits_resnet
+from autocompress.threads import fixed_threads
 
 
 def random_channels(model, policy, x, seed: int):

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import autocompress as ac  # noqa: E402
-from autocompress.cost.profiles import load_profile  # noqa: E402
+from autocompress.cost.hardware import load_profile  # noqa: E402
 from autocompress.evaluate import make_evaluator  # noqa: E402
 
 SAMPLERS = ("nsga2", "tpe", "random")

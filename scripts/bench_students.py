@@ -32,13 +32,14 @@ import pandas as pd
 import torch
 
 import autocompress as ac
+from autocompress import supernet
 from autocompress.cost.measure import measure_latency_ms
 from autocompress.data import digits_loaders
 from autocompress.evaluate import Evaluator, TeacherOutputs, accuracy, distill_loss
 from autocompress.models import digits_resnet
 from autocompress.result import pareto_front
 from autocompress.space import SearchSpace
-from autocompress.students import supernet
+from autocompress.students.bank import inherit, load
 from autocompress.students.build import build
 
 FMT = {"float_format": lambda v: f"{v:.4g}", "index": False}
@@ -72,7 +73,7 @@ def cheap_candidates(teacher, x, train, val, args) -> pd.DataFrame:
     bound = SearchSpace.load("mobilenet").bind(ac.analyze(teacher, x))
     start = time.perf_counter()
     key = supernet.prepare(bound, teacher, x, train)
-    bank = supernet.load(key)
+    bank = load(key)
     steps = bound.space.techniques["student"]["supernet_steps"]
     print(f"mobilenet supernet {key}: {steps} sandwich steps, trained once in {bank['seconds']:.0f} s "
           f"(this run: {time.perf_counter() - start:.0f} s; cached)\n")
@@ -86,7 +87,7 @@ def cheap_candidates(teacher, x, train, val, args) -> pd.DataFrame:
         row = {"student": ["smallest", *[f"random {j}" for j in range(1, args.students - 1)], "largest"][i],
                "MACs (M)": est.macs / 1e6, "params (k)": est.params / 1e3}
         start = time.perf_counter()
-        inherited = supernet.inherit(build(section, x.shape, 10), bank)
+        inherited = inherit(build(section, x.shape, 10), bank)
         row["inherited acc"] = judged(inherited, judge, val)
         row["inherited s"] = time.perf_counter() - start
         seconds = kd_train(inherited, train, teacher, args.steps, 0.01)

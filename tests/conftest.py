@@ -29,6 +29,6 @@ def digits_input():
 @pytest.fixture(scope="session")
 def host():
     """The calibrated host profile (calibrated once per machine, then read from the cache)."""
-    from autocompress.cost.profiles import load_profile
+    from autocompress.cost.hardware import load_profile
 
     return load_profile("host")

@@ -8,7 +8,7 @@ import yaml
 
 import autocompress as ac
 from autocompress.compress.quantize import fake_quantize
-from autocompress.cost.profiles import load_profile
+from autocompress.cost.hardware import load_profile
 
 
 def test_params_and_macs_agree_with_fvcore_and_numel():

@@ -10,7 +10,7 @@ from torch import nn
 
 import autocompress as ac
 from autocompress.cli import main
-from autocompress.cost import calibrate as cal, kernels, profiles
+from autocompress.cost import calibrate as cal, hardware, kernels, profiles
 from autocompress.cost.flow import dataflow
 from autocompress.cost.trace import trace
 from autocompress.graph import analyze
@@ -97,7 +97,7 @@ def test_a_fitted_profile_prices_kernels_as_timed(fitted, tmp_path):
     assert est.latency_ms == pytest.approx(kernels.predict_s(row, fitted)[0] * 1e3, rel=1e-9)
     assert 0.5 < est.latency_ms / fake_ms(conv, x) < 2.0
     path = cal.write_profile(fitted, tmp_path / "p.yaml")
-    again = profiles.load_profile(str(path))
+    again = hardware.load_profile(str(path))
     assert ac.estimate(conv, x, again).latency_ms == pytest.approx(est.latency_ms, rel=1e-4)
     quality = fitted.calibration
     assert {"fit_median_error", "fit_within_10pct", "fit_within_20pct", "load_before", "dropped"} <= set(quality)
@@ -122,10 +122,10 @@ def test_host_is_calibrated_per_thread_count(fitted, tmp_path, monkeypatch):
         return cal.write_profile(profile, path)
 
     monkeypatch.setattr(cal, "calibrate_host", fake_host)
-    assert profiles.load_profile("host", threads=3).threads == 3
-    assert profiles.host_profile_path(threads=3).name.endswith("-t3.yaml")
-    assert profiles.load_profile("host").threads == torch.get_num_threads()
-    profiles.load_profile("host", threads=3)
+    assert hardware.load_profile("host", threads=3).threads == 3
+    assert hardware.host_profile_path(threads=3).name.endswith("-t3.yaml")
+    assert hardware.load_profile("host").threads == torch.get_num_threads()
+    hardware.load_profile("host", threads=3)
     assert calls == [3, torch.get_num_threads()]
 
 
@@ -142,7 +142,7 @@ def test_uneven_timings_are_timed_again_then_dropped(monkeypatch):
 def test_a_busy_machine_keeps_the_previous_profile(fake_machine, tmp_path, capsys):
     path = tmp_path / "host.yaml"
     fake_machine.setattr(cal.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
-    fake_machine.setattr(profiles, "host_profile_path", lambda device="cpu", threads=None: path)
+    fake_machine.setattr(hardware, "host_profile_path", lambda device="cpu", threads=None: path)
     path.write_text("previous")
     assert main(["calibrate", "--quick", "--threads", "1"]) == 0
     out = capsys.readouterr().out.strip()

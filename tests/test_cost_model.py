@@ -9,8 +9,9 @@ import autocompress as ac
 from autocompress.budgets import Budgets, violations
 from autocompress.compress.base import layer_targets
 from autocompress.cost import calibrate as cal
+from autocompress.cost.hardware import load_profile
 from autocompress.cost.measure import measure_peak_activation_bytes
-from autocompress.cost.profiles import HardwareProfile, load_profile
+from autocompress.cost.profiles import HardwareProfile
 from autocompress.graph import analyze
 
 
@@ -145,10 +146,10 @@ def test_cuda_calibration_is_guarded():
 
 def test_stale_host_calibration_is_refitted(tmp_path, monkeypatch):
     """A cached host profile fitted to an older cost model is calibrated again on first use."""
-    from autocompress.cost import profiles
+    from autocompress.cost import hardware
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
-    path = profiles.host_profile_path()
+    path = hardware.host_profile_path()
     path.parent.mkdir(parents=True)
     old = {**load_profile("raspberry-pi-4").to_dict(), "name": "host", "calibration": {"model_version": 1}}
     path.write_text(__import__("yaml").safe_dump(old))

@@ -7,7 +7,8 @@ import yaml
 
 import autocompress as ac
 from autocompress.cli import main
-from autocompress.cost.profiles import builtin_profiles, load_profile
+from autocompress.cost.hardware import load_profile
+from autocompress.cost.profiles import builtin_profiles
 
 REQUIRED = {"host", "raspberry-pi-4", "cortex-a76", "jetson-orin-nano", "edge-tpu", "eyeriss", "nvidia-h100"}
 NUMBER = re.compile(r"^(\s*)[\w-]+:\s*(-?[\d.]+(e-?\d+)?|\{[^#]*\d[^#]*\}|\[[^#]*\d[^#]*\])\s*(#.*)?$")

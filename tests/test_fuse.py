@@ -6,7 +6,7 @@ from torch import nn
 
 import autocompress as ac
 from autocompress.compress.fuse import conv_bn_pairs, fuse_conv_bn
-from autocompress.cost.measure import fixed_threads
+from autocompress.threads import fixed_threads
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,8 +9,8 @@ from torch import nn
 
 import autocompress as ac
 from autocompress.compress.prune import calibration_data, kept_channels
-from autocompress.cost.measure import fixed_threads
 from autocompress.errors import AutocompressError
+from autocompress.threads import fixed_threads
 from counting import count_params
 
 

@@ -70,7 +70,7 @@ def test_warm_start_in_a_space_of_students_and_compression_tries_uniform_models_
     import optuna
 
     from autocompress import search
-    from autocompress.cost.profiles import load_profile
+    from autocompress.cost.hardware import load_profile
     from autocompress.space import KIND, STUDENT
 
     bound = SearchSpace.load("all").bind(ac.analyze(digits_model, digits_input))
@@ -94,7 +94,7 @@ def test_warm_start_tries_the_least_compressed_uniform_policies_that_fit_shares_
     """Uniform pruning at the budget and below it (BUDGET_SHARES): the front is never worse than a person's
     uniform pruning at those budgets. Each is the largest keep ratio that fits; the next one up does not."""
     from autocompress import search
-    from autocompress.cost.profiles import load_profile
+    from autocompress.cost.hardware import load_profile
 
     bound = SearchSpace("t", {"prune": {"keep": {"low": 0.25, "high": 1.0, "step": 0.125}, "granularity": "global"},
                               "quantize": {"weight_bits": [32, 8], "granularity": "global"}}
@@ -117,7 +117,8 @@ def test_repair_moves_only_the_techniques_that_lower_the_exceeded_metric(digits_
     """On a device with only float kernels, fewer weight bits shrink the model but do not speed it up: a latency
     repair leaves them as sampled (and prunes), a size repair may lower them."""
     from autocompress.cost.model import estimate
-    from autocompress.cost.profiles import HardwareProfile, load_profile
+    from autocompress.cost.hardware import load_profile
+    from autocompress.cost.profiles import HardwareProfile
     from autocompress.repair import levers, repair
 
     space = SearchSpace("t", {"prune": {"keep": [0.25, 0.5, 0.75, 1.0]},

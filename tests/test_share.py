@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import autocompress as ac
-from autocompress.compress import share, storage
+from autocompress.compress import share
 from autocompress.compress.base import get_meta, layer_targets
 from autocompress.cost.model import size_bytes
-from autocompress.cost.pack import SYNC
+from autocompress.cost.pack import SYNC, weight_bytes
 from autocompress.evaluate import compression_kept
 
 
@@ -79,8 +79,8 @@ def test_deep_compression_storage_is_sparse_values_index_and_huffman():
     offsets = 4 * math.ceil(len(nonzero) / SYNC)  # where decoding can restart: one uint32 per SYNC codes
     bits = sum(c * l for c, l in zip(counts, _huffman_lengths(counts)))
     expected = math.ceil(bits / 8) + len(counts) + offsets + index + 4 * 4
-    assert storage.weight_bytes(w, meta) == expected
-    assert storage.weight_bytes(w, {**meta, "huffman": False}) == math.ceil(len(nonzero) * 2 / 8) + index + 16
+    assert weight_bytes(w, meta) == expected
+    assert weight_bytes(w, {**meta, "huffman": False}) == math.ceil(len(nonzero) * 2 / 8) + index + 16
 
 
 def test_fine_tuning_trains_the_shared_values_and_keeps_their_number():

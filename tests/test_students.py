@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import autocompress as ac
 from autocompress.compress.student import TECHNIQUE as STUDENT
 from autocompress.evaluate import Evaluator, accuracy
+from autocompress import supernet
 from autocompress.space import SearchSpace
-from autocompress.students import supernet
+from autocompress.students import bank
 from autocompress.students.build import Student, build
 
 TINY = """
@@ -30,8 +31,8 @@ techniques:
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
     """Supernets go to a fresh folder (the trained digits model and the host profile stay where they are)."""
-    monkeypatch.setattr(supernet, "_path", lambda key: tmp_path / f"{key}.pt")
-    monkeypatch.setattr(supernet, "_LOADED", {})
+    monkeypatch.setattr(bank, "_path", lambda key: tmp_path / f"{key}.pt")
+    monkeypatch.setattr(bank, "_LOADED", {})
     return tmp_path
 
 
@@ -118,17 +119,17 @@ def test_supernet_is_trained_once_cached_and_students_inherit_exactly_its_slices
     assert (cache / f"{key}.pt").exists() and any("trained" in s for s in said)
     assert bound.space.techniques["student"]["supernet"] == key
     said.clear()
-    supernet._LOADED.clear()
+    bank._LOADED.clear()
     assert supernet.prepare(bound, digits_model, digits_input, small_data[0], log=said.append) == key and not said
 
-    bank = supernet.load(key)
+    stored = bank.load(key)
     sampler = supernet.Sampler(bound)
     x = small_data[1].dataset.tensors[0][:8]
     for section in (sampler.uniform(0.0), sampler.uniform(1.0), sampler.uniform(0.5)):
         student = ac.apply(digits_model, {"student": section}, digits_input)  # the policy names the supernet
         skeleton = supernet._skeleton(section, digits_input.shape, 10).eval()
         with torch.no_grad():
-            sliced = supernet._run_sliced(skeleton, bank["params"], bank["buffers"], x)
+            sliced = supernet._run_sliced(skeleton, stored["params"], stored["buffers"], x)
             torch.testing.assert_close(student(x), sliced)
     fresh = build(sampler.uniform(1.0), digits_input.shape, 10)
     assert not torch.equal(fresh.classifier.weight, ac.apply(digits_model, {"student": sampler.uniform(1.0)},

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import autocompress as ac
 from autocompress.evaluate import accuracy
 from autocompress.space import SearchSpace, builtin_spaces
-from autocompress.students import supernet
+from autocompress.students import bank
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def quick(name: str) -> SearchSpace:
 @pytest.mark.parametrize("name", builtin_spaces())
 def test_every_reported_number_is_what_the_user_takes_away(name, digits_model, digits_input, tiny_data, tmp_path,
                                                            monkeypatch):
-    monkeypatch.setattr(supernet, "_path", lambda key: tmp_path / f"{key}.pt")
-    monkeypatch.setattr(supernet, "_LOADED", {})
+    monkeypatch.setattr(bank, "_path", lambda key: tmp_path / f"{key}.pt")
+    monkeypatch.setattr(bank, "_LOADED", {})
     storage = f"sqlite:///{tmp_path}/study.db"
     result = ac.compress(digits_model, digits_input, data=tiny_data, space=quick(name), trials=4, finetune_steps=12,
                          final_epochs=1, budgets={"size": 0.9}, progress=False, storage=storage)

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import autocompress as ac
-from autocompress.cost.measure import fixed_threads
+from autocompress.threads import fixed_threads
 from counting import count_params
 
 FULL, PARTLY, NONE = "full", "partly", "none"

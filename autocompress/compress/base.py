@@ -18,7 +18,7 @@ Metadata keys (set with `set_meta`, read with `get_meta`; absent means "not comp
 | act_bits        | quantize  | conv/linear leaf          | bits of the layer's input activations (per-tensor affine)      |
 | huffman         | share, quantize | conv/linear leaf    | stored value codes are Huffman-coded                           |
 
-Stored size of a weight tensor with these keys: `compress.storage.weight_bytes(weight, meta)`.
+Stored size of a weight tensor with these keys: `cost.pack.weight_bytes(weight, meta)`.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..cost.measure import fixed_threads
+from ..threads import fixed_threads
 from .base import FRACTION, Technique, layer_targets, set_meta
 
 KXK_METHODS = ("tucker", "spatial")

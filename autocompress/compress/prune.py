@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AutocompressError, one_of
-from ..graph import _first_tensor, output_layers, prune_channels
+from ..graph import first_tensor, output_layers, prune_channels
 from .base import FRACTION, Between, Technique, set_meta
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
@@ -96,7 +96,7 @@ def _accumulate_gradients(model: nn.Module, example_input: torch.Tensor) -> None
         for batch in batches:
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
             model.zero_grad(set_to_none=True)
-            out = _first_tensor(model(x))
+            out = first_tensor(model(x))
             try:
                 nn.functional.cross_entropy(out, out.argmax(1).detach() if y is None else y).backward()
             except (RuntimeError, ValueError, IndexError):  # not a classifier's output: taylor falls back to l1

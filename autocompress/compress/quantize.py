@@ -65,7 +65,7 @@ def act_quantize(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tens
     return (torch.clamp(torch.round(x / scale) + zero_point, 0, levels) - zero_point) * scale
 
 
-def _act_fake_quant(module: nn.Module, args):
+def act_fake_quant(module: nn.Module, args):
     """Forward pre-hook: the layer sees its input fake-quantized (straight-through gradient)."""
     x = args[0]
     lo, hi = module.act_range.tolist()
@@ -77,7 +77,7 @@ def add_act_quant(module: nn.Module, bits: int) -> None:
     """Quantize `module`'s input activations to `bits` bits from now on (range set by calibration)."""
     if "act_range" not in module._buffers:
         module.register_buffer("act_range", torch.zeros(2))
-        module.register_forward_pre_hook(_act_fake_quant)
+        module.register_forward_pre_hook(act_fake_quant)
     set_meta(module, act_bits=bits)
 
 

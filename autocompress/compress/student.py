@@ -3,10 +3,11 @@
 Its targets are the student's five stages (stage1 ... stage5), not the teacher's layers, and its knobs
 shape each stage (students/build.py lists them). `apply` keeps nothing of the teacher but its input
 shape and its number of classes (a teacher whose output is not class scores is refused), builds the
-student and, when the policy names a supernet (see students/supernet.py: `ac.compress` trains it once
-per teacher, data and space), gives it the supernet's weights; the evaluator then recalibrates its
-BatchNorm statistics and fine-tunes it with distillation from the teacher. A student policy is applied
-on its own: a space mixing students with compression techniques chooses one kind per policy (space.py).
+student and, when the policy names a supernet (see autocompress/supernet.py: `ac.compress` trains it once
+per teacher, data and space), gives it the supernet's weights (students/bank.py); the evaluator then
+recalibrates its BatchNorm statistics and fine-tunes it with distillation from the teacher. A student
+policy is applied on its own: a space mixing students with compression techniques chooses one kind per
+policy (space.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..students import bank
 from ..students.blocks import ACTIVATIONS
 from ..students.build import DEFAULTS, STAGES, TEMPLATES, build
 from .base import Between, Technique, set_meta
@@ -35,17 +37,15 @@ def _targets(graph) -> list[tuple[str, str]]:
 
 
 def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
-    from ..students import supernet
-
-    student = build(section, example_input.shape, supernet.class_count(model, example_input))
+    student = build(section, example_input.shape, bank.class_count(model, example_input))
     key = section.get("supernet")
     if key:
-        bank = supernet.load(key)
-        if bank is None:
+        stored = bank.load(key)
+        if stored is None:
             warnings.warn(f"student supernet {key} is not in this machine's cache; the student starts from "
                           f"fresh weights", stacklevel=2)
         else:
-            supernet.inherit(student, bank)
+            bank.inherit(student, stored)
     set_meta(student, student=section.get("block", "mbconv"), supernet=key)
     return student
 

@@ -11,39 +11,15 @@ each module once) and parameter count (each tensor once) count it once, while th
 every call, so latency and energy count every use. Blocks that an earlier technique made unequal
 (pruned to different widths, factorized to different ranks) stay separate. Tied blocks carry
 `tied_to` (the block whose weights they use) in their metadata. Students tie blocks the same way
-(students/build.py, the `separate` knob of a student space).
+(students/build.py, the `separate` knob of a student space), with the same `students.blocks.share_blocks`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..students.blocks import share_blocks
 from .base import Technique, set_meta
-
-SHARED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def signature(module: nn.Module) -> list:
-    """Structure of a block: every submodule's name, type, and own tensors' shapes."""
-    return [(name, type(m).__name__, [tuple(t.shape) for t in list(m.parameters(False)) + list(m.buffers(False))])
-            for name, m in module.named_modules()]
-
-
-def share_blocks(blocks: list[nn.Module]) -> list[int]:
-    """Make each block of `blocks[1:]` that has the structure of `blocks[0]` use blocks[0]'s conv and
-    linear modules; returns the indices of the blocks tied."""
-    ref = blocks[0]
-    shape = signature(ref)
-    shared = [(name, m) for name, m in ref.named_modules() if isinstance(m, SHARED_TYPES)]
-    tied = []
-    for i, block in enumerate(blocks[1:], 1):
-        if signature(block) != shape:
-            continue
-        for name, m in shared:
-            parent, _, attr = name.rpartition(".")
-            setattr(block.get_submodule(parent), attr, m)
-        tied.append(i)
-    return tied
 
 
 def _targets(graph) -> list[tuple[str, str]]:

@@ -32,9 +32,10 @@ import yaml
 from torch import nn
 
 from ..errors import AutocompressError
+from ..threads import fixed_threads
 from . import kernels as K
 from .fusion import fusion_groups
-from .measure import fixed_threads, measure_latency_ms
+from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
 from .trace import trace
 

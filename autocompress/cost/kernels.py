@@ -25,8 +25,6 @@ import math
 import numpy as np
 from torch import nn
 
-from .model import gemm_dims, pool_work
-
 KERNEL_FUSES = (("conv", "bn", "act"), ("conv", "bn"), ("conv", "act"), ("linear", "act"), ("add", "act"))
 FAMILIES = ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul", "norm", "act", "maxpool", "avgpool",
             "adaptivepool", "add", "mul", "cat", "elementwise", "other")
@@ -36,6 +34,30 @@ ACT_CODES = {"ReLU": 1, "relu": 1, "relu_": 1, "ReLU6": 2, "relu6": 2, "Hardtanh
 FEATURES = ("family", "log_work", "log_in", "log_out", "log_params", "log_m", "log_n", "log_k", "cin", "cout",
             "groups", "kernel", "stride", "cin_mod16", "cout_mod16", "bn", "act", "log_spatial", "log_weights_between", "log_prior")
 GEMM_FAMILIES = {FAMILIES.index(f) for f in ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul")}
+
+
+def gemm_dims(layer) -> tuple[int, int, int]:
+    """(m, n, k) of the layer seen as a matrix product: output channels per group, output positions, reduction
+    length per output; (1, 1, 1) for ops that are not products."""
+    m = layer.module
+    if isinstance(m, nn.modules.conv._ConvNd) and layer.out_shape:
+        n = layer.out_numel // max(1, m.out_channels)
+        return m.out_channels // m.groups, n, (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    if isinstance(m, nn.Linear) and layer.out_shape:
+        return m.out_features, layer.out_numel // max(1, m.out_features), m.in_features
+    if layer.kind == "matmul" and layer.out_shape:
+        n = layer.out_shape[-1]
+        return n, max(1, layer.out_numel // max(1, n)), max(1, layer.macs // max(1, layer.out_numel))
+    return 1, 1, 1
+
+
+def pool_work(layer) -> float:
+    """Window reads of a pooling op: output elements x window area for a fixed window, else every input once."""
+    kernel = getattr(layer.module, "kernel_size", None) if layer.module is not None else None
+    if kernel is None or isinstance(layer.module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return float(layer.in_numel)
+    kernel = kernel if isinstance(kernel, tuple) else (kernel,) * max(1, len(layer.out_shape) - 2)
+    return float(layer.out_numel * math.prod(kernel))
 
 
 def family(layer) -> str:

@@ -1,7 +1,6 @@
 """Real measurements that the cost model's figures are checked against."""
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import weakref
@@ -12,21 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import AutocompressError
+from ..threads import fixed_threads
 
 
 DEFAULT_THREADS = 1  # one intra-op thread: on small shared machines two threads time bimodally (1x or 2.3x)
-
-
-@contextlib.contextmanager
-def fixed_threads(threads: int | None):
-    """Run torch with `threads` intra-op threads inside the block (None: leave as is)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 CLOCKS = ("wall", "cpu")

@@ -37,10 +37,13 @@ import torch
 from torch import nn
 
 from ..compress.base import get_meta
+from ..compress.sparsity import index_bytes
+from . import kernels, pack
 from .flow import INPUT, Flow
 from .fusion import fusion_groups
+from .hardware import load_profile
 from .memory import peak_activation_bytes
-from .profiles import DTYPE_BITS, HardwareProfile, load_profile
+from .profiles import DTYPE_BITS, HardwareProfile
 from .trace import trace
 
 GEMM_KINDS = ("conv", "linear", "matmul")
@@ -76,27 +79,10 @@ def weight_bits(module: nn.Module | None) -> int:
 
 
 def size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as stored: each conv/linear weight as compress.storage.weight_bytes
-    counts it (bit-packed values, per-channel scales, sparse index, codebook, optional Huffman), every other
-    tensor of the state_dict at its own dtype size. cost/pack.py writes exactly these bytes."""
-    from .pack import tensor_entries
-
-    return sum(nbytes for _, _, _, nbytes in tensor_entries(model))
-
-
-def gemm_dims(layer) -> tuple[int, int, int]:
-    """(m, n, k) of the layer seen as a matrix product: output channels per group, output positions, reduction
-    length per output; (1, 1, 1) for ops that are not products."""
-    m = layer.module
-    if isinstance(m, nn.modules.conv._ConvNd) and layer.out_shape:
-        n = layer.out_numel // max(1, m.out_channels)
-        return m.out_channels // m.groups, n, (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    if isinstance(m, nn.Linear) and layer.out_shape:
-        return m.out_features, layer.out_numel // max(1, m.out_features), m.in_features
-    if layer.kind == "matmul" and layer.out_shape:
-        n = layer.out_shape[-1]
-        return n, max(1, layer.out_numel // max(1, n)), max(1, layer.macs // max(1, layer.out_numel))
-    return 1, 1, 1
+    """Bytes of the model's weights as stored: each conv/linear weight as cost.pack.weight_bytes counts it
+    (bit-packed values, per-channel scales, sparse index, codebook, optional Huffman), every other tensor of
+    the state_dict at its own dtype size. cost/pack.py writes exactly these bytes."""
+    return sum(nbytes for _, _, _, nbytes in pack.tensor_entries(model))
 
 
 def padded(count: np.ndarray, multiple: int) -> np.ndarray:
@@ -165,7 +151,7 @@ def _layer_facts(layer, profile: HardwareProfile) -> dict:
     wbits, abits = (int(meta.get("weight_bits", 32)), int(meta.get("act_bits", 32))) if weighted else (32, 32)
     dtype = profile.dtype_for(max(wbits, abits)) if weighted or layer.kind == "matmul" else profile.dtype_for(32)
     density = 1.0 - float(meta.get("sparsity", 0.0)) if profile.sparse else 1.0
-    m, n, k = gemm_dims(layer)
+    m, n, k = kernels.gemm_dims(layer)
     work = layer.macs * density
     if layer.kind in GEMM_KINDS:
         work *= padded(m, profile.channel_multiple) / m
@@ -173,7 +159,7 @@ def _layer_facts(layer, profile: HardwareProfile) -> dict:
         channels = layer.module.out_channels
         work *= padded(channels, profile.channel_multiple) / channels
     elif layer.kind == "pool":
-        work = pool_work(layer)
+        work = kernels.pool_work(layer)
     stored, dense = _weight_bytes(layer, dtype, density)
     return {"name": layer.name, "kind": layer.kind, "type": layer.type, "out_shape": layer.out_shape,
             "macs": layer.macs, "params": layer.params, "weight_bits": wbits, "act_bits": abits, "dtype": dtype,
@@ -182,22 +168,10 @@ def _layer_facts(layer, profile: HardwareProfile) -> dict:
             "mac_bits": DTYPE_BITS[dtype], "exec_macs": layer.macs * density}
 
 
-def pool_work(layer) -> float:
-    """Window reads of a pooling op: output elements x window area for a fixed window, else every input once."""
-    kernel = getattr(layer.module, "kernel_size", None) if layer.module is not None else None
-    if kernel is None or isinstance(layer.module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        return float(layer.in_numel)
-    kernel = kernel if isinstance(kernel, tuple) else (kernel,) * max(1, len(layer.out_shape) - 2)
-    return float(layer.out_numel * math.prod(kernel))
-
-
 def _weight_bytes(layer, dtype: str, density: float) -> tuple[float, float]:
     """(bytes stored, bytes a kernel reads) of the layer's own tensors. A conv/linear weight is stored as
-    compress.storage counts it and read in the dtype the kernel computes in (only the non-zeros, plus their
-    index, where the profile skips zeros); other tensors (bias, BatchNorm) at their own size."""
-    from ..compress.sparsity import index_bytes
-    from ..compress.storage import weight_bytes
-
+    cost.pack.weight_bytes counts it and read in the dtype the kernel computes in (only the non-zeros, plus
+    their index, where the profile skips zeros); other tensors (bias, BatchNorm) at their own size."""
     if layer.module is None:
         return 0.0, 0.0
     tensors = _named_own(layer.module)
@@ -206,7 +180,7 @@ def _weight_bytes(layer, dtype: str, density: float) -> tuple[float, float]:
     if weight is None:
         return other, other
     meta = get_meta(layer.module)
-    stored = weight_bytes(weight, meta) if meta else weight.numel() * weight.element_size()
+    stored = pack.weight_bytes(weight, meta) if meta else weight.numel() * weight.element_size()
     read = weight.numel() * DTYPE_BITS[dtype] / 8
     if density < 1.0:
         read = read * density + index_bytes(weight.detach() != 0)
@@ -240,8 +214,6 @@ def _output_widths(layers, flow: Flow, rows) -> list[float]:
 
 def kernel_seconds(graph, table: pd.DataFrame, profile: HardwareProfile) -> np.ndarray:
     """Per row of `op_table`, the kernel regressor's seconds for the kernel it anchors (0 for other members)."""
-    from . import kernels
-
     index, rows = kernels.features(graph.layers, list(table["anchor"]))
     seconds = np.zeros(len(table))
     seconds[index] = kernels.predict_s(rows, profile)

@@ -1,11 +1,23 @@
 """The packed export: a file that really stores what the cost model's size counts, and its loader.
 
-Every conv/linear weight is written as compress.storage.weight_bytes counts it: integer grid codes
+Every conv/linear weight is written as `weight_bytes` counts it: integer grid codes
 bit-packed at `weight_bits` with one fp32 scale per output channel (binary, ternary, int4, int8),
 fp16 values, or (shared weights) `share_bits`-bit indices into a codebook of the shared values;
 sparse layers store only their non-zeros plus a bitmask or CSR index, whichever is smaller; codes
 are Huffman-coded where the metadata says so. Every other tensor is stored raw. The loader decodes
 every tensor back to the float values the compressed module holds (to float rounding of the scales).
+
+`weight_bytes` is that count, and the cost model's size (cost/model.py) is made of it, so the size the
+search optimizes is the size of the file:
+
+    stored values  the non-zeros when the layer is sparse, else every weight
+    value codes    share_bits per value when shared (codebook index), else weight_bits (32: fp32,
+                   16: fp16); Huffman-coded instead when `huffman` and the codes index a small
+                   alphabet (shared, or integer grids of < 16 bits): the stream + code-length table +
+                   which codes occur + sync offsets
+    index          sparsity.index_bytes(mask): bitmask or CSR, whichever is smaller (sparse only)
+    tables         shared: share.codebook_bytes(clusters, weight_bits); integer grids: one fp32
+                   scale per output channel (quantize.scale_bytes)
 
 File: b"ACPACK01", a 4-byte header length, a zlib-compressed JSON header (per tensor: name, shape,
 dtype, encoding and its sections' lengths), the tensors' bytes, and optionally the module's
@@ -29,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compress import quantize, share, sparsity
 from ..compress.base import get_meta
 from ..errors import AutocompressError
 
@@ -39,9 +52,7 @@ CHUNK = 1 << 20  # values expanded to bits at a time (bounds the encoder's memor
 
 def tensor_entries(model: nn.Module):
     """(name, tensor, metadata, stored bytes) of every parameter and buffer, module by module: a conv/linear
-    weight with compression metadata as compress.storage counts it, any other tensor at its dtype size."""
-    from ..compress.storage import weight_bytes
-
+    weight with compression metadata as `weight_bytes` counts it, any other tensor at its dtype size."""
     for prefix, module in model.named_modules():
         meta = get_meta(module)
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -50,6 +61,26 @@ def tensor_entries(model: nn.Module):
             compressed = name == "weight" and bool(meta)
             yield key, t, (meta if compressed else {}), (weight_bytes(t, meta) if compressed
                                                           else t.numel() * t.element_size())
+
+
+def weight_bytes(weight: torch.Tensor, meta: dict) -> int:
+    """Stored bytes of one weight tensor whose module carries `meta` (see compress/base.py for the keys)."""
+    bits = int(meta.get("weight_bits", 32))
+    huffman = bool(meta.get("huffman")) and ("clusters" in meta or bits < 16)  # codes index a small alphabet
+    if not meta.get("sparsity") and "clusters" not in meta and not huffman:
+        return quantize.packed_bytes(weight.numel(), bits) + quantize.scale_bytes(weight, bits)
+    if huffman:  # a code's length depends on every code's frequency: count the packed file's own encoding
+        return sum(len(section) for section in encode_weight(weight, meta)[1])
+    w = weight.detach()
+    mask = w != 0
+    sparse = bool(meta.get("sparsity"))
+    values = w[mask] if sparse else w.flatten()
+    index = sparsity.index_bytes(mask) if sparse else 0
+    if "clusters" in meta:
+        code_bits, tables = int(meta["share_bits"]), share.codebook_bytes(int(meta["clusters"]), bits)
+    else:
+        code_bits, tables = bits, quantize.scale_bytes(w, bits)
+    return quantize.packed_bytes(values.numel(), code_bits) + index + tables
 
 
 # ---- bit packing --------------------------------------------------------------------------------------
@@ -217,11 +248,9 @@ def _codebook(values: torch.Tensor, bits: int) -> bytes:
 
 def _index(mask: torch.Tensor) -> tuple[str, bytes]:
     """The position of the non-zeros: a bitmask or CSR rows (sparsity.index_bytes picks the same)."""
-    from ..compress.sparsity import index_bytes
-
     rows, cols = mask.shape
     bitmask = np.packbits(mask.reshape(-1).numpy().astype(np.uint8)).tobytes()
-    if len(bitmask) == index_bytes(mask):
+    if len(bitmask) == sparsity.index_bytes(mask):
         return "bitmask", bitmask
     col_bits = max(1, math.ceil(math.log2(cols)))
     pointers = np.concatenate([[0], np.cumsum(mask.sum(dim=1).numpy())]).astype(np.uint32)

@@ -1,13 +1,10 @@
 """Hardware profiles: YAML data describing a device's compute, memory and energy, validated on load.
 
-Built-in profiles live in `cost/profiles/*.yaml`, each number with its source in a comment. `host` is
-this machine: the latest calibration saved in the user's cache directory (made, quickly, on first
-use); `host-cuda` the same for this machine's GPU (made by `autocompress calibrate --device cuda`).
-Anything else with a `/` or a .yaml suffix is a path to a profile file.
+Built-in profiles live in `cost/profiles/*.yaml`, each number with its source in a comment. Which profile a
+`hardware` argument names (a built-in, a file, or `host`: this machine's calibration) is cost/hardware.py's.
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -245,78 +242,8 @@ def default_threads() -> int:
     return torch.get_num_threads()
 
 
-def host_profile_path(device: str = "cpu", threads: int | None = None) -> Path:
-    """Where the calibration of this machine (its CPU at `threads` torch threads, default: torch's count; or its
-    GPU with device='cuda') is saved."""
-    from ..models import cache_dir
-
-    suffix = "-cuda" if device == "cuda" else f"-t{threads or default_threads()}"
-    return cache_dir() / "profiles" / f"host-{platform.node() or 'local'}{suffix}.yaml"
-
-
-def load_profile(spec: "str | Path | HardwareProfile", threads: int | None = None) -> HardwareProfile:
-    """A profile by name (`host`, `host-cuda`, a built-in) or a path to a YAML file, for `threads` torch threads
-    (None: `host` at torch's count, any other profile at its own). `host` at a thread count is this machine's
-    calibration at that count (made on first use); a fitted profile refuses another count."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise AutocompressError(f"threads = {threads!r} is not allowed; it must be an integer >= 1")
-    if isinstance(spec, HardwareProfile):
-        spec.check_threads(threads)
-        return spec
-    spec = str(spec)
-    if spec in ("host", "host-cuda"):
-        return _cached_host("cuda" if spec == "host-cuda" else "cpu", threads)
-    profile = _named(spec)
-    profile.check_threads(threads)
-    return profile
-
-
-def _named(spec: str) -> HardwareProfile:
-    """A built-in profile by name, or a profile file by path."""
-    if spec not in builtin_profiles() and Path(spec).is_dir():
-        raise AutocompressError(f"hardware {spec!r} is a folder; pass a profile YAML file or a name: "
-                                f"{', '.join(builtin_profiles())}")
-    if spec.endswith((".yaml", ".yml")) or "/" in spec:
-        if not Path(spec).is_file():
-            raise AutocompressError(f"hardware profile file {spec!r} does not exist")
-        return _load_file(Path(spec))
-    if spec not in builtin_profiles():
-        raise AutocompressError(f"unknown hardware {spec!r}; allowed: {', '.join(builtin_profiles())}, "
-                                "or a path to a profile YAML")
-    return _load_file(resources.files("autocompress.cost") / "profiles" / f"{spec}.yaml")
-
-
-def profile_text(spec: str) -> str:
-    """The YAML text of a profile, comments (the sources of its numbers) included."""
-    profile = load_profile(spec)  # validates, and calibrates `host` on first use
-    if spec in ("host", "host-cuda"):
-        return host_profile_path(profile.device, profile.threads).read_text()
-    if spec.endswith((".yaml", ".yml")) or "/" in spec:
-        return Path(spec).read_text()
-    return (resources.files("autocompress.cost") / "profiles" / f"{spec}.yaml").read_text()
-
-
-def _cached_host(device: str, threads: int | None) -> HardwareProfile:
-    """This machine's saved calibration at `threads`; on the CPU made now (quick) when missing or fitted to an
-    older model."""
-    from .calibrate import MODEL_VERSION, calibrate_host
-
-    threads = threads or default_threads()
-    path = host_profile_path(device, threads)
-    try:
-        profile = _load_file(path) if path.exists() else None
-    except AutocompressError:  # written by an older version: calibrate again
-        profile = None
-    if profile is not None and profile.calibration.get("model_version") == MODEL_VERSION:
-        return profile
-    if device == "cuda":
-        raise AutocompressError("hardware 'host-cuda' has no calibration for this cost model yet; run "
-                                "`autocompress calibrate --device cuda` on this machine (it needs a CUDA GPU)")
-    calibrate_host(path, quick=True, threads=threads)
-    return _load_file(path)
-
-
-def _load_file(path) -> HardwareProfile:
+def read_profile(path) -> HardwareProfile:
+    """The profile in a YAML file (a path or a package resource), validated."""
     try:
         data = yaml.safe_load(Path(path).read_text() if isinstance(path, (str, Path)) else path.read_text())
     except yaml.YAMLError as exc:

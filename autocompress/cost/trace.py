@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ..graph import (Layer, LayerGraph, _add_get_attr_params, _matmul_macs, _output_layers, analyze, check_forward,
-                     node_layer)
+from ..graph import (Layer, LayerGraph, add_get_attr_params, analyze, check_forward, matmul_macs, node_layer,
+                     traced_output_layers)
 from .flow import Flow, dataflow, flow_of
 
 EXACT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)  # the parametric modules whose MACs are counted here
@@ -36,8 +36,8 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerGraph, Fl
     layers = _layers(gm, modules, values)
     if layers is None:
         return _analyzed(model, example_input)
-    _add_get_attr_params(gm, layers)
-    graph = LayerGraph(layers, [], "fx", _output_layers(gm, modules), tuple(example_input.shape))
+    add_get_attr_params(gm, layers)
+    graph = LayerGraph(layers, [], "fx", traced_output_layers(gm, modules), tuple(example_input.shape))
     return graph, flow_of(gm, graph)
 
 
@@ -77,7 +77,7 @@ def _layers(gm, modules, values) -> list[Layer] | None:
             return None
         if layer.kind == "free":
             continue
-        layer.macs = (_matmul_macs(node, values) if layer.kind == "matmul" and m is None
+        layer.macs = (matmul_macs(node, values) if layer.kind == "matmul" and m is None
                       else _module_macs(m, layer.out_shape))
         layers.append(layer)
     return layers

@@ -1,5 +1,6 @@
 """Compact students found by architecture search: blocks (MBConv, fire, Ghost), `build(policy)`, and the
-elastic supernet they inherit weights from (import `autocompress.students.supernet` for it)."""
+bank of the elastic supernet they inherit weights from (`autocompress.students.bank`; training it for a
+search space is `autocompress.supernet`)."""
 from .build import build
 
 __all__ = ["build"]

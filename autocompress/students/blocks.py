@@ -7,6 +7,8 @@
 - `GhostConv`: GhostNet's feature-map reuse. A conv computes `primary` of the output channels; cheap 3x3
   depthwise operations on those generate the rest. Used for the pointwise convs of both blocks (the
   `primary` knob) and, by compress/ghost.py, as a replacement for a user's own convs.
+- `share_blocks`: equal blocks made to use one set of conv and linear weights (ALBERT-style tying): a
+  student stage's `separate` knob, and compress/tie.py on a user's residual blocks.
 
 Every block is built from plain nn.Conv2d / nn.BatchNorm2d leaves, so the layer graph, the cost model and
 every compression technique see ordinary layers.
@@ -127,3 +129,29 @@ class Fire(nn.Module):
 
 
 BLOCKS = {"mbconv": MBConv, "fire": Fire}
+
+
+SHARED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def signature(module: nn.Module) -> list:
+    """Structure of a block: every submodule's name, type, and own tensors' shapes."""
+    return [(name, type(m).__name__, [tuple(t.shape) for t in list(m.parameters(False)) + list(m.buffers(False))])
+            for name, m in module.named_modules()]
+
+
+def share_blocks(blocks: list[nn.Module]) -> list[int]:
+    """Make each block of `blocks[1:]` that has the structure of `blocks[0]` use blocks[0]'s conv and
+    linear modules; returns the indices of the blocks tied."""
+    ref = blocks[0]
+    shape = signature(ref)
+    shared = [(name, m) for name, m in ref.named_modules() if isinstance(m, SHARED_TYPES)]
+    tied = []
+    for i, block in enumerate(blocks[1:], 1):
+        if signature(block) != shape:
+            continue
+        for name, m in shared:
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, m)
+        tied.append(i)
+    return tied

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.tie import share_blocks
 from ..errors import AutocompressError
-from .blocks import ACTIVATIONS, BLOCKS, conv_bn, make_divisible
+from .blocks import ACTIVATIONS, BLOCKS, conv_bn, make_divisible, share_blocks
 
 STAGES = tuple(f"stage{i}" for i in range(1, 6))
 # per block type: stem channels, head channels, and (channels, blocks, stride) of each stage
@@ -85,7 +84,7 @@ def check_input(input_shape) -> None:
 
 def build(policy, input_shape, classes: int) -> nn.Module:
     """The student a policy (or its `student` section) describes, for inputs of `input_shape` and `classes`
-    outputs, with freshly initialized weights (supernet.inherit gives it trained ones)."""
+    outputs, with freshly initialized weights (bank.inherit gives it trained ones)."""
     check_input(input_shape)
     section = policy.get("student", policy)
     block = section.get("block", "mbconv")

@@ -1,10 +1,9 @@
 """One elastic supernet per student space, trained once (Once-for-All style, sandwich rule) and cached.
 
 The supernet is a bank of tensors: for every parameter and buffer name a student of the space can have,
-the largest tensor any of them needs. A student inherits its weights by slicing: leading output and
-input channels, the centre of larger kernels (OFA's elastic kernel without its transform matrices),
-the first blocks of each stage (elastic depth). Pointwise convs with and without Ghost maps, and
-squeeze-excite, have their own tensors (their names differ), shared by every student that uses them.
+the largest tensor any of them needs, from which a student inherits its weights by slicing
+(students/bank.py, which the student technique reads; training it needs the bound space and the
+evaluator's distillation, so it lives here, above both).
 
 Training (`train_bank`): each step, on one batch, the largest student, the smallest and two random
 ones of the space (the sandwich rule of BigNAS / OFA) are run on sliced views of the bank with
@@ -12,17 +11,17 @@ ones of the space (the sandwich rule of BigNAS / OFA) are run on sliced views of
 optimizer step trains every width, depth, kernel, expansion and structure choice together.
 Students are built on the meta device for this, so a step costs only the forward and backward passes.
 
-The bank is cached under `models.cache_dir()/supernets/<key>.pt`; the key hashes the teacher's
-fingerprint (architecture and weights), the training data (a fingerprint of its first batches), the
-input shape, the classes and the space's student section (choices, settings, training steps), so a
-changed model, data or space trains a new supernet and nothing else does. `prepare` writes the key into
-the space's `supernet` setting; every student policy then names it, and `inherit` reads it back.
+The bank is cached under `models.cache_dir()/supernets/<key>.pt` (students/bank.py); the key hashes
+the teacher's fingerprint (architecture and weights), the training data (a fingerprint of its first
+batches), the input shape, the classes and the space's student section (choices, settings, training
+steps), so a changed model, data or space trains a new supernet and nothing else does. `prepare` writes
+the key into the space's `supernet` setting; every student policy then names it, and the student
+technique (compress/student.py) loads that bank and inherits from it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -31,65 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import AutocompressError
-from ..evaluate import TeacherOutputs, distill_loss, fixed_batches
-from ..graph import check_forward
-from .build import DEFAULTS, FIELDS_OF, build
+from .errors import AutocompressError
+from .evaluate import TeacherOutputs, distill_loss, fixed_batches
+from .models import model_fingerprint
+from .space import KIND, STUDENT
+from .students.bank import bank_name, class_count, crop, load, named_tensors, region, save
+from .students.build import DEFAULTS, FIELDS_OF, build
 
 VERSION = 1
 SANDWICH_RANDOM = 2          # random students per step besides the largest and the smallest
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 4e-5
-_LOADED: dict[str, dict] = {}  # key -> bank, for this process
-
-
-def class_count(teacher: nn.Module, example_input: torch.Tensor) -> int:
-    """Classes of a teacher whose output is class scores (batch, classes); anything else is refused."""
-    out = check_forward(teacher, example_input)
-    if out.dim() != 2 or not out.is_floating_point() or out.shape[1] < 2:
-        raise AutocompressError(f"a student is trained from a teacher that outputs class scores of shape "
-                                f"(batch, classes); this model outputs a {out.dtype} tensor of shape "
-                                f"{tuple(out.shape)}")
-    return int(out.shape[1])
-
-
-# ---- slicing -------------------------------------------------------------------------------------------
-
-def _region(big, small) -> tuple:
-    """Index of `small` inside `big`: leading channels (dims 0-1), centred in the kernel dims (2+)."""
-    return tuple(slice(0, s) if d < 2 else slice((b - s) // 2, (b - s) // 2 + s)
-                 for d, (b, s) in enumerate(zip(big, small)))
-
-
-def crop(tensor: torch.Tensor, shape) -> torch.Tensor:
-    """A view of `tensor` with `shape` (see _region)."""
-    shape = tuple(shape)
-    if any(s > b for s, b in zip(shape, tensor.shape)) or len(shape) != tensor.dim():
-        raise AutocompressError(f"a student needs a tensor of shape {shape}, larger than its supernet's "
-                                f"{tuple(tensor.shape)}")
-    return tensor[_region(tensor.shape, shape)]
-
-
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name, each tensor once (tied blocks under their first name)."""
-    return {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if b is not None}}
-
-
-def bank_name(name: str) -> str:
-    """The bank tensor a student tensor is cut from: a Ghost conv's real filters are the leading filters of
-    the plain pointwise conv in its place, so Ghost students reuse what plain ones learned."""
-    return name.replace(".primary.", ".")
-
-
-def inherit(student: nn.Module, bank: dict) -> nn.Module:
-    """Fill `student`'s weights and BatchNorm statistics from the supernet `bank`, in place."""
-    tensors = {**bank["params"], **bank["buffers"]}
-    with torch.no_grad():
-        for name, t in _named_tensors(student).items():
-            if bank_name(name) not in tensors:
-                raise AutocompressError(f"the supernet has no tensor {bank_name(name)!r}; was it trained for "
-                                        f"another space?")
-            t.copy_(crop(tensors[bank_name(name)], t.shape))
-    return student
 
 
 # ---- the space's students ------------------------------------------------------------------------------
@@ -98,14 +48,10 @@ class Sampler:
     """The student sections of one bound space: the largest, the smallest and random ones."""
 
     def __init__(self, bound):
-        from ..space import KIND, STUDENT
-
         self.bound, self.kind = bound, {KIND: STUDENT}
         self.knobs = [k for k in bound.knobs if k.technique == STUDENT]
 
     def section(self, values: dict) -> dict:
-        from ..space import STUDENT
-
         return self.bound.policy({**values, **self.kind})[STUDENT]
 
     def uniform(self, fraction: float) -> dict:
@@ -156,7 +102,7 @@ def _larger(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         return new.clone()
     big = old if old.numel() >= new.numel() else new
     out = torch.zeros([max(a, b) for a, b in zip(old.shape, new.shape)], dtype=big.dtype)
-    out[_region(out.shape, big.shape)] = big
+    out[region(out.shape, big.shape)] = big
     return out
 
 
@@ -193,7 +139,7 @@ def _skeleton(section: dict, input_shape, classes: int) -> nn.Module:
 def _run_sliced(skeleton: nn.Module, params: dict, buffers: dict, x) -> torch.Tensor:
     """A student skeleton run on views of the bank (gradients reach the bank, BatchNorm statistics update it)."""
     tensors = {n: crop(params.get(bank_name(n), buffers.get(bank_name(n))), t.shape)
-               for n, t in _named_tensors(skeleton).items()}
+               for n, t in named_tensors(skeleton).items()}
     return _logits(torch.func.functional_call(skeleton, tensors, (x,)))
 
 
@@ -201,15 +147,7 @@ def _logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# ---- cache ---------------------------------------------------------------------------------------------
-
-def _path(key: str):
-    from ..models import cache_dir
-
-    folder = cache_dir() / "supernets"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{key}.pt"
-
+# ---- the cache key -------------------------------------------------------------------------------------
 
 def data_fingerprint(loader) -> str:
     """A short hash of the first seeded training batches and the dataset's length."""
@@ -220,30 +158,10 @@ def data_fingerprint(loader) -> str:
 
 
 def supernet_key(teacher: nn.Module, train_loader, input_shape, classes: int, cfg: dict) -> str:
-    from ..models import model_fingerprint
-
     payload = {"version": VERSION, "teacher": model_fingerprint(teacher), "data": data_fingerprint(train_loader),
                "input_shape": list(input_shape), "classes": classes,
                "space": {k: v for k, v in cfg.items() if k != "supernet"}}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def load(key: str) -> dict | None:
-    """The cached bank `key`, or None when this machine has none."""
-    if key not in _LOADED:
-        path = _path(key)
-        if not path.exists():
-            return None
-        _LOADED[key] = torch.load(path, weights_only=True)
-    return _LOADED[key]
-
-
-def save(key: str, bank: dict) -> None:
-    path = _path(key)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(bank, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves half a supernet
-    _LOADED[key] = bank
 
 
 # ---- the entry point for a search ----------------------------------------------------------------------
@@ -270,8 +188,6 @@ def prepare(bound, teacher: nn.Module, example_input: torch.Tensor, train_loader
     (or find in the cache) its supernet and name it in the section's `supernet` setting. Without training
     data there is no supernet: students start from fresh weights. Returns the key (None without a student
     section or without data)."""
-    from ..space import STUDENT
-
     cfg = bound.space.techniques.get(STUDENT)
     if cfg is None:
         return None
