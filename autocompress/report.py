@@ -267,7 +267,7 @@ def to_html(result, trial: int | None = None) -> str:
     plots_row = _front_section(result) + _hypervolume_section(result)
     if len(result.objectives) == 2:  # one front panel: it and the hypervolume side by side
         plots_row = f'<div class="row">{plots_row}</div>'
-    sections = [_summary(result, chosen), plots_row,
+    sections = [_summary(result, chosen), plots_row, _measured_section(result),
                 _heatmap_section(result, list(base_layers.index) if base_layers is not None else None),
                 _breakdown_section(result, chosen, base_layers), _metadata_section(result)]
     page = Template((resources.files("autocompress") / "templates" / "report.html").read_text())
@@ -417,6 +417,31 @@ def _hypervolume_section(result) -> str:
     ax.points(xs, list(history), [f"after trial {int(x)}: {v:.4f}" for x, v in zip(xs, history)], color="#1a73e8",
               size=2.5)
     return _section("Hypervolume over trials", f'<figure class="plot hv">{ax.svg()}</figure>', note)
+
+
+def _measured_section(result) -> str:
+    """Predicted against measured latency of the front (a run with --measure): how far the cost model's numbers
+    are from this machine's clock, model by model, with the line where they agree."""
+    front = result.pareto
+    if "measured_latency_ms" not in front or not front["measured_latency_ms"].notna().any():
+        return ""
+    timed = front[front["measured_latency_ms"].notna() & front["latency_ms"].notna()]
+    names = [f"trial {n}" for n in timed.index]
+    xs, ys = list(timed["latency_ms"].astype(float)), list(timed["measured_latency_ms"].astype(float))
+    base = result.baseline
+    if pd.notna(base.get("measured_latency_ms")) and pd.notna(base.get("latency_ms")):
+        names, xs, ys = names + ["uncompressed"], xs + [float(base["latency_ms"])], \
+            ys + [float(base["measured_latency_ms"])]
+    lo, hi = plots.padded(min(xs + ys), max(xs + ys))
+    ax = plots.Axes((lo, hi), (lo, hi), "predicted latency (ms)", "measured latency (ms)", 460, 420)
+    ax.line([lo, hi], [lo, hi], "#9aa0a6", width=1.0)
+    ax.points(xs, ys, [f"{n}: predicted {plots.fmt(x)} ms, measured {plots.fmt(y)} ms"
+                       for n, x, y in zip(names, xs, ys)], color="#1a73e8")
+    ratio = np.median(np.array(ys) / np.array(xs))
+    return _section("Predicted against measured latency", f'<figure class="plot measured">{ax.svg()}</figure>',
+                    f"Each delivered front model (and the uncompressed one) timed on this machine at the profile's "
+                    f"thread count; on the grey line the cost model is exact. Median measured / predicted: "
+                    f"{ratio:.2f}.")
 
 
 def _heatmap_section(result, order: list[str] | None) -> str:

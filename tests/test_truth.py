@@ -95,6 +95,7 @@ def test_bad_accuracy_budgets_name_the_value_and_what_is_allowed(item, message):
 
 
 def test_measure_times_every_delivered_front_model_and_the_original(digits_model, digits_input, tiny_data):
+    from autocompress.plots import fmt
     from autocompress.report import format_table
 
     result = ac.compress(digits_model, digits_input, data=tiny_data, trials=3, finetune_steps=0, final_epochs=0,
@@ -103,6 +104,11 @@ def test_measure_times_every_delivered_front_model_and_the_original(digits_model
     assert len(front) and front["delivered"].all() and (front["measured_latency_ms"] > 0).all()
     assert result.baseline["measured_latency_ms"] > 0
     assert "measured_latency_ms" in format_table(result)
+    page = result.report("html")  # the HTML report plots predicted against measured, one point per timed model
+    assert "Predicted against measured latency" in page
+    for number, row in front.iterrows():
+        assert f"trial {number}: predicted {fmt(row['latency_ms'])} ms, measured {fmt(row['measured_latency_ms'])}" in page
     plain = ac.compress(digits_model, digits_input, data=tiny_data, trials=2, finetune_steps=0, final_epochs=0,
                         progress=False)
     assert plain.pareto["measured_latency_ms"].isna().all() and "measured_latency_ms" not in format_table(plain)
+    assert "Predicted against measured latency" not in plain.report("html")
