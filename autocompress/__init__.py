@@ -11,6 +11,7 @@ from .api import analyze, apply, compress, estimate
 from .budgets import Budgets
 from .cost.hardware import load_profile
 from .cost.model import Estimate
+from .cost.pack import load_packed
 from .cost.profiles import HardwareProfile
 from .errors import AutocompressError
 from .graph import LayerGraph
@@ -20,4 +21,5 @@ from .space import Policy, SearchSpace
 __version__ = versions.__version__
 
 __all__ = ["compress", "estimate", "apply", "analyze", "SearchSpace", "Policy", "HardwareProfile", "Budgets",
-           "Result", "Estimate", "LayerGraph", "AutocompressError", "load_profile"]
+           "Result", "Estimate", "LayerGraph", "AutocompressError", "load_profile",
+           "load_packed"]

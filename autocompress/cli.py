@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import api, models, report
+from . import api, export, models, report
 from .budgets import Budgets
 from .cost import hardware
 from .cost.calibrate import calibrate, calibrate_host, quality_line, write_profile
@@ -263,11 +263,12 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write one trial's compressed model to a file and check its accuracy")
     source_args(exp)
     exp.add_argument("--trial", type=int, required=True, help="trial number (see `report`)")
-    exp.add_argument("--format", default="state_dict",
-                     choices=["state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8"],
+    exp.add_argument("--format", default="state_dict", choices=export.FORMATS,
                      help="state_dict, torchscript, onnx (float); torch-int8 (torch.ao x86 int8 as TorchScript) or "
-                          "onnx-int8 (ONNX Runtime QDQ int8): files that run without autocompress")
-    exp.add_argument("--to", help="output file (default trial_N.pt, .ts.pt, .onnx, .int8.ts.pt or .int8.onnx)")
+                          "onnx-int8 (ONNX Runtime QDQ int8): files that run without autocompress; packed (every "
+                          "weight at its bit-width; autocompress.load_packed reads it)")
+    exp.add_argument("--to", help="output file (default trial_N.pt, .ts.pt, .onnx, .int8.ts.pt, .int8.onnx or "
+                                  ".acpk)")
     exp.add_argument("--data", help="data for BatchNorm statistics and the accuracy check (default: the run's), "
                                     "e.g. digits, imagefolder:PATH or package.module:function")
     exp.set_defaults(func=_export)

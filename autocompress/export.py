@@ -4,7 +4,10 @@ Formats: state_dict, TorchScript and ONNX (float), and two real int8 artifacts t
 `torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it) and
 `onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file: int8 weights per output channel,
 uint8 activations calibrated on training batches). The int8 flows re-quantize the float weights, so sparsity
-and shared values are not kept in them.
+and shared values are not kept in them. `packed` is autocompress's own file: every weight at its bit-width
+(codebook indices for shared weights, sparse indices, Huffman codes; what `size_kb` counts) plus the module's
+structure; `autocompress.load_packed(path)` decodes it back to the exact module (it unpickles the structure:
+load only files you trust).
 
 The model is `result.model(trial)`: the trial's policy with the weights its reported numbers were measured
 on (delivered or judged), so nothing is trained again. After writing, the file is loaded back on its own
@@ -23,14 +26,15 @@ from torch import nn
 
 from .compress.quantize import synthesize_inputs
 from .cost.measure import measure_latency_ms
+from .cost.pack import load_packed, save_packed
 from .data import load_recorded_data, split_data
 from .errors import one_of
 from .evaluate import accuracy, fixed_batches
 from .int8 import to_int8
 
-FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8")
+FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8", "packed")
 SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx", "torch-int8": "int8.ts.pt",
-          "onnx-int8": "int8.onnx"}
+          "onnx-int8": "int8.onnx", "packed": "acpk"}
 CALIBRATION_BATCHES = 8  # training batches that set the int8 activation ranges
 
 
@@ -156,6 +160,14 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, calibration
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 
 
+def _write_packed(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
+    save_packed(model, path)
+
+
+def _load_packed(path: Path, architecture) -> nn.Module:
+    return load_packed(path).eval()  # from the file alone: the structure it stores, its decoded weights
+
+
 def _load_state_dict(path: Path, architecture) -> nn.Module:
     model = architecture()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -189,6 +201,6 @@ def _load_onnx(path: Path, architecture) -> nn.Module:
 
 
 WRITERS = {"state_dict": _write_state_dict, "torchscript": _write_torchscript, "onnx": _write_onnx,
-           "torch-int8": _write_torch_int8, "onnx-int8": _write_onnx_int8}
+           "torch-int8": _write_torch_int8, "onnx-int8": _write_onnx_int8, "packed": _write_packed}
 LOADERS = {"state_dict": _load_state_dict, "torchscript": _load_torchscript, "onnx": _load_onnx,
-           "torch-int8": _load_torchscript, "onnx-int8": _load_onnx}
+           "torch-int8": _load_torchscript, "onnx-int8": _load_onnx, "packed": _load_packed}
