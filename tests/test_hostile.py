@@ -286,7 +286,7 @@ CASES = [
          "trials.csv' is corrupt (no column feasible, latency_ms, policy, size_kb)"),
         ("trials-csv-text-objective", lambda F, T: run_copy(F, T, study=False, trials_csv=(
             F / "trials.csv").read_bytes().replace(b"\n0,,,", b"\n0,,,fast", 1)),
-         "trials.csv' is corrupt (Unable to parse string 'fast0."),
+         "trials.csv' is corrupt (Unable to parse string 'fast"),
         ("corrupt-config", lambda F, T: run_copy(F, T, study=False, config_json=b"{not json"),
          "config.json' is corrupt (Expecting property name enclosed in double quotes"),
         ("garbage-config", lambda F, T: run_copy(F, T, study=False, config_json=bytes(range(128, 256))),
