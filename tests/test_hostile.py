@@ -115,7 +115,11 @@ def copy_storage(F: Path, T: Path, spec: str) -> str:
 
 
 def truncated(path: Path) -> bytes:
-    return path.read_bytes()[:len(path.read_bytes()) // 2]
+    """The first half of the file, cut inside a line (half the bytes can end exactly at a line's end, depending on
+    the numbers a calibration gave)."""
+    data = path.read_bytes()
+    cut = len(data) // 2
+    return data[:cut - 1] if data[cut - 1:cut] == b"\n" else data[:cut]
 
 
 # (id, argv given the run folder F and a scratch folder T, what the last line must say: one text, or several)
