@@ -47,15 +47,17 @@ class BasicBlock(nn.Module):
 
 
 class DigitsResNet(nn.Module):
-    """A ResNet-style CNN for 1x32x32 inputs: stem, three stages of two blocks, pool, linear."""
+    """A ResNet-style CNN for 1x32x32 inputs: stem, three stages of `blocks` basic blocks, pool, linear
+    (blocks=3 with widths (16, 32, 64) is ResNet-20's shape)."""
 
-    def __init__(self, widths=(32, 64, 128), classes: int = 10, in_channels: int = 1):
+    def __init__(self, widths=(32, 64, 128), classes: int = 10, in_channels: int = 1, blocks: int = 2):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages, cin = [], widths[0]
         for i, w in enumerate(widths):
-            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w)))
+            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2),
+                                        *[BasicBlock(w, w) for _ in range(blocks - 1)]))
             cin = w
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)

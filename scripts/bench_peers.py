@@ -49,7 +49,7 @@ from autocompress.cost.measure import measure_latency_ms
 from autocompress.data import digits_loaders
 from autocompress.evaluate import accuracy, finetune, fixed_batches, recalibrate_bn, seeded_batches
 from autocompress.export import OnnxModule
-from autocompress.models import BasicBlock, cache_dir, train_classifier
+from autocompress.models import DigitsResNet, cache_dir, train_classifier
 from autocompress.threads import fixed_threads
 
 BUDGETS = {"latency": 0.6, "size": 0.3}
@@ -58,31 +58,10 @@ AC_FORMATS = ("packed", "torch-int8", "onnx-int8", "onnx")
 THREADS = (1, 2)
 
 
-class ResNet20(nn.Module):
-    """ResNet-20-style: 3x3 stem, three stages of three basic blocks (16/32/64 channels), pool, linear."""
-
-    def __init__(self, widths=(16, 32, 64), blocks: int = 3, classes: int = 10, in_channels: int = 1):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            stages.append(nn.Sequential(*[BasicBlock(cin if b == 0 else w, w, 2 if i and b == 0 else 1)
-                                          for b in range(blocks)]))
-            cin = w
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
 def trained_resnet20(train, epochs: int) -> nn.Module:
     """Seeded initialisation and training, cached (like bench_fidelity's resnet18)."""
     torch.manual_seed(0)
-    model = ResNet20()
+    model = DigitsResNet(widths=(16, 32, 64), blocks=3)  # ResNet-20's shape
     path = cache_dir() / f"bench-resnet20-digits32-e{epochs}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
