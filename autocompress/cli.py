@@ -103,7 +103,11 @@ def _example_input(args, model):
 
 
 def _report(args) -> None:
-    result = _load_result(args, build=False)  # tables and plots: no model, so no code the run folder names
+    # tables and plots need no model, so no code the run records is called; timing the front does need it
+    result = _load_result(args, build=args.measure)
+    if args.measure:
+        print(f"timing the {len(result.pareto)} front model(s) and the original on this machine", file=sys.stderr)
+        result.measure()
     text = result.report(args.format, args.to, args.trial)
     if args.to:
         print(f"wrote {args.to} ({args.format}, {len(text.encode()) / 1024:,.1f} KB)")
@@ -258,6 +262,8 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--to", help="write to this file instead of stdout")
     rep.add_argument("--trial", type=int, help="the model whose per-layer costs the HTML report shows "
                                                "(default: the first Pareto model)")
+    rep.add_argument("--measure", action="store_true", help="time every front model (and the original) on this "
+                                                            "machine: measured_latency_ms beside latency_ms")
     rep.set_defaults(func=_report)
 
     exp = sub.add_parser("export", help="write one trial's compressed model to a file and check its accuracy")

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from .budgets import METRICS, pareto_mask
 from .compress import apply
+from .cost.measure import DEFAULT_THREADS, measure_latency_ms
 from .errors import AutocompressError
 from .export import export
 from .judged import WeightStore, beside
@@ -131,6 +132,22 @@ class Result:
                     f"reported accuracy")
             model.load_state_dict(state)
         return model.eval()
+
+    def measure(self, threads: int | None = None) -> "Result":
+        """Time every front model as `model(n)` returns it, and the original, on this machine, in place:
+        `measured_latency_ms` beside the cost model's `latency_ms` (median of a batch of the example input), at
+        `threads` torch threads (default: the run's hardware profile's count). What `run --measure` records at
+        delivery, for a run made without it; the run's storage is not changed. Returns self."""
+        if self._base_model is None:
+            raise AutocompressError("timing the front needs the base model to rebuild it from; pass model= to "
+                                    "Result.load")
+        threads = threads or self.config.get("hardware", {}).get("threads") or DEFAULT_THREADS
+        timed = {n: measure_latency_ms(self.model(n), self._example_input, threads=threads) for n in self.pareto.index}
+        self.trials["measured_latency_ms"] = self.trials.get("measured_latency_ms", np.nan)
+        self.trials.loc[list(timed), "measured_latency_ms"] = list(timed.values())
+        self.baseline = {**self.baseline, "measured_latency_ms": measure_latency_ms(
+            self._base_model, self._example_input, threads=threads)}
+        return self
 
     def _policy_text(self, number: int) -> str:
         """Trial `number`'s stored policy. A PRUNED trial holds none (a duplicate of another trial's policy, or a

@@ -112,3 +112,28 @@ def test_measure_times_every_delivered_front_model_and_the_original(digits_model
                         progress=False)
     assert plain.pareto["measured_latency_ms"].isna().all() and "measured_latency_ms" not in format_table(plain)
     assert "Predicted against measured latency" not in plain.report("html")
+
+
+def test_report_measure_times_the_front_of_a_run_made_without_it(digits_model, digits_input, tiny_data, tmp_path):
+    """`report --measure` on a saved run: every front model and the original timed here, the folder unchanged."""
+    import io
+    from contextlib import redirect_stdout
+
+    import pandas as pd
+
+    from autocompress.cli import main
+
+    folder = tmp_path / "run"
+    ac.compress(digits_model, digits_input, data=tiny_data, trials=3, finetune_steps=0, final_epochs=0,
+                budgets={"size": 0.5}, progress=False).save(folder)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["report", str(folder), "--model", "digits_resnet", "--measure", "--format", "csv"])
+    assert code == 0
+    rows = pd.read_csv(io.StringIO(out.getvalue()), index_col=0)
+    front = rows[rows.index.str.startswith("trial")]
+    assert len(front) and (front["measured_latency_ms"] > 0).all() and rows.loc["baseline", "measured_latency_ms"] > 0
+    again = ac.Result.load(folder, model=digits_model).measure(threads=1)
+    assert (again.pareto["measured_latency_ms"] > 0).all() and again.baseline["measured_latency_ms"] > 0
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
