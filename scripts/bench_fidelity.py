@@ -2,13 +2,15 @@
 multi-fidelity rungs (successive halving over the Pareto rank), on the digits model and a torchvision ResNet-18
 trained on the digits at 32 px.
 
-The three schedules of a problem run side by side, one process and one torch thread each, so that they share
-whatever load the machine has at the same moments; each searches for the same wall time (`--minutes`), then its
-front is delivered the same way (the same final fine-tune) and measured on the held-out test data. Printed per
-problem and schedule: trials judged, hypervolume on (1 - test accuracy, latency / the model's) with reference
-(1, 1), and the smallest and the fastest delivered model within 1 point of the original's test accuracy.
+The three schedules of a problem, each with `--seeds` sampler seeds, run side by side, one process and one torch
+thread each, so that they share whatever load the machine has at the same moments; each searches for the same
+wall time (`--minutes`), then its front is delivered the same way (the same final fine-tune) and measured on the
+held-out test data. Printed per problem, schedule and seed: trials judged, hypervolume on (1 - test accuracy,
+latency / the model's) with reference (1, 1), and the smallest and the fastest delivered model within 1 point of
+the original's test accuracy; then each schedule's mean over the seeds (one short search's front holds two or
+three models, so one seed's hypervolume says more about the sampler's luck than about the schedule).
 
-    .venv/bin/python scripts/bench_fidelity.py --problems digits,resnet18 --minutes 3
+    .venv/bin/python scripts/bench_fidelity.py --problems digits,resnet18 --minutes 4 --seeds 2
 """
 from __future__ import annotations
 
@@ -83,14 +85,14 @@ def measure(result, baseline_test: float) -> dict:
             "best test acc": delivered["test_accuracy"].max()}
 
 
-def run_one(problem: str, schedule: str, args) -> dict:
+def run_one(problem: str, schedule: str, seed: int, args) -> dict:
     model, x, data = PROBLEMS[problem]()
     baseline_test = accuracy(model, data[2])
     judge = schedules(data, model, args.steps)[schedule]
     start = time.perf_counter()
-    result = ac.compress(model, x, data=data, evaluator=judge, budgets=BUDGETS, trials=10_000,
+    result = ac.compress(model, x, data=data, evaluator=judge, budgets=BUDGETS, trials=10_000, seed=seed,
                          timeout=args.minutes * 60, final_epochs=args.final_epochs, progress=False)
-    return {"problem": problem, "schedule": schedule, "baseline test acc": baseline_test,
+    return {"problem": problem, "schedule": schedule, "seed": seed, "baseline test acc": baseline_test,
             **measure(result, baseline_test), "wall s": time.perf_counter() - start}
 
 
@@ -103,25 +105,31 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=3.0, help="search wall time per schedule")
     p.add_argument("--steps", type=int, default=90, help="the multi-fidelity schedule's largest rung")
     p.add_argument("--final-epochs", type=int, default=2)
-    p.add_argument("--one", help="PROBLEM:SCHEDULE: run one, print its row as JSON (what the side-by-side runs do)")
+    p.add_argument("--seeds", type=int, default=2, help="sampler seeds per schedule, run side by side")
+    p.add_argument("--one", help="PROBLEM:SCHEDULE:SEED: run one, print its row as JSON (what the side-by-side runs do)")
     args = p.parse_args()
     if args.one:
         torch.set_num_threads(1)
-        print(json.dumps(run_one(*args.one.split(":"), args), default=float))
+        problem, schedule, seed = args.one.split(":")
+        print(json.dumps(run_one(problem, schedule, int(seed), args), default=float))
         return
     load_profile("host")  # calibrated once (if this machine has no profile yet), before the side-by-side runs
     rows = []
     for problem in args.problems.split(","):
         PROBLEMS[problem]()  # trains and caches the model once, likewise
-        procs = [subprocess.Popen([sys.executable, __file__, "--one", f"{problem}:{name}", "--minutes",
+        procs = [subprocess.Popen([sys.executable, __file__, "--one", f"{problem}:{name}:{seed}", "--minutes",
                                    str(args.minutes), "--steps", str(args.steps), "--final-epochs",
                                    str(args.final_epochs)], stdout=subprocess.PIPE, text=True)
-                 for name in ("bn-only", "fixed", "multi-fidelity")]
+                 for seed in range(args.seeds) for name in ("bn-only", "fixed", "multi-fidelity")]
         for proc in procs:
             rows.append(json.loads(proc.communicate()[0].strip().splitlines()[-1]))
             print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+    table = pd.DataFrame(rows)
     print()
-    print(pd.DataFrame(rows).set_index(["problem", "schedule"]).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(table.set_index(["problem", "schedule", "seed"]).to_string(float_format=lambda v: f"{v:.4g}"))
+    print("\nmean over seeds")
+    mean = table.drop(columns="seed").groupby(["problem", "schedule"], sort=False).mean(numeric_only=True)
+    print(mean.to_string(float_format=lambda v: f"{v:.4g}"))
 
 
 if __name__ == "__main__":
