@@ -31,6 +31,7 @@ from .data import load_recorded_data, split_data
 from .errors import one_of
 from .evaluate import accuracy, fixed_batches
 from .int8 import to_int8
+from .onnx_weights import compact
 
 FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8", "packed")
 SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx", "torch-int8": "int8.ts.pt",
@@ -144,7 +145,7 @@ def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibr
 
     with tempfile.TemporaryDirectory() as tmp:
         plain, prepared = Path(tmp) / "float.onnx", Path(tmp) / "prepared.onnx"
-        _write_onnx(model, example, plain)
+        _write_float_onnx(model, example, plain)  # every weight fp32: ONNX Runtime re-quantizes them
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
@@ -153,11 +154,20 @@ def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibr
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
+    """The float graph with every compressed weight stored at its bit-width (see onnx_weights.py): the state_dict's
+    names and BatchNorm are kept at export so the weights can be found, and ONNX Runtime folds both when it loads."""
+    import onnx
+
+    _write_float_onnx(model, example, path, training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    onnx.save(compact(onnx.load(str(path)), model), str(path))
+
+
+def _write_float_onnx(model: nn.Module, example: torch.Tensor, path: Path, **options) -> None:
     # The TorchScript-based exporter (dynamo=False) needs no extra package; the dynamo one needs onnxscript.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, **options)
 
 
 def _write_packed(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:

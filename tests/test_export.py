@@ -79,7 +79,7 @@ def test_packed_file_holds_what_size_kb_counts(run, best, digits_data, tmp_path)
 
 @pytest.mark.parametrize("fmt", ["torch-int8", "onnx-int8"])
 def test_int8_artifacts_hold_int8_kernels_and_say_what_they_measure(fmt, run, best, digits_data, tmp_path):
-    """The int8 files are real int8 (quantized kernels / QDQ nodes), smaller than the float ONNX file, run without
+    """The int8 files are real int8 (quantized kernels / QDQ nodes), smaller than the float state_dict, run without
     autocompress, and the accuracy and latency `export` prints are the file's own."""
     result, _ = run
     trial, reported = best
@@ -88,7 +88,7 @@ def test_int8_artifacts_hold_int8_kernels_and_say_what_they_measure(fmt, run, be
     own = file_accuracy(fmt, path, result, trial, digits_data[1])
     assert info.accuracy == pytest.approx(own, abs=1e-12) and abs(own - reported) <= 0.02
     assert info.latency_ms > 0 and f"{info.latency_ms:.4g} ms" in info.summary()
-    float_bytes = result.export(trial, "onnx", tmp_path / "float.onnx", data=digits_data).size_bytes
+    float_bytes = result.export(trial, "state_dict", tmp_path / "float.pt", data=digits_data).size_bytes
     assert info.size_bytes < 0.6 * float_bytes
     if fmt == "torch-int8":
         assert "quantized::conv2d" in str(torch.jit.load(str(path)).inlined_graph)
@@ -126,3 +126,26 @@ def test_export_refuses_what_it_cannot_honour(run, best, tmp_path):
     with pytest.raises(AutocompressError, match="no trial 999"):
         result.export(999, "state_dict", tmp_path / "m.pt")
     assert not list(tmp_path.iterdir())
+
+
+def test_onnx_file_stores_compressed_weights_at_their_bit_width(run, digits_data, tmp_path):
+    """The float ONNX file keeps quantized and shared weights as int8 codes / uint8 indices rebuilt by standard
+    ops, so it is smaller than the same graph at fp32, and still measures the reported accuracy."""
+    import onnx
+
+    from autocompress.cost.pack import tensor_entries
+    from autocompress.export import _write_float_onnx
+
+    result, _ = run
+    compressed = [int(n) for n in result.pareto.index
+                  if any(meta.get("weight_bits", 32) <= 8 or "clusters" in meta
+                         for _, _, meta, _ in tensor_entries(result.model(int(n))))]
+    assert compressed, "the digits run's front holds a quantized or shared model"
+    for trial in compressed:
+        info = result.export(trial, "onnx", tmp_path / f"t{trial}.onnx", data=digits_data)
+        _write_float_onnx(result.model(trial), result._example_input, tmp_path / "plain.onnx")
+        assert info.size_bytes < 0.7 * (tmp_path / "plain.onnx").stat().st_size
+        ops = {node.op_type for node in onnx.load(str(info.path)).graph.node}
+        assert ops & {"Gather", "Mul"} and "Cast" in ops
+        assert file_accuracy("onnx", info.path, result, trial, digits_data[1]) == pytest.approx(
+            result.trials.loc[trial, "accuracy"], abs=1e-12)

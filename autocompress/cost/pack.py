@@ -190,7 +190,7 @@ def _from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return codes * 2 - 1 if bits == 1 else codes - _qmax(bits)
 
 
-def _grid(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+def weight_grid(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """(integer codes in [-qmax, qmax], fp32 scales) with codes x scale == w: the grid quantize.fake_quantize
     put the weights on (binary and ternary: +-scale and 0)."""
     flat = w.detach().reshape(w.shape[0] if per_channel else 1, -1).float()
@@ -225,7 +225,7 @@ def encode_weight(w: torch.Tensor, meta: dict) -> tuple[dict, list[bytes]]:
         sections.append(_raw(values, bits))
         return enc, sections
     else:
-        q, scales = _grid(w, bits, per_channel=True)
+        q, scales = weight_grid(w, bits, per_channel=True)
         codes = _to_codes(q[mask.numpy()] if sparse else q, bits)
         enc["code_bits"] = bits
         sections.append(scales.tobytes())
@@ -242,7 +242,7 @@ def _codebook(values: torch.Tensor, bits: int) -> bytes:
     fp16/fp32 values."""
     if bits >= 16:
         return _raw(values, bits)
-    q, scale = _grid(values.reshape(1, -1), bits, per_channel=False)
+    q, scale = weight_grid(values.reshape(1, -1), bits, per_channel=False)
     return pack_bits(_to_codes(q, bits), bits) + scale.tobytes()
 
 
