@@ -302,7 +302,9 @@ class Rungs:
     """Multi-fidelity judging by asynchronous successive halving (ASHA) over the Pareto rank.
 
     A candidate is judged at the first rung (BatchNorm recalibration alone); it goes on to the next rung only if
-    it is among the best max(1, n // eta) of the n candidates judged at this rung (itself included), ranked by
+    it is among the best n // eta of the n candidates judged at this rung (itself included), so, as in ASHA, none
+    goes on while fewer than eta were judged there: a study's first draws get the cheap judgement alone (promoting
+    them spent a short or busy run fine-tuning two or three candidates of its first minute). Ranked by
     non-dominated layer of (accuracy, costs) and, within a layer, by crowding distance (compressed candidates
     lie on one trade-off curve, so most share the first layer: the layer alone would promote nearly all). Each decision uses what is known when it is taken, so no worker
     waits for another. With an accuracy floor, a candidate more than `floor_margin` below it stops: its steps
@@ -319,7 +321,7 @@ class Rungs:
         if self.floor is not None and accuracy < self.floor - self.floor_margin:
             return False
         points = np.array([(-accuracy, *cost)] + [(-a, *c) for a, c in peers], dtype=float)
-        return promotion_place(points) < max(1, len(points) // self.eta)
+        return promotion_place(points) < len(points) // self.eta
 
 
 class Evaluator:
@@ -362,7 +364,7 @@ class Evaluator:
         """Bring `model` (in place) to its judged state and measure it. Without rungs: BN recalibration, then
         accuracy. With rungs: fine-tune rung by rung; after each, `on_rung(steps, accuracy)` records it and
         `peers(steps)` gives the (accuracy, cost) of other candidates judged there, against which `cost`
-        competes for promotion. Returns {"accuracy", "steps", "rung", "rung_accuracy", "early_stopped"}."""
+        competes for promotion (no `peers`: judged alone, with every rung's steps). Returns {"accuracy", "steps", "rung", "rung_accuracy", "early_stopped"}."""
         self.calibrate(model)
         if not self.rungs.steps:
             return {"accuracy": self.val_accuracy(model), "steps": 0}
@@ -383,7 +385,7 @@ class Evaluator:
                 if on_rung is not None:
                     on_rung(steps, value)
                 last = index == len(self.rungs.steps) - 1
-                if last or not self.rungs.promote(value, cost, peers(steps) if peers else []):
+                if last or (peers is not None and not self.rungs.promote(value, cost, peers(steps))):
                     break
         return {"accuracy": value, "steps": done, "rung": index, "rung_accuracy": reached,
                 "early_stopped": done < self.rungs.steps[-1]}

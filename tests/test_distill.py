@@ -57,10 +57,10 @@ def test_rungs_divide_the_steps_and_promote_by_pareto_rank():
     assert fidelity_rungs(0) == ()
     assert list(dominance_rank(np.array([[0, 0], [1, 1], [0, 2], [2, 2]]))) == [0, 1, 1, 2]
     rule = Rungs((10, 30), eta=3)
-    assert rule.promote(0.5, (1.0,), [])  # alone at its rung: nothing known is better
+    assert not rule.promote(0.5, (1.0,), []) and not rule.promote(0.9, (0.5,), [(0.5, (1.0,))])  # < eta judged
     peers = [(0.9, (1.0,)), (0.8, (1.0,))]
     assert not rule.promote(0.7, (1.0,), peers)  # two better models at the same cost
-    assert rule.promote(0.7, (0.5,), peers)  # cheaper than both: on the front
+    assert rule.promote(0.7, (0.5,), peers)  # cheaper than both: on the front, and 3 // 3 = 1 may go on
     five = [(0.9, (1.0,)), (0.5, (1.5,)), (0.4, (1.6,)), (0.3, (1.7,)), (0.2, (1.8,))]
     assert rule.promote(0.85, (1.2,), five)  # one model ahead of it, and 6 // 3 = 2 may go on
     assert not rule.promote(0.85, (1.2,), five + [(0.95, (2.0,))])  # now two ahead, of 7
@@ -80,11 +80,12 @@ def test_a_candidate_behind_its_peers_stops_at_the_first_rung(digits_model, digi
     judge = Evaluator(train, val, finetune_steps=12, teacher=digits_model)
     assert judge.rungs.steps == (0, 4, 12)
     seen = []
-    better = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (2.0,), lambda steps: [(1.0, (1.0,))],
+    peers = lambda steps: [(1.0, (1.0,)), (0.1, (1.0,))]  # noqa: E731
+    better = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (2.0,), peers,
                          lambda steps, acc: seen.append((steps, acc)))
     assert better["steps"] == 0 and better["early_stopped"] and better["rung"] == 0  # BatchNorm alone
     assert list(better["rung_accuracy"]) == ["0"] and seen == [(0, better["rung_accuracy"]["0"])]
-    cheaper = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (0.5,), lambda steps: [(1.0, (1.0,))])
+    cheaper = judge.judge(ac.apply(digits_model, pruned_policy, digits_input), (0.5,), peers)
     assert cheaper["steps"] == 12 and not cheaper["early_stopped"] and list(cheaper["rung_accuracy"]) == ["0", "4", "12"]
 
 
@@ -93,7 +94,7 @@ def test_a_promoted_candidate_trains_exactly_as_one_fine_tune(digits_model, digi
     train, val, _ = digits_data
     judge = Evaluator(train, val, finetune_steps=12, teacher=digits_model)
     ranked = ac.apply(digits_model, pruned_policy, digits_input)
-    judge.judge(ranked, (1.0,), lambda steps: [])
+    judge.judge(ranked, (1.0,), lambda steps: [(0.0, (2.0,)), (0.0, (3.0,))])  # ahead of both: promoted
     plain = judge.calibrate(ac.apply(digits_model, pruned_policy, digits_input))
     finetune(plain, seeded_batches(train, 12), 12, digits_model)
     judge.calibrate(plain)
