@@ -18,8 +18,9 @@ from .export import export
 from .judged import WeightStore, beside
 from .models import load_recorded, load_state
 from .report import render
+from .search import TrialRecord
 from .space import Policy
-from .storage import read_study
+from .search.storage import read_study
 
 COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
            "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair",
@@ -38,10 +39,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        a = t.user_attrs
-        row = {c: a.get(c) for c in COLUMNS}
-        row.update(number=t.number, state=t.state.name, origin=a.get("origin", "compressed"),
-                   feasible=bool(a.get("feasible", False)), delivered=False, search_accuracy=a.get("accuracy"))
+        record = TrialRecord.of(t)
+        row = {c: record.get(c) for c in COLUMNS}
+        row.update(number=t.number, state=t.state.name, origin=record.origin, feasible=record.feasible,
+                   delivered=False, search_accuracy=record.accuracy)
         final = deliveries.get(str(t.number), {})
         if "error" in final:
             row["error"] = f"delivery failed: {final['error']}"
