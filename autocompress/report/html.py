@@ -44,7 +44,7 @@ def to_html(result, trial: int | None = None) -> str:
                 _heatmap_section(result, list(base_layers.index) if base_layers is not None else None),
                 _breakdown_section(result, chosen, base_layers), _metadata_section(result)]
     page = Template((resources.files("autocompress") / "templates" / "report.html").read_text())
-    model = result.config.get("model_spec") or (type(result._base_model).__name__ if result._base_model is not None
+    model = result.config.get("model_spec") or (type(result.base_model).__name__ if result.base_model is not None
                                                  else f"model {result.config.get('model', '?')}")
     return page.substitute(title=escape(f"autocompress report: {model}"), heading=escape(str(model)),
                            subtitle=escape(_subtitle(result)), body="\n".join(s for s in sections if s),
@@ -297,11 +297,11 @@ def _chosen(result, trial: int | None) -> int | None:
 
 def _layers(result, trial: int | None) -> pd.DataFrame | None:
     """The cost model's per-layer table of a trial's model (None: the uncompressed one), on the run's hardware."""
-    if result._base_model is None or result._example_input is None or "hardware" not in result.config:
+    if result.base_model is None or result.example_input is None or "hardware" not in result.config:
         return None
     profile = HardwareProfile.from_dict(result.config["hardware"], "in the run's config")
-    model = result._base_model if trial is None else result.model(trial)
-    return estimate(model, result._example_input, profile).layers
+    model = result.base_model if trial is None else result.model(trial)
+    return estimate(model, result.example_input, profile).layers
 
 
 def _breakdown_section(result, trial: int | None, base: pd.DataFrame | None) -> str:
