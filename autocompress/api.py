@@ -20,7 +20,8 @@ from .data import load_recorded_data
 from .deliver import deliver_front, dominated_by_delivered, timed
 from .errors import AutocompressError
 from .evaluate import Evaluator, accuracy, make_evaluator
-from .graph import LayerGraph, analyze as _analyze
+from .compress.prune.groups import with_channel_groups
+from .graph import LayerGraph, analyze as _trace
 from .judged import WeightStore
 from .models import load_recorded, model_fingerprint
 from .result import Result
@@ -29,7 +30,8 @@ from .space import Policy, SearchSpace
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> LayerGraph:
     """The model's layer graph: layers with shapes, MACs and parameters, and its channel groups."""
-    return _analyze(model, example_input)
+    model = model.eval()
+    return with_channel_groups(_trace(model, example_input), model, example_input)
 
 
 def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None) -> Estimate:
@@ -146,7 +148,7 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     search_space = SearchSpace.load(space)
     search.check_sampler(sampler)
     model = model.eval()
-    graph = _analyze(model, example_input)
+    graph = analyze(model, example_input)
     bound = search_space.bind(graph)
     supernet.prepare(bound, model, example_input, getattr(judge, "train_loader", None))  # student spaces only
 

@@ -16,7 +16,7 @@ from .data import load_data
 from .errors import AutocompressError
 from .result import Result
 from .search import WORKER
-from .storage import hide_password
+from .search.storage import hide_password
 
 DEFAULT_BUDGETS = ["latency=60%", "size=30%"]
 

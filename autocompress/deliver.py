@@ -26,7 +26,7 @@ from .cost.measure import DEFAULT_THREADS, measure_latency_ms
 from .cost.model import estimate
 from .evaluate import Evaluator
 from .result import DELIVERED, pareto_front, trials_frame
-from .search import Problem, constraints
+from .search import Problem, TrialRecord, constraints
 from .space import Policy
 
 SLACK = 0.05  # accuracy a candidate may lack at search time and still be delivered toward an accuracy budget
@@ -70,9 +70,9 @@ def _lifted(study: optuna.Study, slack: float):
 
 def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) -> dict:
     """Fine-tune and re-measure one trial's model from its judged weights; the delivery record (or its error)."""
-    trial = study.trials[number]
+    record = TrialRecord.of(study.trials[number])
     try:
-        model = apply(problem.model, Policy.from_json(trial.user_attrs["policy"]), problem.example_input)
+        model = apply(problem.model, Policy.from_json(record.policy), problem.example_input)
         state = problem.store.get(number)
         if state is None:
             raise RuntimeError(f"the judged weights of trial {number} are not in {problem.store!r}")
@@ -88,7 +88,7 @@ def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) 
         raise
     except Exception as exc:  # this model keeps its search numbers; the others are delivered
         return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
-    return {**metrics, "search_accuracy": trial.user_attrs.get("accuracy"), "final_epochs": epochs}
+    return {**metrics, "search_accuracy": record.accuracy, "final_epochs": epochs}
 
 
 def timed(model, problem: Problem) -> float:

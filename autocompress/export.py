@@ -84,7 +84,7 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     loaders = _loaders(result, data)
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = result._example_input
+    example = result.example_input
     calibration = fixed_batches(loaders[0], CALIBRATION_BATCHES) if loaders and loaders[0] is not None else None
     WRITERS[format](model, example, path, calibration)
     loaded = LOADERS[format](path, lambda: result.model(trial))

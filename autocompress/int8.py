@@ -99,7 +99,7 @@ def int8_report(model: nn.Module, example_input: torch.Tensor, calibration=None,
                 val_loader=None) -> dict:
     """The cost model's estimate for `model` with 8-bit weights and activations, beside the real int8 model's
     measured host latency and file size (and the float model's, for scale); accuracies with `val_loader`."""
-    names = [name for name, _ in layer_targets(analyze(model, example_input, groups=False))]
+    names = [name for name, _ in layer_targets(analyze(model, example_input))]
     policy = {"quantize": {"weight_bits": dict.fromkeys(names, 8), "act_bits": dict.fromkeys(names, 8)}}
     est = estimate(apply(model, policy, example_input), example_input, hardware)
     calibration = list(calibration) if calibration is not None else None

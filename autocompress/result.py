@@ -19,8 +19,9 @@ from .export import export
 from .judged import WeightStore, beside
 from .models import load_recorded, load_state
 from .report import render
+from .search import TrialRecord
 from .space import Policy
-from .storage import read_study
+from .search.storage import read_study
 
 COLUMNS = ["accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params", "feasible", "state",
            "origin", "delivered", "search_accuracy", "steps", "final_steps", "policy", "error", "duration_s", "repair",
@@ -39,10 +40,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        a = t.user_attrs
-        row = {c: a.get(c) for c in COLUMNS}
-        row.update(number=t.number, state=t.state.name, origin=a.get("origin", "compressed"),
-                   feasible=bool(a.get("feasible", False)), delivered=False, search_accuracy=a.get("accuracy"))
+        record = TrialRecord.of(t)
+        row = {c: record.get(c) for c in COLUMNS}
+        row.update(number=t.number, state=t.state.name, origin=record.origin, feasible=record.feasible,
+                   delivered=False, search_accuracy=record.accuracy)
         final = deliveries.get(str(t.number), {})
         if "error" in final:
             row["error"] = f"delivery failed: {final['error']}"
@@ -77,7 +78,8 @@ def pareto_front(trials: pd.DataFrame, objectives) -> pd.DataFrame:
 
 
 class Result:
-    """What a search returns: `trials`, `pareto`, `baseline`, and `model(n)` for any judged trial."""
+    """What a search returns: `trials`, `pareto`, `baseline`, and `model(n)` for any judged trial; `base_model` and
+    `example_input` are what the trials' models are rebuilt from (what reports and exports price and run)."""
 
     def __init__(self, trials: pd.DataFrame, baseline: dict, config: dict, base_model=None, example_input=None,
                  weights: Callable[[int], dict | None] | None = None):
@@ -87,8 +89,8 @@ class Result:
         self.objectives = tuple(config["objectives"])
         self.limits = dict(config.get("limits", {}))
         self.min_accuracy = config.get("min_accuracy")
-        self._base_model = base_model
-        self._example_input = example_input
+        self.base_model = base_model        # the uncompressed model every trial's policy applies to (None: not given)
+        self.example_input = example_input  # the input the run traced and priced models with
         self._weights = weights or (lambda number: None)  # trial number -> the state_dict its numbers measure
         self.interrupted = False  # set by a search stopped by Ctrl-C before its target (the CLI exits 130)
 
@@ -119,10 +121,10 @@ class Result:
         if number not in self.trials.index:
             raise AutocompressError(f"no trial {number!r} in this result; trials run from {self.trials.index.min()} "
                                     f"to {self.trials.index.max()}")
-        if self._base_model is None:
+        if self.base_model is None:
             raise AutocompressError("this result has no base model to rebuild from; pass model= to Result.load")
         policy = Policy.from_json(self._policy_text(number))
-        model = apply(self._base_model, policy, self._example_input)
+        model = apply(self.base_model, policy, self.example_input)
         if not pd.isna(self.trials.loc[number, "accuracy"]):
             state = self._weights(number)
             if state is None:
@@ -169,9 +171,9 @@ class Result:
         self.trials.to_csv(out / "trials.csv")
         self.pareto.to_csv(out / "pareto.csv")
         (out / "config.json").write_text(json.dumps({**self.config, "baseline": self.baseline}, indent=2, default=str))
-        if self._base_model is not None:
-            torch.save(self._base_model.state_dict(), out / "base_model.pt")
-            torch.save(self._example_input, out / "example_input.pt")
+        if self.base_model is not None:
+            torch.save(self.base_model.state_dict(), out / "base_model.pt")
+            torch.save(self.example_input, out / "example_input.pt")
             for number in self.pareto.index:
                 torch.save(self.model(number).state_dict(), out / "models" / f"trial_{number}.pt")
                 (out / "models" / f"trial_{number}.json").write_text(self.trials.loc[number, "policy"])

@@ -1,5 +1,5 @@
 """This package's version and the installed versions of the packages a run depends on: recorded with every
-study (search.py) and shown in the HTML report (report.py)."""
+study (search/study.py) and shown in the HTML report (report/html.py)."""
 from __future__ import annotations
 
 from importlib import metadata

@@ -23,7 +23,8 @@ import autocompress as ac
 from autocompress.compress.prune import IMPORTANCE, calibration_data, kept_channels
 from autocompress.data import digits_loaders
 from autocompress.evaluate import Evaluator
-from autocompress.graph import analyze, output_layers, prune_channels
+from autocompress.compress.prune.groups import prune_channels
+from autocompress.graph import analyze, output_layers
 from autocompress.models import digits_resnet
 from autocompress.threads import fixed_threads
 
@@ -63,7 +64,7 @@ def main() -> None:
             policy["prune"]["importance"] = criterion
             with calibration_data(batches):
                 pruned = ac.apply(model, policy, x)
-            macs.add(analyze(pruned, x, groups=False).macs)
+            macs.add(analyze(pruned, x).macs)
             row[criterion] = judge(pruned)
         row["random"] = judge(random_channels(model, policy, x, seed=len(rows)))
         assert len(macs) == 1, f"criteria gave different architectures for {label}: {macs}"

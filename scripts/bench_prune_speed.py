@@ -46,7 +46,7 @@ def bench(name: str, keep: float, size: int, rounds: int, repeats: int) -> dict:
             times[label].append(measure_latency_ms(m, x, repeats=repeats, warmup=3))
     original, slim = statistics.median(times["original"]), statistics.median(times["pruned"])
     return {"model": name, "keep": keep,
-            "MACs (M)": f"{graph.macs / 1e6:.0f} -> {analyze(pruned, x, groups=False).macs / 1e6:.0f}",
+            "MACs (M)": f"{graph.macs / 1e6:.0f} -> {analyze(pruned, x).macs / 1e6:.0f}",
             "params (M)": f"{count_params(model) / 1e6:.2f} -> {count_params(pruned) / 1e6:.2f}",
             "original ms": round(original, 2), "pruned ms": round(slim, 2), "speedup": round(original / slim, 2)}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from autocompress.storage import open_storage
+from autocompress.search.storage import open_storage
 
 CLI = [sys.executable, "-m", "autocompress.cli"]
 

@@ -50,7 +50,7 @@ def test_meta_trace_equals_analyze(name):
     kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     model, x = torchvision.models.get_model(name, **kwargs).eval(), torch.randn(1, 3, 64, 64)
     graph, flow = trace(model, x)
-    real = analyze(model, x, groups=False)
+    real = analyze(model, x)
     fields = lambda g: [(l.name, l.kind, l.type, l.in_shape, l.out_shape, l.macs, l.params) for l in g.layers]
     assert fields(graph) == fields(real)
     assert flow == dataflow(model, real) and graph.output_layers == real.output_layers

@@ -16,7 +16,7 @@ from autocompress.graph import analyze
 
 
 def every_layer(model, x, **sections):
-    names = [n for n, _ in layer_targets(analyze(model, x, groups=False))]
+    names = [n for n, _ in layer_targets(analyze(model, x))]
     fields = {"weight_bits", "act_bits", "density", "bits"}
     return {tech: {k: dict.fromkeys(names, v) if k in fields else v for k, v in cfg.items()}
             for tech, cfg in sections.items()}

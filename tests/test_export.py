@@ -29,7 +29,7 @@ def best(run):
 def file_accuracy(fmt: str, path, result, trial: int, val_loader) -> float:
     """Load the written file with its own runtime only (no autocompress code in the forward pass) and score it."""
     if fmt == "state_dict":
-        model = ac.apply(result._base_model, result.trials.loc[trial, "policy"], result._example_input)
+        model = ac.apply(result.base_model, result.trials.loc[trial, "policy"], result.example_input)
         model.load_state_dict(torch.load(path, weights_only=True))
         run = lambda x: model.eval()(x).detach().numpy()  # noqa: E731
     elif fmt == "packed":  # the documented loader: decodes the stored bit-widths back into the stored structure
@@ -118,7 +118,7 @@ def test_cli_export_prints_size_and_accuracy_of_the_file(run, best, tmp_path):
 def test_export_refuses_what_it_cannot_honour(run, best, tmp_path):
     result, _ = run
     trial, _ = best
-    bare = type(result)(result.trials, result.baseline, result.config, result._base_model, result._example_input)
+    bare = type(result)(result.trials, result.baseline, result.config, result.base_model, result.example_input)
     with pytest.raises(AutocompressError, match=f"weights trial {trial} was judged with are not stored"):
         bare.export(trial, "state_dict", tmp_path / "m.pt")  # no stored weights: its policy alone is not the model
     with pytest.raises(AutocompressError, match="unknown export format 'tflite'"):

@@ -18,7 +18,7 @@ import worker_problem
 import autocompress as ac
 from autocompress import search
 from autocompress.cli import main
-from autocompress.storage import hide_password, open_storage
+from autocompress.search.storage import hide_password, open_storage
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--model", "worker_problem:tiny_model", "--input-shape", "1,1,32,32"]
@@ -455,7 +455,7 @@ def test_ctrl_c_exits_130_and_counts_only_evaluated_trials(tmp_path, capsys, mon
     """Two trials evaluated, three PRUNED duplicates, then Ctrl-C: exit 130, "2 finished trials are kept"."""
     (tmp_path / "two.yaml").write_text(TWO_POLICIES)
     calls = []
-    real = search.run_trial
+    real = search.loop.run_trial
 
     def interrupted_after_five(*args):
         calls.append(1)
@@ -463,7 +463,7 @@ def test_ctrl_c_exits_130_and_counts_only_evaluated_trials(tmp_path, capsys, mon
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(search, "run_trial", interrupted_after_five)
+    monkeypatch.setattr(search.loop, "run_trial", interrupted_after_five)
     code, printed = cli(["run", *TINY, "--space", str(tmp_path / "two.yaml"), "--trials", "3", "--no-progress",
                          "--budget", "size=200%", "--out", str(tmp_path / "r")], capsys)
     assert code == 130
@@ -553,6 +553,6 @@ def test_ctrl_c_in_a_worker_exits_130(tmp_path, capsys, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(search, "run_trial", interrupted)
+    monkeypatch.setattr(search.loop, "run_trial", interrupted)
     code, printed = cli(["worker", "--storage", storage, "--trials", "1", "--no-progress"], capsys)
     assert code == 130 and "interrupted: 0 finished trials are kept" in printed

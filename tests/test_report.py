@@ -171,7 +171,7 @@ def test_html_is_one_offline_file_with_every_part(run):
     # the per-layer breakdown of the chosen (first Pareto) model is the cost model's, re-estimated
     chosen = int(result.pareto.index[0])
     profile = HardwareProfile.from_dict(result.config["hardware"], "test")
-    layers = estimate(result.model(chosen), result._example_input, profile).layers
+    layers = estimate(result.model(chosen), result.example_input, profile).layers
     assert f"every layer of trial {chosen} ({len(layers)} ops)" in page
     assert f"<td>{layers['latency_ms'].sum():.4g}</td><td>{result.trials.loc[chosen, 'latency_ms']:.4g}</td>" in page
     # run metadata

@@ -153,7 +153,7 @@ def test_failing_and_nan_trials_are_recorded_and_the_study_goes_on(digits_model,
                          trials=5, progress=False)
     assert list(result.trials["state"]) == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     assert "boom" in result.trials.loc[1, "error"]
-    assert "(at search.py:" in result.trials.loc[1, "error"]  # where it left the package: the evaluator call
+    assert "(at search/problem.py:" in result.trials.loc[1, "error"]  # where it left the package: the evaluator call
     assert "nan" in result.trials.loc[2, "error"]
 
 

@@ -95,7 +95,7 @@ def test_bad_accuracy_budgets_name_the_value_and_what_is_allowed(item, message):
 
 
 def test_measure_times_every_delivered_front_model_and_the_original(digits_model, digits_input, tiny_data):
-    from autocompress.plots import fmt
+    from autocompress.report.plots import fmt
     from autocompress.report import format_table
 
     result = ac.compress(digits_model, digits_input, data=tiny_data, trials=3, finetune_steps=0, final_epochs=0,

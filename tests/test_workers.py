@@ -20,7 +20,7 @@ import worker_problem
 import autocompress as ac
 from autocompress import search
 from autocompress.cli import main
-from autocompress.storage import HeartbeatJournalStorage, open_storage
+from autocompress.search.storage import HeartbeatJournalStorage, open_storage
 
 TESTS = Path(__file__).resolve().parent
 EXE = Path(sys.executable).parent / "autocompress"

@@ -42,7 +42,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerGraph, Fl
 
 
 def _analyzed(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerGraph, Flow]:
-    graph = analyze(model, example_input, groups=False)
+    graph = analyze(model, example_input)
     return graph, dataflow(model, graph)
 
 

@@ -9,7 +9,7 @@ Storage specs (`--storage`, or `storage=` in `compress`):
                                           postgresql+psycopg2:// or mysql+pymysql://)
 
 Every one of them records heartbeats: each running trial's worker writes one every `interval` seconds,
-and a trial silent for GRACE_FACTOR intervals is marked failed and queued again (see search.recover_lost).
+and a trial silent for GRACE_FACTOR intervals is marked failed and queued again (see workers.recover_lost).
 The interval is a property of the study (its `heartbeat_s` user attribute, set when the study is made from
 $AUTOCOMPRESS_HEARTBEAT_S or HEARTBEAT_S), so every worker judges silence by the same clock.
 """
@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
 
-from .errors import AutocompressError
+from ..errors import AutocompressError
+from ._optuna import HeartbeatJournalStorage
 
 HEARTBEAT_S = 10     # seconds between a running trial's heartbeats
 GRACE_FACTOR = 3     # missed heartbeats before its trial counts as lost
@@ -154,43 +153,16 @@ def _require_file(path: str | None, spec: str) -> None:
                                 f"pass the storage a run or worker wrote its study to")
 
 
-def _journal(path: str, must_exist: bool = False) -> "HeartbeatJournalStorage":
+def _journal(path: str, must_exist: bool = False) -> HeartbeatJournalStorage:
     if not path:
         raise AutocompressError(f"storage 'journal:' names no file; use {ALLOWED}")
     if must_exist:
         _require_file(path, f"journal:{path}")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return HeartbeatJournalStorage(JournalFileBackend(path), HEARTBEAT_S)
+        return HeartbeatJournalStorage(JournalFileBackend(path), HEARTBEAT_S, GRACE_FACTOR)
     except OSError as exc:
         raise AutocompressError(f"cannot open journal file {path!r}: {exc.strerror or exc}") from None
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage with the heartbeats its RDB storage has: each beat is a trial system attribute
-    holding the writer's clock, which is sound because a journal file is shared by processes of one machine."""
-
-    def __init__(self, backend, heartbeat_interval: int):
-        super().__init__(backend)
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = GRACE_FACTOR * heartbeat_interval
-        self.heartbeat_stale_trial_callback = None
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, "heartbeat", time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        # A trial not yet beating is judged by its start, so a worker killed before its first beat is caught too.
-        now = time.time()
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running
-                if now - t.system_attrs.get("heartbeat", t.datetime_start.timestamp()) > self.grace_period]
-
-    def get_heartbeat_interval(self) -> int:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self.heartbeat_stale_trial_callback
 
 
 def first_line(exc: Exception) -> str:

@@ -1,13 +1,8 @@
-"""Reports of a Result: the Pareto front as a terminal table (with the baseline, the budgets and which budget
-binds each model), CSV, JSON, and one self-contained HTML file with inline SVG figures.
+"""The HTML report: one self-contained page with inline SVG figures (plots.py): the front, the hypervolume over
+trials, predicted against measured latency, per-layer policy heatmaps, one model's per-layer costs, the run's
+metadata. It needs nothing but a browser: no script, no stylesheet or font from the network.
 
-The HTML report needs nothing but a browser: no script, no stylesheet or font from the network.
-Hypervolume is measured on normalized objectives (see `normalized`), so its reference point is the
-same sentence for every run: accuracy 0 and, for each cost, its budget (or the uncompressed model's
-value when that cost has no budget).
-
-Every function here reads a `Result` (result.py), which renders itself with `render` (`Result.report`): the
-result is passed in, never imported.
+Every function here reads a `Result` (result.py), passed in, never imported.
 """
 from __future__ import annotations
 
@@ -21,15 +16,15 @@ from string import Template
 import numpy as np
 import pandas as pd
 
+from ..budgets import METRICS
+from ..cost.model import estimate
+from ..cost.profiles import HardwareProfile
+from ..errors import AutocompressError
+from ..versions import __version__, package_versions
 from . import plots
-from .budgets import METRICS, pareto_mask
-from .cost.model import estimate
-from .cost.profiles import HardwareProfile
-from .errors import AutocompressError, one_of
-from .versions import __version__, package_versions
+from .hypervolume import hypervolume_history, reference_point
+from .tables import SHOWN, closest, closest_table, is_number, none_met, number, pareto_table
 
-SHOWN = ["accuracy", "test_accuracy", "latency_ms", "measured_latency_ms", "energy_mj", "size_kb", "macs", "params"]
-FORMATS = ("table", "csv", "json", "html")
 FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group",
                 ("quantize", "weight_bits"): "weight bits, per layer",
                 ("quantize", "act_bits"): "activation bits, per layer",
@@ -37,228 +32,6 @@ FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group
                 ("sparsity", "density"): "fraction of weights kept (unstructured sparsity), per layer",
                 ("share", "bits"): "bits per shared-weight index, per layer"}
 
-
-# ---------------------------------------------------------------------------------------- tables
-
-def binding(row, limits: dict) -> str:
-    """The budget a model is closest to (the largest share of its limit used), e.g. 'latency_ms 93%'."""
-    used = {m: row[m] / lim for m, lim in limits.items() if pd.notna(row.get(m))}
-    if not used:
-        return "-"
-    metric = max(used, key=used.get)
-    return f"{metric} {used[metric]:.0%}"
-
-
-def pareto_table(result) -> pd.DataFrame:
-    """The baseline, the budgets and the Pareto rows, with ratios to the baseline and the binding budget."""
-    front = result.pareto.reindex(columns=SHOWN).astype(float)
-    front.index = [f"trial {n}" for n in front.index]
-    base = pd.DataFrame([{c: result.baseline.get(c) for c in SHOWN}], index=["baseline"], dtype=float)
-    limits = {**result.limits, **_accuracy_budget(result)}
-    budget = pd.DataFrame([{c: limits.get(c, math.nan) for c in SHOWN}], index=["budget"], dtype=float)
-    parts = [base] + ([budget] if limits else []) + ([front] if not front.empty else [])
-    table = pd.concat(parts)
-    for metric in ("latency_ms", "size_kb"):
-        if result.baseline.get(metric):
-            table[f"{metric.split('_')[0]} x"] = table[metric] / result.baseline[metric]
-    table["binds"] = [binding(row, result.limits) if str(name).startswith("trial") else ""
-                      for name, row in table.iterrows()]
-    return _counts_as_int(table.dropna(axis=1, how="all"))
-
-
-def _accuracy_budget(result) -> dict:
-    """{"accuracy": floor} when the run has an accuracy budget (a lower limit, shown in the budget row)."""
-    return {} if result.min_accuracy is None else {"accuracy": result.min_accuracy}
-
-
-def budget_line(result) -> str:
-    """'budgets: accuracy >= 0.98, latency_ms <= 2.6, ...', or '' without budgets."""
-    parts = [f"accuracy >= {result.min_accuracy:.4g}"] if result.min_accuracy is not None else []
-    parts += [f"{k} <= {v:.4g}" for k, v in sorted(result.limits.items())]
-    return ("budgets: " + ", ".join(parts)) if parts else ""
-
-
-def closest(result, k: int = 5) -> pd.DataFrame:
-    """Completed candidates ranked by their largest relative excess over a budget, with how much each misses."""
-    done = result.trials[result.trials["state"] == "COMPLETE"]
-    if done.empty:
-        return pd.DataFrame(columns=[*SHOWN, "misses by"])
-    excess = pd.DataFrame({m: done[m].astype(float) / lim - 1 for m, lim in result.limits.items()}, index=done.index)
-    worst = excess.max(axis=1) if result.limits else pd.Series(0.0, index=done.index)
-    rows = done.loc[worst.sort_values(kind="stable").index[:k]].reindex(columns=SHOWN).astype(float)
-    rows = rows.dropna(axis=1, how="all")
-    rows["misses by"] = [_misses(excess.loc[n], result.limits, done.loc[n]) for n in rows.index]
-    rows.index = [f"trial {n}" for n in rows.index]
-    return _counts_as_int(rows)
-
-
-def _counts_as_int(table: pd.DataFrame) -> pd.DataFrame:
-    """MACs and parameters are counts: integers (nullable where a row has none), never 1.05e+08."""
-    for c in ("macs", "params"):
-        if c in table:
-            table[c] = table[c].round().astype("Int64")
-    return table
-
-
-def closest_table(result) -> pd.DataFrame:
-    """The closest candidates under the baseline and budget rows, for runs where none met the budgets."""
-    near = closest(result)
-    if near.empty:
-        return near
-    head = pareto_table(result).reindex(columns=[c for c in near.columns if c != "misses by"])
-    return pd.concat([head, near])
-
-
-def _misses(excess: pd.Series, limits: dict, row) -> str:
-    over = [f"{m} +{e:.1%} ({plots.fmt(row[m])} > {plots.fmt(limits[m])})" for m, e in excess.items() if e > 0]
-    return ", ".join(over) or "nothing (within budget)"
-
-
-def _number(v) -> str:
-    """Counts with thousands separators, other numbers to four significant digits, missing as '-'."""
-    if pd.isna(v):
-        return "-"
-    if isinstance(v, (int, np.integer)) or (float(v).is_integer() and abs(v) >= 1e4):
-        return f"{int(v):,}"
-    return plots.fmt(float(v))
-
-
-def _text(table: pd.DataFrame) -> str:
-    """A table as aligned terminal text."""
-    return table.map(lambda v: _number(v) if _is_number(v) else v).to_string()
-
-
-def format_table(result) -> str:
-    """The terminal view of a run: budgets, the Pareto front against the baseline, or why it is empty."""
-    lines = [f"objectives: {', '.join(result.objectives)}"]
-    if budget_line(result):
-        lines.append(budget_line(result))
-    n, feasible = len(result.trials), int(result.trials["feasible"].sum())
-    failed = int((result.trials["state"] == "FAIL").sum())
-    lines.append(f"trials: {n} finished, {feasible} within budget, {failed} failed")
-    if "test_accuracy" in result.trials and result.pareto["delivered"].any():
-        lines.append("accuracy: on the validation data the search selected on; test_accuracy: on held-out test data; "
-                     "front models are delivered (fine-tuned after the search, then measured)")
-    if result.pareto.empty:
-        lines.append(_none_met(result))
-        table = closest_table(result)
-        if not table.empty:
-            lines.append(_text(table))
-        return "\n".join(lines)
-    table = pareto_table(result)
-    lines.append(f"Pareto front ({len(result.pareto)} models; 'binds' = the budget each is closest to, share used):")
-    lines.append(_text(table))
-    return "\n".join(lines)
-
-
-def _none_met(result) -> str:
-    completed = int((result.trials["state"] == "COMPLETE").sum())
-    if result.trials.empty:
-        return "no candidate yet: the run has no finished trials"
-    if not completed:
-        return "no candidate met the budgets: no trial completed (see the failed trials' error column)"
-    return f"no candidate met the budgets: all {completed} completed candidates are over budget; the closest ones:"
-
-
-def to_csv(result) -> str:
-    """The table's rows (baseline, budget, Pareto models or the closest candidates) with each trial's policy."""
-    table = pareto_table(result) if not result.pareto.empty else closest_table(result)
-    policies = {f"trial {n}": p for n, p in result.trials["policy"].items()}
-    table["policy"] = [policies.get(name, "") for name in table.index]
-    return table.to_csv(index_label="row")
-
-
-def to_json(result) -> str:
-    """Objectives, budgets, baseline, the Pareto rows (or the closest candidates) and the hypervolume."""
-    def rows(frame):
-        return {name: {k: (None if pd.isna(v) else v) for k, v in row.items()} for name, row in frame.iterrows()}
-
-    front = pareto_table(result)
-    front = front[[i.startswith("trial") for i in front.index]]
-    history = hypervolume_history(result)
-    return json.dumps({"objectives": list(result.objectives), "budgets": result.config.get("budgets", {}),
-                       "limits": result.limits, "baseline": result.baseline,
-                       "trials": {"finished": len(result.trials), "feasible": int(result.trials["feasible"].sum())},
-                       "pareto": rows(front), "closest": rows(closest(result)) if front.empty else {},
-                       "hypervolume": {"value": float(history.iloc[-1]) if len(history) else 0.0,
-                                       "reference": reference_point(result)}}, indent=2, default=_plain)
-
-
-def _plain(v):
-    return v.item() if hasattr(v, "item") else str(v)
-
-
-def render(result, fmt: str = "table", trial: int | None = None) -> str:
-    """The report in one of FORMATS; `trial` picks the model whose per-layer costs the HTML report shows."""
-    if fmt not in FORMATS:
-        raise one_of("report format", fmt, FORMATS)
-    if fmt == "html":
-        return to_html(result, trial)
-    return {"table": format_table, "csv": to_csv, "json": to_json}[fmt](result)
-
-
-# ---------------------------------------------------------------------------------------- hypervolume
-
-def hypervolume(points, reference) -> float:
-    """Exact volume dominated by `points` (all objectives minimized) up to `reference`, in any dimension.
-
-    Slices along the last objective and recurses on the rest; exact and fast for the fronts a search
-    produces (tens of points). Points not strictly better than the reference in every objective add nothing.
-    """
-    pts = np.asarray(points, dtype=float).reshape(-1, len(reference))
-    ref = np.asarray(reference, dtype=float)
-    pts = pts[np.all(pts < ref, axis=1)]
-    if len(pts) == 0:
-        return 0.0
-    return _slice_volume(np.unique(pts[pareto_mask(pts)], axis=0), ref)
-
-
-def _slice_volume(pts: np.ndarray, ref: np.ndarray) -> float:
-    if pts.shape[1] == 1:
-        return float(ref[0] - pts[:, 0].min())
-    pts = pts[np.argsort(pts[:, -1], kind="stable")]
-    total = 0.0
-    for i in range(len(pts)):
-        upper = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
-        if upper > pts[i, -1]:
-            rest = pts[: i + 1, :-1]
-            total += (upper - pts[i, -1]) * _slice_volume(rest[pareto_mask(rest)], ref[:-1])
-    return total
-
-
-def reference_point(result) -> dict:
-    """The hypervolume's reference point in the objectives' own units: accuracy 0, each cost at its budget
-    (at the uncompressed model's value where it has no budget)."""
-    return {o: 0.0 if METRICS[o] == "maximize" else float(result.limits.get(o) or result.baseline.get(o) or 1.0)
-            for o in result.objectives}
-
-
-def normalized(result, frame: pd.DataFrame) -> np.ndarray:
-    """Objectives of `frame` as minimization in units of the reference point (which becomes all ones):
-    1 - accuracy for accuracy, value / (budget, else uncompressed value) for each cost."""
-    cols, reference = [], reference_point(result)
-    for o in result.objectives:
-        values = frame[o].astype(float).to_numpy()
-        cols.append(1.0 - values if METRICS[o] == "maximize" else values / reference[o])
-    return np.stack(cols, axis=1) if cols else np.zeros((len(frame), 0))
-
-
-def hypervolume_history(result) -> pd.Series:
-    """Hypervolume of the feasible trials finished so far, after each trial (indexed by trial number)."""
-    trials = result.trials.sort_index()
-    ok = trials["feasible"] & (trials["state"] == "COMPLETE") & trials[list(result.objectives)].notna().all(axis=1)
-    values = normalized(result, trials)
-    reference = np.ones(len(result.objectives))
-    front, out = np.zeros((0, len(reference))), []
-    for i, good in enumerate(ok):
-        if good:
-            front = np.vstack([front, values[i]])
-            front = front[pareto_mask(front)]
-        out.append(hypervolume(front, reference))
-    return pd.Series(out, index=trials.index, name="hypervolume", dtype=float)
-
-
-# ---------------------------------------------------------------------------------------- HTML
 
 def to_html(result, trial: int | None = None) -> str:
     """One self-contained HTML page: front, hypervolume, policy heatmaps, per-layer costs, run metadata."""
@@ -271,7 +44,7 @@ def to_html(result, trial: int | None = None) -> str:
                 _heatmap_section(result, list(base_layers.index) if base_layers is not None else None),
                 _breakdown_section(result, chosen, base_layers), _metadata_section(result)]
     page = Template((resources.files("autocompress") / "templates" / "report.html").read_text())
-    model = result.config.get("model_spec") or (type(result._base_model).__name__ if result._base_model is not None
+    model = result.config.get("model_spec") or (type(result.base_model).__name__ if result.base_model is not None
                                                  else f"model {result.config.get('model', '?')}")
     return page.substitute(title=escape(f"autocompress report: {model}"), heading=escape(str(model)),
                            subtitle=escape(_subtitle(result)), body="\n".join(s for s in sections if s),
@@ -296,13 +69,9 @@ def _frame_html(frame: pd.DataFrame, highlight: str | None = None) -> str:
     body = []
     for name, row in frame.iterrows():
         cls = ' class="hl"' if highlight and name == highlight else ""
-        cells = "".join(f"<td>{escape(_number(v) if _is_number(v) else str(v))}</td>" for v in row.to_numpy())
+        cells = "".join(f"<td>{escape(number(v) if is_number(v) else str(v))}</td>" for v in row.to_numpy())
         body.append(f"<tr{cls}><th>{escape(str(name))}</th>{cells}</tr>")
     return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
-def _is_number(v) -> bool:
-    return v is pd.NA or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
 
 
 def _summary(result, chosen: int | None) -> str:
@@ -315,7 +84,7 @@ def _summary(result, chosen: int | None) -> str:
     html = '<div class="cards">' + "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{escape(k)}'
                                            f"</div></div>" for k, v in cards) + "</div>"
     if result.pareto.empty:
-        html += (f'<div class="alert"><strong>{escape(_none_met(result))}</strong>'
+        html += (f'<div class="alert"><strong>{escape(none_met(result))}</strong>'
                  f'{_frame_html(closest_table(result))}</div>')
     else:
         html += _frame_html(pareto_table(result), highlight=f"trial {chosen}")
@@ -528,11 +297,11 @@ def _chosen(result, trial: int | None) -> int | None:
 
 def _layers(result, trial: int | None) -> pd.DataFrame | None:
     """The cost model's per-layer table of a trial's model (None: the uncompressed one), on the run's hardware."""
-    if result._base_model is None or result._example_input is None or "hardware" not in result.config:
+    if result.base_model is None or result.example_input is None or "hardware" not in result.config:
         return None
     profile = HardwareProfile.from_dict(result.config["hardware"], "in the run's config")
-    model = result._base_model if trial is None else result.model(trial)
-    return estimate(model, result._example_input, profile).layers
+    model = result.base_model if trial is None else result.model(trial)
+    return estimate(model, result.example_input, profile).layers
 
 
 def _breakdown_section(result, trial: int | None, base: pd.DataFrame | None) -> str:
@@ -585,7 +354,7 @@ def _metadata_section(result) -> str:
         ("objectives", ", ".join(result.objectives)),
         ("budgets", ", ".join(f"{k}={v:g}" for k, v in sorted(c.get("budgets", {}).items())) or "none"),
         ("limits", ", ".join(f"{k} <= {plots.fmt(v)}" for k, v in sorted(result.limits.items())) or "none"),
-        ("uncompressed model", ", ".join(f"{k} {_number(v)}" for k, v in result.baseline.items() if v is not None)),
+        ("uncompressed model", ", ".join(f"{k} {number(v)}" for k, v in result.baseline.items() if v is not None)),
         ("search", f"space {c.get('space', {}).get('name', '?')}, sampler {c.get('sampler', '?')}, "
                    f"seed {c.get('seed', '?')}, {len(result.trials)} trials"),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) + f" ({where})"),

@@ -1,7 +1,7 @@
 """Structured channel pruning that physically removes channels.
 
 Coupled channels (residual adds, concats, depthwise and grouped convs, BN, squeeze-excite, attention
-heads) are found and removed together by Torch-Pruning's DependencyGraph (see graph.ChannelPruner);
+heads) are found and removed together by Torch-Pruning's DependencyGraph (see groups.ChannelPruner);
 the search turns one keep ratio per channel group, and kept widths are rounded to a multiple of
 `round_to`. Channels with the lowest importance go first:
 
@@ -26,9 +26,10 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import AutocompressError, one_of
-from ..graph import first_tensor, output_layers, prune_channels
-from .base import FRACTION, Between, Technique, set_meta
+from ...errors import AutocompressError, one_of
+from ...graph import first_tensor, output_layers
+from ..base import FRACTION, Between, Technique, set_meta
+from .groups import prune_channels
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
 DEFAULT_IMPORTANCE = "l1"  # most accurate after BN recalibration at equal MACs on digits: scripts/bench_importance.py
