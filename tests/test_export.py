@@ -143,7 +143,7 @@ def test_onnx_file_stores_compressed_weights_at_their_bit_width(run, digits_data
     assert compressed, "the digits run's front holds a quantized or shared model"
     for trial in compressed:
         info = result.export(trial, "onnx", tmp_path / f"t{trial}.onnx", data=digits_data)
-        _write_float_onnx(result.model(trial), result._example_input, tmp_path / "plain.onnx")
+        _write_float_onnx(result.model(trial), result.example_input, tmp_path / "plain.onnx")
         assert info.size_bytes < 0.7 * (tmp_path / "plain.onnx").stat().st_size
         ops = {node.op_type for node in onnx.load(str(info.path)).graph.node}
         assert ops & {"Gather", "Mul"} and "Cast" in ops
