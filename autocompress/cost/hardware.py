@@ -8,6 +8,7 @@ Apart from profiles.py because calibrating `host` on first use needs cost/calibr
 from __future__ import annotations
 
 import platform
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -81,4 +82,9 @@ def _cached_host(device: str, threads: int | None) -> HardwareProfile:
         raise AutocompressError("hardware 'host-cuda' has no calibration for this cost model yet; run "
                                 "`autocompress calibrate --device cuda` on this machine (it needs a CUDA GPU)")
     calibrate.calibrate_host(path, quick=True, threads=threads)
-    return read_profile(path)
+    profile = read_profile(path)
+    reason = calibrate.busy_reason(profile)
+    if reason:
+        warnings.warn(f"hardware 'host' at {threads} threads was calibrated on a busy machine ({reason}); run "
+                      f"`autocompress calibrate --threads {threads} --force` when it is idle")
+    return profile
