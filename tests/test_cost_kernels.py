@@ -241,3 +241,23 @@ def test_copy_bandwidth_stays_physical_when_noise_flattens_the_slope(monkeypatch
     monkeypatch.setattr(cal, "measure_latency_ms", lambda model, x, **k: 1e-3 * x.numel() / 1e5)
     assert cal.copy_bandwidth_gbs(64 * 1024, "cpu", 1, "cpu") == pytest.approx(800.0, rel=1e-6)  # 8 bytes per element in 1e-11 s
 
+
+def test_the_forest_predicts_what_the_regressor_predicts_and_is_fitted_once(fitted, tmp_path, monkeypatch):
+    """Estimates predict kernels with the fitted trees as flat arrays: exactly scikit-learn's numbers (unknown
+    families and all), fitted once per machine and read back from the cache folder without unpickling."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    x, y = kernels.decode(fitted.kernels)
+    model = kernels.regressor().fit(x, y)
+    forest = kernels.Forest(model)
+    probe = x + np.random.default_rng(0).normal(0, 0.5, x.shape) * (np.arange(x.shape[1]) > 0)
+    probe[:7, 0] = [99, 17, -1, 0.5, 3, 3, 15]  # families never seen, out of range, fractional
+    for rows in (x, probe, x[:1]):
+        assert np.array_equal(forest.predict(rows), model.predict(rows))
+    kernels._FITTED.clear()
+    first = kernels.fitted(fitted.kernels)
+    assert list((tmp_path / "forests").glob("*.npz"))
+    kernels._FITTED.clear()
+    monkeypatch.setattr(kernels, "regressor", lambda: pytest.fail("refitted instead of read from the cache"))
+    again = kernels.fitted(fitted.kernels)
+    assert np.array_equal(again.predict(probe), first.predict(probe))
+    assert np.array_equal(first.predict(probe), model.predict(probe))
