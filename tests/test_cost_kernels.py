@@ -261,3 +261,24 @@ def test_the_forest_predicts_what_the_regressor_predicts_and_is_fitted_once(fitt
     again = kernels.fitted(fitted.kernels)
     assert np.array_equal(again.predict(probe), first.predict(probe))
     assert np.array_equal(first.predict(probe), model.predict(probe))
+
+
+def test_a_stale_host_profile_is_replaced_even_on_a_busy_machine(fitted, tmp_path, monkeypatch):
+    """A cached host profile fitted to an older cost model is no profile to keep: first use on busy cores writes
+    the new calibration over it (and warns that the cores were busy) instead of keeping the stale one."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    path = hardware.host_profile_path(threads=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.write_profile(profiles.HardwareProfile.from_dict(
+        {**fitted.to_dict(), "calibration": {**fitted.calibration, "model_version": cal.MODEL_VERSION - 1}}, "x"), path)
+    busy = {**fitted.calibration, "busy": "the reference kernel ran 9.0x slower than on a quiet core"}
+
+    def fake_calibrate(name, quick=False, device="cpu", seed=0, threads=None, clock=None, stop_when_busy=False):
+        if stop_when_busy:
+            raise cal.Busy(busy["busy"])
+        return profiles.HardwareProfile.from_dict({**fitted.to_dict(), "calibration": busy}, "fake")
+
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate)
+    with pytest.warns(UserWarning, match="calibrated on a busy machine .the reference kernel ran 9.0x slower"):
+        profile = hardware.load_profile("host", threads=1)
+    assert profile.calibration["model_version"] == cal.MODEL_VERSION and profile.calibration["busy"]

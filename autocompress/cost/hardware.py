@@ -81,6 +81,7 @@ def _cached_host(device: str, threads: int | None) -> HardwareProfile:
     if device == "cuda":
         raise AutocompressError("hardware 'host-cuda' has no calibration for this cost model yet; run "
                                 "`autocompress calibrate --device cuda` on this machine (it needs a CUDA GPU)")
+    path.unlink(missing_ok=True)  # fitted to an older model: not a profile to keep, whatever the load
     calibrate.calibrate_host(path, quick=True, threads=threads)
     profile = read_profile(path)
     reason = calibrate.busy_reason(profile)

@@ -23,6 +23,7 @@ import hashlib
 import io
 import math
 import os
+import zipfile
 
 import numpy as np
 from torch import nn
@@ -199,7 +200,7 @@ def _stored_forest(text: str) -> "Forest":
     try:
         with np.load(path, allow_pickle=False) as data:
             return Forest.from_arrays(data)
-    except (OSError, ValueError, KeyError):  # none yet, or unreadable: fit it
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or unreadable: fit it
         pass
     x, y = decode(text)
     forest = Forest(regressor().fit(x, y))
