@@ -210,7 +210,7 @@ def test_busy_cores_stop_a_calibration_that_keeps_a_profile_or_time_one_thread(f
 
     def machine(model, x, repeats=30, warmup=5, threads=None, clock="wall"):
         seen.append((threads, clock))
-        return fake_ms(model, x) * (30.0 if threads == 2 else 1.0)  # 2 threads on busy cores: 30x slower
+        return fake_ms(model, x) * (30.0 if threads == 2 else 1.0)  # 2 threads on busy cores: 30x, 12x the slack
 
     fake_machine.setattr(cal, "measure_latency_ms", machine)
     fake_machine.setattr(cal, "PAUSE_S", 0.0)
@@ -219,7 +219,7 @@ def test_busy_cores_stop_a_calibration_that_keeps_a_profile_or_time_one_thread(f
     path.write_text("previous")
     assert main(["calibrate", "--quick", "--threads", "2"]) == 0
     out = capsys.readouterr().out.strip()
-    assert len(out.splitlines()) == 1 and "busy (the reference kernel ran 30.0x slower" in out and "--force" in out
+    assert len(out.splitlines()) == 1 and "busy (the reference kernel ran 12.0x slower" in out and "--force" in out
     assert path.read_text() == "previous" and len(seen) < 30   # stopped before timing any kernel
     path.unlink()
     assert main(["calibrate", "--quick", "--threads", "2"]) == 0
@@ -227,7 +227,7 @@ def test_busy_cores_stop_a_calibration_that_keeps_a_profile_or_time_one_thread(f
     assert len(out.splitlines()) == 1 and "on a busy machine" in out and "on 1 thread (cpu clock) for 2 threads" in out
     written = yaml.safe_load(path.read_text())
     assert written["threads"] == 2 and written["calibration"]["timed_threads"] == 1
-    assert written["calibration"]["clock"] == "cpu" and "30.0x slower" in written["calibration"]["busy"]
+    assert written["calibration"]["clock"] == "cpu" and "12.0x slower" in written["calibration"]["busy"]
     assert {"fit_r2", "reference_ms", "blocks_dropped"} <= set(written["calibration"])
     assert 0 < written["bandwidth_gbs"] < 1e4 and 0 < written["peak_gmacs"]["fp32"] < 1e6
 

@@ -61,6 +61,7 @@ PROBE_LIMIT = 1.3                       # the reference slower than this x its q
 RETRIES = 2                             # a noisy block is timed again this many times, then its kernels dropped
 PAUSE_S = 0.5                           # the wait before a noisy block is timed again
 START_TRIES = 3                         # reference timings (PAUSE_S apart) before the cores count as busy
+SERIAL_SLACK = 2.5                      # more threads may run the reference this much slower than one on idle cores
 POOR_FIT = 0.5                          # held-out median error above this: the timings do not fit any model
 HOROWITZ_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.065, 2: 0.02, 1: 0.01}, "dram_pj_per_byte": 80.0,
                    "sram_pj_per_byte": 1.25}
@@ -266,13 +267,15 @@ def reference_kernel(device: str) -> tuple[nn.Module, torch.Tensor]:
 class Probe:
     """Times the reference kernel the way the kernels are timed and says how much slower than quiet it ran.
 
-    Its quiet time is the least of the single-thread CPU-clock time (on the CPU: no load inflates it, and
-    more threads never make an idle machine slower than one) and the quickest timing so far."""
+    Its quiet time is the least of the single-thread CPU-clock time (on the CPU: no load inflates it), times
+    SERIAL_SLACK for more threads (their fork and join cost a small kernel more than it gains), and the
+    quickest timing so far."""
 
     def __init__(self, device: str, threads: int | None, clock: str):
         self.model, self.x = reference_kernel(device)
         self.threads, self.clock = threads, clock
-        self.quiet = (_quickest_ms(self.model, self.x, 1, "cpu", repeats=10) if device == "cpu" else math.inf)
+        slack = 1.0 if threads == 1 else SERIAL_SLACK
+        self.quiet = (_quickest_ms(self.model, self.x, 1, "cpu", repeats=10) * slack if device == "cpu" else math.inf)
         self.slowdowns: list[float] = []
 
     def slowdown(self) -> float:
