@@ -10,7 +10,7 @@ from pathlib import Path
 from . import api, export, models, report
 from .budgets import Budgets
 from .cost import hardware
-from .cost.calibrate import calibrate, calibrate_host, quality_line, write_profile
+from .cost.calibrate import busy_reason, calibrate, calibrate_host, quality_line, write_profile
 from .cost.profiles import builtin_profiles, default_threads
 from .data import load_data
 from .errors import AutocompressError
@@ -179,9 +179,12 @@ def _calibrate(args) -> None:
         path, kept = Path(args.to), ""
         profile = calibrate(args.hardware, quick=args.quick, device=device, threads=threads, clock=args.clock)
         write_profile(profile, path)
+    busy = busy_reason(profile) if profile is not None else ""
     if kept:
         print(f"the machine is busy ({kept}): kept the previous profile {path}; calibrate again when it is idle, "
               "or pass --force to overwrite it")
+    elif busy:
+        print(f"wrote {path} on a busy machine ({busy}); calibrate again when it is idle: {quality_line(profile)}")
     else:
         print(f"wrote {path}: {quality_line(profile)}")
 

@@ -171,3 +171,114 @@ def test_prior_uses_only_measured_numbers():
                       math.log2(1 + 1e3), math.log2(1 + 1e3)] + [0.0] * (len(kernels.FEATURES) - 6)])
     prior = kernels.prior_s(rows, overhead_us=5.0, peak_gmacs=10.0, bandwidth_gbs=1.0)
     assert prior[0] == pytest.approx(5e-6 + 1e6 / 10e9)   # compute-bound: 1 MMAC at 10 GMAC/s, plus the overhead
+
+
+def test_a_block_timed_while_the_reference_ran_slow_is_timed_again_then_dropped(fake_machine):
+    """The reference kernel, timed after every block, decides: slow after a block (something else ran), the block
+    is timed again after a pause; slow every time, its kernels are dropped; the profile records it all."""
+    slow = {"on": False}
+    fake_machine.setattr(cal.time, "sleep", lambda seconds: slow.update(on=False))  # the pause: the load went away
+    reference = cal.reference_kernel("cpu")[0]
+
+    def machine(model, x, repeats=30, warmup=5, threads=None, clock="wall"):
+        return fake_ms(model, x) * (50.0 if slow["on"] and model is reference else 1.0)
+
+    fake_machine.setattr(cal, "measure_latency_ms", machine)
+    fake_machine.setattr(cal, "reference_kernel", lambda device: (reference, torch.randn(1, 32, 14, 14)))
+    timed = {"n": 0}
+    real_block = cal._time_block
+
+    def block(*args):  # the second block is timed on a busy machine twice, the fourth three times
+        timed["n"] += 1
+        slow["on"] = timed["n"] in (2, 3) or 6 <= timed["n"] <= 8
+        return real_block(*args)
+
+    fake_machine.setattr(cal, "_time_block", block)
+    rows, seconds, stats = cal.timed_kernels(100, True, 0, "cpu", 1, "cpu")
+    assert stats["blocks_retimed"] == 4 and stats["blocks_dropped"] == 1
+    assert stats["reference_slowdown_max"] == pytest.approx(50.0)
+    assert stats["kernels"] + stats["dropped"] == sum(1 for b in cal._blocks(100, cal.random.Random(0), 30e6) for _ in b)
+    assert len(rows) == len(seconds) == stats["kernels"] and stats["dropped"] >= len(list(cal._blocks(
+        100, cal.random.Random(0), 30e6))[3])
+
+
+def test_busy_cores_stop_a_calibration_that_keeps_a_profile_or_time_one_thread(fake_machine, tmp_path, capsys):
+    """Cores busy before timing starts (the reference kernel far slower than its single-thread CPU time): with a
+    previous profile nothing is timed and it is kept; without one, the kernels are timed on one thread with the
+    CPU clock (the load does not inflate it) and the written profile says so; nothing is at a bound."""
+    seen = []
+
+    def machine(model, x, repeats=30, warmup=5, threads=None, clock="wall"):
+        seen.append((threads, clock))
+        return fake_ms(model, x) * (30.0 if threads == 2 else 1.0)  # 2 threads on busy cores: 30x, 12x the slack
+
+    fake_machine.setattr(cal, "measure_latency_ms", machine)
+    fake_machine.setattr(cal, "PAUSE_S", 0.0)
+    path = tmp_path / "host.yaml"
+    fake_machine.setattr(hardware, "host_profile_path", lambda device="cpu", threads=None: path)
+    path.write_text("previous")
+    assert main(["calibrate", "--quick", "--threads", "2"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "busy (the reference kernel ran 12.0x slower" in out and "--force" in out
+    assert path.read_text() == "previous" and len(seen) < 30   # stopped before timing any kernel
+    path.unlink()
+    assert main(["calibrate", "--quick", "--threads", "2"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "on a busy machine" in out and "on 1 thread (cpu clock) for 2 threads" in out
+    written = yaml.safe_load(path.read_text())
+    assert written["threads"] == 2 and written["calibration"]["timed_threads"] == 1
+    assert written["calibration"]["clock"] == "cpu" and "12.0x slower" in written["calibration"]["busy"]
+    assert {"fit_r2", "reference_ms", "blocks_dropped"} <= set(written["calibration"])
+    assert 0 < written["bandwidth_gbs"] < 1e4 and 0 < written["peak_gmacs"]["fp32"] < 1e6
+
+
+def test_copy_bandwidth_stays_physical_when_noise_flattens_the_slope(monkeypatch):
+    """A larger copy timed no slower than a smaller one (noise) has no slope: the bandwidth is the large copy's
+    own rate, never a clamp."""
+    monkeypatch.setattr(cal, "measure_latency_ms", lambda model, x, **k: 2.0)
+    gbs = cal.copy_bandwidth_gbs(64 * 1024, "cpu", 1, "cpu")
+    assert gbs == pytest.approx(2 * 4 * (64 * 1024 * 1024 / 8) / 2e-3 / 1e9)
+    monkeypatch.setattr(cal, "measure_latency_ms", lambda model, x, **k: 1e-3 * x.numel() / 1e5)
+    assert cal.copy_bandwidth_gbs(64 * 1024, "cpu", 1, "cpu") == pytest.approx(800.0, rel=1e-6)  # 8 bytes per element in 1e-11 s
+
+
+def test_the_forest_predicts_what_the_regressor_predicts_and_is_fitted_once(fitted, tmp_path, monkeypatch):
+    """Estimates predict kernels with the fitted trees as flat arrays: exactly scikit-learn's numbers (unknown
+    families and all), fitted once per machine and read back from the cache folder without unpickling."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    x, y = kernels.decode(fitted.kernels)
+    model = kernels.regressor().fit(x, y)
+    forest = kernels.Forest(model)
+    probe = x + np.random.default_rng(0).normal(0, 0.5, x.shape) * (np.arange(x.shape[1]) > 0)
+    probe[:7, 0] = [99, 17, -1, 0.5, 3, 3, 15]  # families never seen, out of range, fractional
+    for rows in (x, probe, x[:1]):
+        assert np.array_equal(forest.predict(rows), model.predict(rows))
+    kernels._FITTED.clear()
+    first = kernels.fitted(fitted.kernels)
+    assert list((tmp_path / "forests").glob("*.npz"))
+    kernels._FITTED.clear()
+    monkeypatch.setattr(kernels, "regressor", lambda: pytest.fail("refitted instead of read from the cache"))
+    again = kernels.fitted(fitted.kernels)
+    assert np.array_equal(again.predict(probe), first.predict(probe))
+    assert np.array_equal(first.predict(probe), model.predict(probe))
+
+
+def test_a_stale_host_profile_is_replaced_even_on_a_busy_machine(fitted, tmp_path, monkeypatch):
+    """A cached host profile fitted to an older cost model is no profile to keep: first use on busy cores writes
+    the new calibration over it (and warns that the cores were busy) instead of keeping the stale one."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    path = hardware.host_profile_path(threads=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.write_profile(profiles.HardwareProfile.from_dict(
+        {**fitted.to_dict(), "calibration": {**fitted.calibration, "model_version": cal.MODEL_VERSION - 1}}, "x"), path)
+    busy = {**fitted.calibration, "busy": "the reference kernel ran 9.0x slower than on a quiet core"}
+
+    def fake_calibrate(name, quick=False, device="cpu", seed=0, threads=None, clock=None, stop_when_busy=False):
+        if stop_when_busy:
+            raise cal.Busy(busy["busy"])
+        return profiles.HardwareProfile.from_dict({**fitted.to_dict(), "calibration": busy}, "fake")
+
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate)
+    with pytest.warns(UserWarning, match="calibrated on a busy machine .the reference kernel ran 9.0x slower"):
+        profile = hardware.load_profile("host", threads=1)
+    assert profile.calibration["model_version"] == cal.MODEL_VERSION and profile.calibration["busy"]

@@ -8,11 +8,21 @@ threads. The roofline prior is measured (an empty op, a large convolution, large
 gradient-boosted regressor (scikit-learn) is fitted on log(latency / prior): nothing is fitted against a
 bound. None of the kernels is a model that scripts/bench_cost_model.py scores.
 
-Timing notices noise: the load average is read before and during the timing; every kernel is timed in
-three rounds and timed again when they disagree by more than SPREAD_LIMIT, and dropped when they still do.
-The profile records the load, the share of kernels dropped, how repeatable the rest were and the fit's
-quality on held-out kernels (5-fold cross-validation), and `busy_reason` says when that is not a profile to
-trust: `calibrate_host` then keeps the previous profile unless forced.
+Timing notices noise. A reference kernel (a small convolution) is timed before the kernels and after every
+block of PROBE_EVERY of them; its quiet time is the least of its single-thread CPU time (which load does not
+inflate) and its quickest timing so far. A block after which the reference runs more than PROBE_LIMIT times
+its quiet time was timed while something else ran: it is timed again (RETRIES times, after a pause), and its
+kernels are dropped when it stays noisy. Within a kernel, rounds further apart than SPREAD_LIMIT are timed
+again, then dropped. The load average is read before and during the timing. When the cores are busy before
+timing starts (the reference slow, or the load average above the cores the timing leaves free) a
+calibration that may keep a previous profile stops there (`Busy`); one that must write a profile times the
+kernels on one thread with the CPU clock, which the load does not inflate, and says so (a thread count
+timed on busy cores is not what anyone will run: on 2 shared cores 2 threads time 100x slower). The
+roofline prior is measured so that it stays physical (no number at a clamp). The profile records the load,
+the reference's slowdown, the blocks timed again and dropped, how repeatable the rest were and the fit's
+quality on held-out kernels (5-fold cross-validation: median error, share within 10 and 20 %, R^2 of log
+latency); `busy_reason` says when that is not a profile to trust, and `calibrate_host` then keeps the
+previous profile unless forced.
 """
 from __future__ import annotations
 
@@ -39,12 +49,20 @@ from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
 from .trace import trace
 
-MODEL_VERSION = 6  # bump when the latency model changes: cached host profiles are then re-fitted
+MODEL_VERSION = 7  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
+                   # (7: timing that notices busy cores; a version-6 profile may hold the timings of busy cores)
 SAMPLES = {True: 500, False: 2000}      # kernels timed by a quick (first use) and a full calibration
 MAX_MACS = {True: 30e6, False: 120e6}   # the largest kernel sampled: beyond it, the prior's slope carries
 ROUND_MS = {True: 3.0, False: 10.0}     # timing per round of a kernel
 SPREAD_LIMIT = 1.25                     # rounds further apart than this (max / min) are timed again, then dropped
 BUSY_DROPPED = 0.2                      # more kernels dropped than this: the machine was busy
+PROBE_EVERY = 20                        # kernels timed between two timings of the reference kernel
+PROBE_LIMIT = 1.3                       # the reference slower than this x its quiet time: the block is noisy
+RETRIES = 2                             # a noisy block is timed again this many times, then its kernels dropped
+PAUSE_S = 0.5                           # the wait before a noisy block is timed again
+START_TRIES = 3                         # reference timings (PAUSE_S apart) before the cores count as busy
+SERIAL_SLACK = 2.5                      # more threads may run the reference this much slower than one on idle cores
+POOR_FIT = 0.5                          # held-out median error above this: the timings do not fit any model
 HOROWITZ_ENERGY = {"mac_pj": {32: 4.6, 16: 1.5, 8: 0.23, 4: 0.065, 2: 0.02, 1: 0.01}, "dram_pj_per_byte": 80.0,
                    "sram_pj_per_byte": 1.25}
 WIDTHS = (3, 8, 16, 24, 32, 40, 48, 64, 72, 96, 120, 128, 160, 192, 240, 256, 320, 384, 480, 512, 576, 672, 768, 960,
@@ -194,71 +212,192 @@ class _Copy(nn.Module):
         return self.out.copy_(x)
 
 
+def _quickest_ms(model: nn.Module, x: torch.Tensor, threads: int | None, clock: str, repeats: int,
+                 rounds: int = 3) -> float:
+    """The quickest of a few rounds' medians: other work only ever adds time."""
+    return min(measure_latency_ms(model, x, repeats=repeats, warmup=2, threads=threads, clock=clock)
+               for _ in range(rounds))
+
+
 def copy_bandwidth_gbs(kb: float, device: str, threads: int | None, clock: str) -> float:
     """GB/s (bytes read plus written) of copies spanning `kb` KB, source and destination: the slope between a
-    copy of a quarter of that and one of all of it, which leaves out the fixed cost of an op."""
+    copy of a quarter of that and one of all of it, which leaves out the fixed cost of an op. Where noise
+    makes the slope unphysical (the larger copy not clearly slower, or the slope more than 10x the large
+    copy's own rate), the large copy's own rate: a lower bound, never a clamp."""
     sizes = (max(1, int(kb * 1024 / 32)), max(2, int(kb * 1024 / 8)))  # float32 elements of each source
-    ms = []
-    for numel in sizes:
-        x = torch.rand(numel, device=device)
-        ms.append(measure_latency_ms(_Copy(x), x, repeats=20, threads=threads, clock=clock))
-    return 2 * 4 * (sizes[1] - sizes[0]) / max(ms[1] - ms[0], 1e-6) / 1e6
+    whole = slope = 0.0
+    for _ in range(3):
+        ms = []
+        for numel in sizes:
+            x = torch.rand(numel, device=device)
+            ms.append(_quickest_ms(_Copy(x), x, threads, clock, repeats=10))
+        whole = 2 * 4 * sizes[1] / (ms[1] * 1e-3) / 1e9
+        if ms[1] > 1.5 * ms[0]:
+            slope = 2 * 4 * (sizes[1] - sizes[0]) / ((ms[1] - ms[0]) * 1e-3) / 1e9
+            if slope <= 10 * whole:
+                return slope
+    return whole
 
 
 def measured_prior(device: str, threads: int | None, clock: str) -> dict:
     """The roofline prior's numbers, each measured: the time of an op on one element (overhead, us), the
     throughput of a large convolution (GMAC/s) and of copies beyond the caches (GB/s)."""
     tiny = torch.randn(1, device=device)
-    overhead_ms = measure_latency_ms(nn.ReLU().to(device), tiny, repeats=50, threads=threads, clock=clock)
+    overhead_ms = _quickest_ms(nn.ReLU().to(device), tiny, threads, clock, repeats=50)
     conv, x = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device).eval(), torch.randn(1, 128, 28, 28, device=device)
-    conv_ms = measure_latency_ms(conv, x, repeats=10, threads=threads, clock=clock)
+    conv_ms = _quickest_ms(conv, x, threads, clock, repeats=10)
     macs = 128 * 128 * 9 * 28 * 28
     return {"overhead_us": overhead_ms * 1e3, "peak_gmacs": macs / (conv_ms * 1e-3) / 1e9,
             "bandwidth_gbs": copy_bandwidth_gbs(64 * 1024, device, threads, clock)}
 
 
-def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | None, clock: str):
-    """(feature rows, seconds, timing statistics) of `n` sampled kernels; noisy ones dropped."""
-    rng, rows, seconds, spreads, dropped = random.Random(seed), [], [], [], 0
-    load = [os.getloadavg()[0]]
-    for i in range(n):
-        kernel, x = sample_kernel(rng, MAX_MACS[quick])
+class Busy(AutocompressError):
+    """The cores were busy: a calibration that may keep a previous profile stopped rather than time noise."""
+
+
+def reference_kernel(device: str) -> tuple[nn.Module, torch.Tensor]:
+    """The fixed kernel whose timing tells a quiet machine from a busy one (a 3x3 conv+ReLU, 1.8 MMAC)."""
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+    return nn.Sequential(conv, nn.ReLU()).to(device).eval(), torch.randn(1, 32, 14, 14, generator=generator).to(device)
+
+
+class Probe:
+    """Times the reference kernel the way the kernels are timed and says how much slower than quiet it ran.
+
+    Its quiet time is the least of the single-thread CPU-clock time (on the CPU: no load inflates it), times
+    SERIAL_SLACK for more threads (their fork and join cost a small kernel more than it gains), and the
+    quickest timing so far."""
+
+    def __init__(self, device: str, threads: int | None, clock: str):
+        self.model, self.x = reference_kernel(device)
+        self.threads, self.clock = threads, clock
+        slack = 1.0 if threads == 1 else SERIAL_SLACK
+        self.quiet = (_quickest_ms(self.model, self.x, 1, "cpu", repeats=10) * slack if device == "cpu" else math.inf)
+        self.slowdowns: list[float] = []
+
+    def slowdown(self) -> float:
+        ms = statistics.median(measure_latency_ms(self.model, self.x, repeats=10, warmup=2, threads=self.threads,
+                                                  clock=self.clock) for _ in range(3))
+        self.quiet = min(self.quiet, ms)
+        self.slowdowns.append(ms / self.quiet)
+        return self.slowdowns[-1]
+
+
+def load_reason(load: float) -> str:
+    """Why a load average means busy cores (more tasks waiting to run than there are cores), or ''. Less load
+    still slows a timing down where it takes a core the timing needs: the reference kernel tells."""
+    cores = os.cpu_count() or 1
+    return f"load average {load:.2f} on {cores} cores before timing" if load > cores + 0.5 else ""
+
+
+def busy_start(probe: Probe) -> str:
+    """Why the cores are busy before timing starts (after START_TRIES looks, PAUSE_S apart), or ''."""
+    reason = ""
+    for attempt in range(START_TRIES):
+        if attempt:
+            time.sleep(PAUSE_S)
+        slow = probe.slowdown()
+        reason = load_reason(os.getloadavg()[0]) or (
+            f"the reference kernel ran {slow:.1f}x slower than on a quiet core" if slow > PROBE_LIMIT else "")
+        if not reason:
+            return ""
+    return reason
+
+
+def _blocks(n: int, rng: random.Random, max_macs: float):
+    """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, input) each; a sample
+    the grouping splits (not one kernel) is not a kernel to learn from. Made a block at a time (a module to time
+    holds up to 64 MB of weight copies)."""
+    block = []
+    for _ in range(n):
+        kernel, x = sample_kernel(rng, max_macs)
         model, between = round_robin(kernel, rng)
         row = kernel_rows(kernel, x, between)
-        if len(row) != 1:  # a sample the grouping splits (not one kernel): not a kernel to learn from
+        if len(row) == 1:
+            block.append((row[0], model, x))
+        if len(block) == PROBE_EVERY:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _time_block(block, device: str, threads: int | None, clock: str, round_ms: float):
+    """(seconds or None, spread) of every kernel of a block, timed in turn."""
+    return [time_kernel(model.to(device), x.to(device), threads, clock, round_ms) for _, model, x in block]
+
+
+def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | None, clock: str,
+                  probe: Probe | None = None, stop_when_busy: bool = False):
+    """(feature rows, seconds, timing statistics) of `n` sampled kernels, timed in blocks of PROBE_EVERY with
+    the reference kernel timed after each: a block after which it ran slow is timed again, then dropped;
+    noisy kernels dropped. `stop_when_busy`: raise Busy as soon as more than BUSY_DROPPED of the blocks
+    (after five) were dropped."""
+    probe = probe or Probe(device, threads, clock)
+    if not probe.slowdowns:
+        probe.slowdown()
+    rng, rows, seconds, spreads = random.Random(seed), [], [], []
+    dropped = retimed = blocks_dropped = blocks = 0
+    load = [os.getloadavg()[0]]
+    for block in _blocks(n, rng, MAX_MACS[quick]):
+        blocks += 1
+        for attempt in range(RETRIES + 1):
+            if probe.slowdowns[-1] > PROBE_LIMIT:  # slow after the last block: look again after a pause
+                time.sleep(PAUSE_S)
+                probe.slowdown()
+            before_ok, retimed = probe.slowdowns[-1] <= PROBE_LIMIT, retimed + bool(attempt)
+            timings = _time_block(block, device, threads, clock, ROUND_MS[quick])
+            if probe.slowdown() <= PROBE_LIMIT and before_ok:
+                break
+        else:
+            blocks_dropped += 1
+            dropped += len(block)
+            if stop_when_busy and blocks >= 5 and blocks_dropped / blocks > BUSY_DROPPED:
+                raise Busy(f"{blocks_dropped} of {blocks} blocks of kernels timed while the reference kernel ran up "
+                           f"to {max(probe.slowdowns):.1f}x slower than on a quiet core")
             continue
-        s, spread = time_kernel(model.to(device), x.to(device), threads, clock, ROUND_MS[quick])
-        if s is None:
-            dropped += 1
-            continue
-        rows.append(row[0])
-        seconds.append(s)
-        spreads.append(spread)
-        if i % 50 == 49:
-            load.append(os.getloadavg()[0])
+        load.append(os.getloadavg()[0])
+        for (row, _, _), (s, spread) in zip(block, timings):
+            if s is None:
+                dropped += 1
+                continue
+            rows.append(row)
+            seconds.append(s)
+            spreads.append(spread)
     stats = {"kernels": len(rows), "dropped": dropped, "load_before": round(load[0], 2),
-             "load_max": round(max(load), 2), "repeat_spread": round(float(np.median(spreads)) - 1, 4) if spreads else None}
+             "load_max": round(max(load), 2), "repeat_spread": round(float(np.median(spreads)) - 1, 4) if spreads else None,
+             "reference_ms": round(probe.quiet, 5), "reference_slowdown_max": round(max(probe.slowdowns), 3),
+             "blocks": blocks, "blocks_retimed": retimed, "blocks_dropped": blocks_dropped}
     return np.array(rows), np.array(seconds), stats
 
 
 def fit_quality(x: np.ndarray, y: np.ndarray) -> dict:
-    """Errors of the regressor on kernels it was not fitted on (5-fold cross-validation)."""
+    """Errors of the regressor on kernels it was not fitted on (5-fold cross-validation): median relative error,
+    shares within 10 and 20 %, and R^2 of log latency."""
     from sklearn.model_selection import KFold, cross_val_predict
 
     predicted = cross_val_predict(K.regressor(), x, y, cv=KFold(5, shuffle=True, random_state=0))
     errors = np.abs(np.exp(predicted - y) - 1)
+    log_s = y + x[:, -1]  # log seconds: the log ratio to the prior plus the log prior
+    r2 = 1 - float(np.sum((predicted - y) ** 2)) / max(float(np.sum((log_s - log_s.mean()) ** 2)), 1e-12)
     return {"fit_median_error": round(float(np.median(errors)), 4),
             "fit_within_10pct": round(float(np.mean(errors <= 0.1)), 4),
-            "fit_within_20pct": round(float(np.mean(errors <= 0.2)), 4)}
+            "fit_within_20pct": round(float(np.mean(errors <= 0.2)), 4),
+            "fit_r2": round(r2, 4)}
 
 
 def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed: int = 0,
-              threads: int | None = None, clock: str | None = None) -> HardwareProfile:
+              threads: int | None = None, clock: str | None = None, stop_when_busy: bool = False) -> HardwareProfile:
     """Time sampled kernels on `device` with `threads` torch threads (default: torch's count); return the fitted
     profile (no file written).
 
     clock: "cpu" (the default with one thread on the CPU: the timing thread's CPU time, which other work on a
-    shared machine does not inflate) or "wall" (elapsed time; the default otherwise), see measure_latency_ms."""
+    shared machine does not inflate) or "wall" (elapsed time; the default otherwise), see measure_latency_ms.
+    Busy cores before timing starts: with `stop_when_busy` raise Busy; otherwise, for more than one thread on
+    the CPU, time one thread on its CPU clock instead (recorded as `timed_threads` and `busy`)."""
     if device not in ("cpu", "cuda"):
         raise AutocompressError(f"calibration device {device!r} is not allowed; allowed: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -271,14 +410,25 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
     timing_threads = threads if device == "cpu" else None
     with fixed_threads(timing_threads):
         _settle(device)
+        probe = Probe(device, timing_threads, clock)
+        busy = busy_start(probe)
+        if busy and stop_when_busy:
+            raise Busy(busy)
+        if busy and device == "cpu" and (timing_threads != 1 or clock != "cpu"):
+            timing_threads, clock = 1, "cpu"
+            probe = Probe(device, timing_threads, clock)
+            probe.slowdown()
+    with fixed_threads(timing_threads):
         prior = measured_prior(device, timing_threads, clock)
-        rows, seconds, stats = timed_kernels(SAMPLES[quick], quick, seed, device, timing_threads, clock)
+        rows, seconds, stats = timed_kernels(SAMPLES[quick], quick, seed, device, timing_threads, clock, probe,
+                                             stop_when_busy)
     if len(rows) < 50:
         raise AutocompressError(f"calibration kept {len(rows)} of {SAMPLES[quick]} kernels (the others timed too "
                                 "unevenly); the machine is too busy to calibrate")
     x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], prior["peak_gmacs"], prior["bandwidth_gbs"]))
     y = np.log(seconds) - x[:, -1]
-    calibration = {"model_version": MODEL_VERSION, "threads": threads, "clock": clock, "seed": seed, **stats,
+    calibration = {"model_version": MODEL_VERSION, "threads": threads, "clock": clock, "seed": seed,
+                   **({"timed_threads": timing_threads, "busy": busy} if busy else {}), **stats,
                    **fit_quality(x, y), "seconds": round(time.perf_counter() - start, 1)}
     return fitted_profile(name, device, threads, prior, calibration, K.encode(x, y))
 
@@ -305,24 +455,34 @@ def fitted_profile(name: str, device: str, threads: int, prior: dict, calibratio
 
 
 def busy_reason(profile: HardwareProfile) -> str:
-    """Why a calibration's timings are not to be trusted (other work on the cores, uneven timings), or ''."""
-    cal, cores = profile.calibration, os.cpu_count() or 1
-    free = cores - (profile.threads or 1) + 0.5  # load the calibration's own threads leave room for
+    """Why a calibration's timings are not to be trusted (other work on the cores, uneven timings, a fit no
+    model of the kernels explains), or ''."""
+    cal = profile.calibration
     dropped = cal.get("dropped", 0) / max(1, cal.get("dropped", 0) + cal.get("kernels", 0))
-    if cal.get("load_before", 0) > free:
-        return f"load average {cal['load_before']:.2f} on {cores} cores before timing"
+    if cal.get("busy"):
+        return cal["busy"]
+    reason = load_reason(cal.get("load_before", 0))
+    if reason:
+        return reason
     if dropped > BUSY_DROPPED:
-        return f"{dropped:.0%} of the kernels timed unevenly (load average up to {cal.get('load_max', 0):.2f})"
+        return (f"{dropped:.0%} of the kernels timed unevenly (load average up to {cal.get('load_max', 0):.2f}, the "
+                f"reference kernel up to {cal.get('reference_slowdown_max', 1):.1f}x slower than quiet)")
+    if cal.get("fit_median_error", 0) > POOR_FIT:
+        return f"the fit's median error on held-out kernels is {cal['fit_median_error']:.0%}"
     return ""
 
 
 def quality_line(profile: HardwareProfile) -> str:
     """One line on how the profile was fitted: kernels, load, repeatability, error on held-out kernels."""
     c = profile.calibration
-    return (f"{c['kernels']} kernels timed at {c['threads']} threads ({c['dropped']} dropped as uneven, load average "
-            f"{c['load_before']:.2f}-{c['load_max']:.2f}, rounds within {c['repeat_spread']:.1%}); held-out kernels: "
-            f"median error {c['fit_median_error']:.1%}, {c['fit_within_10pct']:.0%} within 10 %, "
-            f"{c['fit_within_20pct']:.0%} within 20 % ({c['seconds']:.0f} s)")
+    timed = (f"at {c['threads']} threads" if c.get("timed_threads", c["threads"]) == c["threads"] else
+             f"on {c['timed_threads']} thread ({c['clock']} clock) for {c['threads']} threads")
+    return (f"{c['kernels']} kernels timed {timed} ({c['dropped']} dropped as uneven, "
+            f"{c.get('blocks_retimed', 0)} blocks timed again, load average {c['load_before']:.2f}-"
+            f"{c['load_max']:.2f}, reference kernel up to {c.get('reference_slowdown_max', 1):.2f}x its quiet time, "
+            f"rounds within {c['repeat_spread']:.1%}); held-out kernels: median error {c['fit_median_error']:.1%}, "
+            f"{c['fit_within_10pct']:.0%} within 10 %, {c['fit_within_20pct']:.0%} within 20 %, "
+            f"R^2 {c.get('fit_r2', float('nan')):.3f} ({c['seconds']:.0f} s)")
 
 
 def _sig(value: float) -> float:
@@ -369,14 +529,19 @@ def write_profile(profile: HardwareProfile, path: Path) -> Path:
 
 
 def calibrate_host(path: Path, quick: bool = False, threads: int | None = None, force: bool = False,
-                   device: str = "cpu", clock: str | None = None) -> tuple[HardwareProfile, str]:
+                   device: str = "cpu", clock: str | None = None) -> tuple[HardwareProfile | None, str]:
     """Calibrate this machine and save it where `--hardware host` looks; (profile, why it was not saved or '').
 
-    On a busy machine the previous profile at `path` is kept unless `force` (or there is none)."""
-    profile = calibrate("host-cuda" if device == "cuda" else "host", quick=quick, threads=threads, device=device,
-                        clock=clock)
+    On a busy machine the previous profile at `path` is kept unless `force` (or there is none): the
+    calibration then stops as soon as it sees the cores busy, and the profile returned is None."""
+    name = "host-cuda" if device == "cuda" else "host"
+    keep = Path(path).exists() and not force
+    try:
+        profile = calibrate(name, quick=quick, threads=threads, device=device, clock=clock, stop_when_busy=keep)
+    except Busy as exc:
+        return None, str(exc)
     reason = busy_reason(profile)
-    if reason and Path(path).exists() and not force:
+    if reason and keep:
         return profile, reason
     write_profile(profile, path)
     return profile, ""

@@ -8,6 +8,7 @@ Apart from profiles.py because calibrating `host` on first use needs cost/calibr
 from __future__ import annotations
 
 import platform
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -80,5 +81,11 @@ def _cached_host(device: str, threads: int | None) -> HardwareProfile:
     if device == "cuda":
         raise AutocompressError("hardware 'host-cuda' has no calibration for this cost model yet; run "
                                 "`autocompress calibrate --device cuda` on this machine (it needs a CUDA GPU)")
+    path.unlink(missing_ok=True)  # fitted to an older model: not a profile to keep, whatever the load
     calibrate.calibrate_host(path, quick=True, threads=threads)
-    return read_profile(path)
+    profile = read_profile(path)
+    reason = calibrate.busy_reason(profile)
+    if reason:
+        warnings.warn(f"hardware 'host' at {threads} threads was calibrated on a busy machine ({reason}); run "
+                      f"`autocompress calibrate --threads {threads} --force` when it is idle")
+    return profile
