@@ -113,7 +113,7 @@ def main() -> None:
         problem, schedule, seed = args.one.split(":")
         print(json.dumps(run_one(problem, schedule, int(seed), args), default=float))
         return
-    load_profile("host")  # calibrated once (if this machine has no profile yet), before the side-by-side runs
+    load_profile("host", threads=1)  # the runs' one thread, calibrated once (if not yet) before they start side by side
     rows = []
     for problem in args.problems.split(","):
         PROBLEMS[problem]()  # trains and caches the model once, likewise
