@@ -76,17 +76,18 @@ class Axes:
 
     def vline(self, xv: float, label: str, color: str = "#e8710a") -> None:
         px = self.x(xv)
-        self.marks.append(f'<line x1="{px:.1f}" y1="{self.top}" x2="{px:.1f}" y2="{self.height - self.bottom}" '
-                          f'stroke="{color}" stroke-width="1.4" stroke-dasharray="5 4"/>'
-                          f'<text x="{px - 4:.1f}" y="{self.top + 11}" text-anchor="end" font-size="11" '
-                          f'fill="{color}">{escape(label)}</text>')
+        self._dashed(px, self.top, px, self.height - self.bottom, px - 4, self.top + 11, label, color)
 
     def hline(self, yv: float, label: str, color: str = "#e8710a") -> None:
         py = self.y(yv)
-        self.marks.append(f'<line x1="{self.left}" y1="{py:.1f}" x2="{self.width - self.right}" y2="{py:.1f}" '
+        self._dashed(self.left, py, self.width - self.right, py, self.width - self.right - 4, py - 4, label, color)
+
+    def _dashed(self, x1, y1, x2, y2, tx, ty, label: str, color: str) -> None:
+        """A dashed budget line from (x1, y1) to (x2, y2), its label right-aligned at (tx, ty)."""
+        self.marks.append(f'<line x1="{_px(x1)}" y1="{_px(y1)}" x2="{_px(x2)}" y2="{_px(y2)}" '
                           f'stroke="{color}" stroke-width="1.4" stroke-dasharray="5 4"/>'
-                          f'<text x="{self.width - self.right - 4}" y="{py - 4:.1f}" text-anchor="end" '
-                          f'font-size="11" fill="{color}">{escape(label)}</text>')
+                          f'<text x="{_px(tx)}" y="{_px(ty)}" text-anchor="end" font-size="11" '
+                          f'fill="{color}">{escape(label)}</text>')
 
     def label(self, xv: float, yv: float, text: str, color: str = "#1a4d8f") -> None:
         self.marks.append(f'<text x="{self.x(xv) + 6:.1f}" y="{self.y(yv) - 6:.1f}" font-size="10.5" '
@@ -226,3 +227,8 @@ def bars(labels: list[str], base: list[float], chosen: list[float], unit: str, w
     parts.append(f'<text x="{label_w}" y="{h - 5}" font-size="11" fill="#5f6368">{escape(unit)} per layer: '
                  f'grey = uncompressed model, blue = this model</text></svg>')
     return "".join(parts)
+
+
+def _px(v) -> str:
+    """An SVG coordinate: a computed (float) one to a tenth of a pixel, a margin (int) as it is."""
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
