@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compress import TECHNIQUES, get_meta
-from .compress.quantize import calibrate_activations
+from .compress import TECHNIQUES, calibrate, get_meta
 from .data import split_data
 from .errors import AutocompressError
 
@@ -350,10 +349,11 @@ class Evaluator:
             self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
 
     def calibrate(self, model: nn.Module) -> nn.Module:
-        """BatchNorm statistics, then activation-quantization ranges, from the same training batches."""
+        """BatchNorm statistics, then what techniques derive from data (activation ranges), from the same
+        training batches."""
         if self.recal_data is not None:
             recalibrate_bn(model, self.recal_data)
-            calibrate_activations(model, self.recal_data)
+            calibrate(model, self.recal_data)
         return model.eval()
 
     def val_accuracy(self, model: nn.Module) -> float:

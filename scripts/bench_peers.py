@@ -12,7 +12,7 @@ torch.ao FX (prepare_fx / convert_fx, get_default_qconfig_mapping("x86"), 8 trai
 Artifacts: the pruned float model's state_dict (torch.save; timed as the eager module) and the int8 model as
 TorchScript (torch.jit.trace + save, timed as torch.jit.load gives it back).
 
-autocompress: `ac.compress` on the same trained model (budgets latency 0.6 / size 0.3, objectives accuracy,
+autocompress: `ac.compress` on the same trained model (budget size 0.3, objectives accuracy,
 latency_ms, size_kb, finetune_steps 90, final_epochs 3), and every front model exported with `result.export`
 as packed, torch-int8, onnx-int8 and onnx, each file loaded back in its runtime.
 
@@ -52,7 +52,9 @@ from autocompress.export import OnnxModule
 from autocompress.models import DigitsResNet, cache_dir, train_classifier
 from autocompress.threads import fixed_threads
 
-BUDGETS = {"latency": 0.6, "size": 0.3}
+# The latency objective drives the speed: a latency budget that the host's (eager PyTorch) cost model prices out
+# of reach would leave no front at all (0.6 x did: fixed per-op costs dominate this model there).
+BUDGETS = {"size": 0.3}
 OBJECTIVES = ("accuracy", "latency_ms", "size_kb")
 AC_FORMATS = ("packed", "torch-int8", "onnx-int8", "onnx")
 THREADS = (1, 2)
@@ -136,8 +138,37 @@ def peers(model, x, data, ratios, epochs: int, folder: Path, errors: list) -> li
             out.append({"method": "peer", "artifact": name + " int8", "format": "int8 FX (TorchScript)",
                         "path": folder / f"{name}.int8.ts.pt", "runtime": {t: loaded for t in THREADS},
                         "test_acc": accuracy(loaded, test)})
-            print(f"  {name}: float test {out[-2]['test_acc']:.4f}, int8 test {out[-1]['test_acc']:.4f}", flush=True)
+            out += peer_onnx(pruned, x, calibration, test, folder / name, errors)
+            print(f"  {name}: " + ", ".join(f"{a['format']} {a['test_acc']:.4f}" for a in out if
+                                            a["artifact"].startswith(name)), flush=True)
     return out
+
+
+def peer_onnx(pruned, x, calibration, test, stem: Path, errors: list) -> list[dict]:
+    """The pruned peer as ONNX Runtime runs it too, fp32 and QDQ int8 (the same writers autocompress exports
+    with), so that neither side wins by its runtime alone."""
+    from autocompress.export import WRITERS
+
+    out = []
+    for fmt, label in (("onnx", "fp32 ONNX (ORT)"), ("onnx-int8", "int8 QDQ ONNX (ORT)")):
+        path = stem.parent / f"{stem.name}.{fmt}.onnx"
+        try:
+            WRITERS[fmt](pruned, x, path, calibration=calibration)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{stem.name}: {fmt} export failed: {type(exc).__name__}: {exc}")
+            continue
+        runtime = onnx_sessions(path)
+        out.append({"method": "peer", "artifact": stem.name + (" int8" if fmt == "onnx-int8" else ""),
+                    "format": label, "path": path, "runtime": runtime, "test_acc": accuracy(runtime[1], test)})
+    return out
+
+
+def onnx_sessions(path: Path) -> dict:
+    runtime = {}
+    for t in THREADS:
+        with fixed_threads(t):  # OnnxModule opens its session with torch's thread count
+            runtime[t] = OnnxModule(path)
+    return runtime
 
 
 def autocompress_side(model, x, data, trials: int, folder: Path, errors: list) -> tuple[list[dict], object]:
@@ -154,10 +185,7 @@ def autocompress_side(model, x, data, trials: int, folder: Path, errors: list) -
                 errors.append(f"autocompress trial {n} {fmt}: export failed: {type(exc).__name__}: {exc}")
                 continue
             if fmt.startswith("onnx"):
-                runtime = {}
-                for t in THREADS:
-                    with fixed_threads(t):  # OnnxModule opens its session with torch's thread count
-                        runtime[t] = OnnxModule(exported.path)
+                runtime = onnx_sessions(exported.path)
             else:
                 from autocompress.export import LOADERS
 

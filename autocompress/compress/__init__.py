@@ -1,8 +1,8 @@
 """Compression techniques and `apply(model, policy)`.
 
-Each technique is one module exposing a `Technique`: its knobs (what the search space may turn)
-and `apply(model, section, example_input) -> model`. `apply` runs them in a fixed order on a copy
-of the model. Compressed modules carry their own metadata (`autocompress_meta`), which is what
+Each technique is one module exposing a `Technique` (see base.py: its order, knobs with their legal
+ranges, `apply`, fine-tuning constraint, calibration hook, report titles), registered with `register`.
+`apply` runs them in their order on a copy of the model. Compressed modules carry their own metadata (`autocompress_meta`), which is what
 the cost model reads.
 """
 from __future__ import annotations
@@ -16,10 +16,47 @@ from ..errors import AutocompressError
 from . import depth, ghost, lowrank, prune, quantize, share, sparsity, student, tie
 from .base import Technique, get_meta, set_meta
 
-# The order matters: structure first (pruning changes shapes), numerics last (quantization).
-TECHNIQUES: dict[str, Technique] = {t.name: t for t in (student.TECHNIQUE, depth.TECHNIQUE, prune.TECHNIQUE,
-                                                          lowrank.TECHNIQUE, ghost.TECHNIQUE, tie.TECHNIQUE,
-                                                          sparsity.TECHNIQUE, share.TECHNIQUE, quantize.TECHNIQUE)}
+# Every technique in its `order`: structure first (pruning changes shapes), numerics last (quantization).
+# One dict, kept sorted in place, so that every module holding it sees a technique registered later.
+TECHNIQUES: dict[str, Technique] = {}
+
+
+def register(technique: Technique) -> Technique:
+    """Make `technique` available to search spaces, `apply` and the report, at its `order` in the pipeline.
+
+    A technique is one module defining a `Technique` and calling this (the built-in ones are registered
+    below); its knobs are then accepted in a space YAML like any built-in one's."""
+    if not isinstance(technique, Technique):
+        raise AutocompressError(f"register() takes a compress.Technique, not {type(technique).__name__}")
+    if technique.name in TECHNIQUES:
+        raise AutocompressError(f"a technique named {technique.name!r} is already registered; registered: "
+                                f"{', '.join(TECHNIQUES)}")
+    clash = [t.name for t in TECHNIQUES.values() if t.order == technique.order]
+    if clash:
+        raise AutocompressError(f"technique {technique.name!r} has order {technique.order!r}, the order of "
+                                f"{clash[0]!r}; give it a free position in the pipeline")
+    ordered = sorted([*TECHNIQUES.values(), technique], key=lambda t: t.order)
+    TECHNIQUES.clear()
+    TECHNIQUES.update((t.name, t) for t in ordered)
+    return technique
+
+
+def unregister(name: str) -> None:
+    """Remove a registered technique (a plugin's tests clean up with it)."""
+    if name not in TECHNIQUES:
+        raise AutocompressError(f"no technique named {name!r} is registered; registered: {', '.join(TECHNIQUES)}")
+    del TECHNIQUES[name]
+
+
+for _module in (student, depth, prune, lowrank, ghost, tie, sparsity, share, quantize):
+    register(_module.TECHNIQUE)
+
+
+def calibrate(model: nn.Module, batches) -> None:
+    """Every technique's calibration hook (activation ranges...) on `batches`, after BatchNorm recalibration."""
+    for technique in TECHNIQUES.values():
+        if technique.calibrate is not None:
+            technique.calibrate(model, batches)
 
 
 def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
@@ -34,4 +71,4 @@ def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
     return out.eval()
 
 
-__all__ = ["apply", "TECHNIQUES", "Technique", "get_meta", "set_meta"]
+__all__ = ["apply", "calibrate", "register", "unregister", "TECHNIQUES", "Technique", "get_meta", "set_meta"]

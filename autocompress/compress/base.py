@@ -103,20 +103,27 @@ FRACTION = Between(0, 1)  # a kept share: keep ratio, rank fraction, density, pr
 
 @dataclass(frozen=True)
 class Technique:
-    """One compression technique as the search space sees it.
+    """One compression technique as the search space sees it; register a new one with `compress.register`.
 
-    `fields` are the knobs it exposes (name -> default choices); `settings` are fixed options with
-    their defaults; `allowed_settings` the allowed values of settings and of every field's choices (a tuple, or
-    an object supporting `in` such as `Between`; None means any value); `targets(graph)` lists
-    (target name, stage) pairs that a knob is sampled for; `apply` performs the compression.
-    `constraint(module)`, when given, returns a torch parametrization that keeps the module's
-    compression in force while it is fine-tuned (or None for modules it did not touch).
+    `order` places it in the pipeline (`compress.apply` runs techniques by increasing order: structure first,
+    numerics last). `fields` are the knobs it exposes (name -> default choices), and each field's largest
+    choice must leave the model unchanged (keep 1.0, 32 bits: what an unsampled knob takes); `settings` are
+    fixed options with their defaults; `allowed_settings` the allowed values of settings and of every field's
+    choices (a tuple, or an object supporting `in` such as `Between`; None means any value); `targets(graph)`
+    lists (target name, stage) pairs that a knob is sampled for; `apply(model, section, example_input)`
+    performs the compression. `constraint(module)`, when given, returns a torch parametrization that keeps the
+    module's compression in force while it is fine-tuned (or None for modules it did not touch).
+    `calibrate(model, batches)`, when given, re-fits what the technique derives from data (activation ranges)
+    after every BatchNorm recalibration. `titles` name its fields in the report (field -> title).
     """
 
     name: str
+    order: float
     fields: dict
     settings: dict
     targets: Callable
     apply: Callable
     allowed_settings: dict = field(default_factory=dict)
     constraint: Callable | None = None
+    calibrate: Callable | None = None
+    titles: dict = field(default_factory=dict)

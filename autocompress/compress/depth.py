@@ -35,6 +35,7 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
 
 TECHNIQUE = Technique(
     name="depth",
+    order=20,
     fields={"keep": [0, 1]},
     settings={},
     allowed_settings={"keep": (0, 1)},

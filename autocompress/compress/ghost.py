@@ -91,6 +91,7 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
 
 TECHNIQUE = Technique(
     name="ghost",
+    order=50,
     fields={"primary": [1.0, 0.5, 0.25]},
     settings={},
     allowed_settings={"primary": FRACTION},

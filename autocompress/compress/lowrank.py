@@ -160,9 +160,11 @@ def _get(model: nn.Module, name: str):
 
 TECHNIQUE = Technique(
     name="lowrank",
+    order=40,
     fields={"rank": [1.0, 0.5, 0.25, 0.125]},
     settings={"kxk": "tucker"},
     allowed_settings={"kxk": KXK_METHODS, "rank": FRACTION},
     targets=lambda graph: layer_targets(graph, ("conv", "linear")),
     apply=apply,
+    titles={"rank": "kept fraction of rank, per layer"},
 )

@@ -239,10 +239,13 @@ def constraint(module: nn.Module) -> nn.Module | None:
 
 TECHNIQUE = Technique(
     name="quantize",
+    order=90,
     fields={"weight_bits": [32, 16, 8, 4], "act_bits": [32]},
     settings={"huffman": False},
     allowed_settings={"huffman": (False, True), "weight_bits": BITS, "act_bits": BITS},
     targets=layer_targets,
     apply=apply,
     constraint=constraint,
+    titles={"weight_bits": "weight bits, per layer", "act_bits": "activation bits, per layer"},
+    calibrate=calibrate_activations,
 )

@@ -101,10 +101,12 @@ def constraint(module: nn.Module) -> nn.Module | None:
 
 TECHNIQUE = Technique(
     name="share",
+    order=80,
     fields={"bits": [32, 8, 5, 4, 3, 2]},
     settings={"huffman": False},
     allowed_settings={"huffman": (False, True), "bits": Between(0, 16, whole=True, also=(32,))},
     targets=layer_targets,
     apply=apply,
     constraint=constraint,
+    titles={"bits": "bits per shared-weight index, per layer"},
 )

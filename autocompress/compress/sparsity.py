@@ -78,10 +78,12 @@ def constraint(module: nn.Module) -> nn.Module | None:
 
 TECHNIQUE = Technique(
     name="sparsity",
+    order=70,
     fields={"density": [1.0, 0.5, 0.3, 0.2, 0.1]},
     settings={},
     allowed_settings={"density": FRACTION},
     targets=layer_targets,
     apply=apply,
     constraint=constraint,
+    titles={"density": "fraction of weights kept (unstructured sparsity), per layer"},
 )

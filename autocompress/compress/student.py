@@ -52,6 +52,7 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
 
 TECHNIQUE = Technique(
     name="student",
+    order=10,
     fields={f: [v] for f, v in DEFAULTS.items()},
     settings={"block": "mbconv", "supernet": None, "supernet_steps": SUPERNET_STEPS},
     allowed_settings=ALLOWED,

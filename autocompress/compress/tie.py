@@ -49,6 +49,7 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
 
 TECHNIQUE = Technique(
     name="tie",
+    order=60,
     fields={"separate": [1, 0]},
     settings={},
     allowed_settings={"separate": (0, 1)},

@@ -7,10 +7,10 @@ HTML page), `tables` (terminal table, CSV, JSON), `hypervolume` (moocore's, on n
 (`Result.report`): the result is passed in, never imported.
 """
 from .formats import FORMATS, render
-from .html import FIELD_TITLES, to_html
+from .html import field_title, to_html
 from .hypervolume import hypervolume, hypervolume_history, normalized, reference_point
 from .tables import SHOWN, binding, budget_line, closest, closest_table, format_table, pareto_table, to_csv, to_json
 
-__all__ = ["FIELD_TITLES", "FORMATS", "SHOWN", "binding", "budget_line", "closest", "closest_table", "format_table",
+__all__ = ["FORMATS", "SHOWN", "binding", "budget_line", "closest", "closest_table", "field_title", "format_table",
            "hypervolume", "hypervolume_history", "normalized", "pareto_table", "reference_point", "render", "to_csv",
            "to_html", "to_json"]

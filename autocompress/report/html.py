@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..budgets import METRICS
+from ..compress import TECHNIQUES
 from ..cost.model import estimate
 from ..cost.profiles import HardwareProfile
 from ..errors import AutocompressError
@@ -25,12 +26,10 @@ from . import plots
 from .hypervolume import hypervolume_history, reference_point
 from .tables import SHOWN, closest, closest_table, is_number, none_met, number, pareto_table
 
-FIELD_TITLES = {("prune", "keep"): "kept fraction of channels, per channel group",
-                ("quantize", "weight_bits"): "weight bits, per layer",
-                ("quantize", "act_bits"): "activation bits, per layer",
-                ("lowrank", "rank"): "kept fraction of rank, per layer",
-                ("sparsity", "density"): "fraction of weights kept (unstructured sparsity), per layer",
-                ("share", "bits"): "bits per shared-weight index, per layer"}
+def field_title(technique: str, field: str) -> str:
+    """How the report names a technique's knob: its own title, else the technique and field names."""
+    known = TECHNIQUES.get(technique)
+    return (known.titles.get(field) if known else None) or f"{technique} {field}, per target"
 
 
 def to_html(result, trial: int | None = None) -> str:
@@ -230,7 +229,7 @@ def _heatmap_section(result, order: list[str] | None) -> str:
             continue
         scale = _scale(lo, hi, log)
         legend = (field, f"{plots.fmt(lo)} most compressed", f"{plots.fmt(hi)} uncompressed")
-        title = FIELD_TITLES.get((technique, field), f"{technique} {field}, per target")
+        title = field_title(technique, field)
         figures.append(f'<figure class="plot heat"><figcaption>{escape(title)}</figcaption>'
                        f'{plots.heatmap(rows, cols, values, scale, legend)}</figure>')
     if not figures:

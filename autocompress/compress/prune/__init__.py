@@ -157,9 +157,11 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
 
 TECHNIQUE = Technique(
     name="prune",
+    order=30,
     fields={"keep": {"low": 0.25, "high": 1.0, "step": 0.125}},
     settings={"importance": DEFAULT_IMPORTANCE, "round_to": 8},
     allowed_settings={"importance": IMPORTANCE, "round_to": Between(0, math.inf, whole=True), "keep": FRACTION},
     targets=_targets,
     apply=apply,
+    titles={"keep": "kept fraction of channels, per channel group"},
 )

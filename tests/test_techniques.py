@@ -1,0 +1,115 @@
+"""The Technique plugin interface: every technique's largest choice leaves the model unchanged, and a technique
+defined and registered in this file alone is searched, applied in its order, priced, reported and delivered."""
+import pytest
+import torch
+from torch import nn
+
+import autocompress as ac
+from autocompress.compress import TECHNIQUES, Technique, get_meta, register, unregister
+from autocompress.compress.base import FRACTION, layer_targets, weight_layers
+from autocompress.errors import AutocompressError
+from autocompress.evaluate import accuracy
+from autocompress.models import DigitsResNet
+from autocompress.report import field_title
+from autocompress.space import Policy, SearchSpace
+
+# A student is a new network built from its knobs, not a compression of the given one: it has no identity.
+COMPRESSING = [name for name in TECHNIQUES if name != "student"]
+
+
+@pytest.fixture(scope="module")
+def blocky_model():
+    """Identical residual blocks (so depth and tie have targets), seeded, BatchNorm statistics not trivial."""
+    torch.manual_seed(0)
+    model = DigitsResNet(widths=(8, 16, 16), blocks=2)
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, 1, 32, 32))
+    return model.eval()
+
+
+def identity_policy(name: str, model: nn.Module, x: torch.Tensor):
+    """The policy of a space holding technique `name` alone (its default choices), every knob at its largest."""
+    bound = SearchSpace("one", {name: {}}).bind(ac.analyze(model, x))
+    assert bound.knobs or bound.fixed, f"{name} has no target in the test model: the check would be vacuous"
+    return bound.policy({})
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_the_largest_choice_of_every_technique_leaves_the_model_unchanged(name, blocky_model, digits_input):
+    """The rule `scaled`, repair and unsampled knobs rely on: the largest choice is no compression at all."""
+    same = ac.apply(blocky_model, identity_policy(name, blocky_model, digits_input), digits_input)
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(same(x), blocky_model(x))
+    assert not any(get_meta(m) for m in same.modules()), "a metadata key says compressed"
+    before, after = ac.estimate(blocky_model, digits_input, "raspberry-pi-4"), ac.estimate(same, digits_input,
+                                                                                           "raspberry-pi-4")
+    assert (after.size_kb, after.latency_ms, after.macs) == (before.size_kb, before.latency_ms, before.macs)
+
+
+def test_every_technique_declares_its_place_and_legal_choices():
+    orders = [t.order for t in TECHNIQUES.values()]
+    assert orders == sorted(orders) and len(set(orders)) == len(orders)
+    for technique in TECHNIQUES.values():
+        for field, choices in technique.fields.items():
+            allowed = technique.allowed_settings.get(field)
+            listed = choices if isinstance(choices, list) else [choices["low"], choices["high"]]
+            assert allowed is None or all(c in allowed for c in listed), (technique.name, field)
+
+
+def _clip(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
+    """Clamp every weight of a layer to `clip` x its largest magnitude (a toy technique)."""
+    for name, clip in section.get("clip", {}).items():
+        if float(clip) >= 1.0:
+            continue
+        for module in weight_layers(model, name):
+            bound = float(clip) * float(module.weight.detach().abs().max())
+            module.weight.data.clamp_(-bound, bound)
+    return model
+
+
+CLIP = Technique(name="clip", order=85, fields={"clip": [1.0, 0.5, 0.25]}, settings={},
+                 allowed_settings={"clip": FRACTION}, targets=layer_targets, apply=_clip,
+                 titles={"clip": "weights clamped to this fraction of their largest magnitude, per layer"})
+
+
+@pytest.fixture
+def clip_registered():
+    register(CLIP)
+    yield CLIP
+    unregister("clip")
+
+
+def test_a_technique_registered_from_one_file_is_searched_applied_and_delivered(clip_registered, tmp_path,
+                                                                                  digits_model, digits_input,
+                                                                                  digits_data):
+    names = list(TECHNIQUES)
+    assert names.index("share") < names.index("clip") < names.index("quantize")  # at its order in the pipeline
+    space = tmp_path / "clip.yaml"
+    space.write_text("name: clip\ntechniques:\n  clip:\n    clip: [1.0, 0.5, 0.25]\n  quantize:\n"
+                     "    weight_bits: [32, 8]\n")
+    bound = SearchSpace.load(str(space)).bind(ac.analyze(digits_model, digits_input))
+    assert {k.technique for k in bound.knobs} == {"clip", "quantize"}
+    clipped = ac.apply(digits_model, bound.policy({k.param: 0.25 for k in bound.knobs if k.technique == "clip"}),
+                       digits_input)
+    conv = clipped.get_submodule(layer_targets(ac.analyze(digits_model, digits_input))[0][0])
+    original = digits_model.get_submodule(layer_targets(ac.analyze(digits_model, digits_input))[0][0])
+    assert float(conv.weight.detach().abs().max()) == pytest.approx(0.25 * float(original.weight.detach().abs().max()), rel=1e-6)
+    assert field_title("clip", "clip") == CLIP.titles["clip"]
+
+    result = ac.compress(digits_model, digits_input, data=digits_data, space=str(space), trials=4,
+                         objectives=("accuracy", "size_kb"), final_epochs=0, progress=False)
+    policies = [Policy.from_json(p) for p in result.trials["policy"].dropna()]
+    assert any(set(p.get("clip", {}).get("clip", {}).values()) - {1.0} for p in policies), "clip was never sampled"
+    for n in result.pareto.index:  # the returned model measures what the front says
+        assert accuracy(result.model(int(n)), digits_data[2]) == pytest.approx(result.pareto.loc[n, "test_accuracy"])
+
+
+def test_register_refuses_a_taken_name_or_order(clip_registered):
+    with pytest.raises(AutocompressError, match="already registered"):
+        register(CLIP)
+    with pytest.raises(AutocompressError, match="order 90, the order of 'quantize'"):
+        register(Technique(name="other", order=90, fields={}, settings={}, targets=layer_targets, apply=_clip))
+    with pytest.raises(AutocompressError, match="no technique named 'nothing'"):
+        unregister("nothing")
