@@ -8,6 +8,9 @@ stored form and the ops that rebuild the float weight from it:
     shared values                    uint8 codebook indices and the codebook: Gather(codebook, Cast(indices))
     fp16 values                      Cast(values)
 
+Codes of at most 4 bits (weight_bits <= 4, codebooks of at most 16 values) are packed two per byte and unpacked
+with integer Div / Mul / Sub, Concat and Reshape (opset 17 has no bitwise And and no INT4 type).
+
 Every rebuilt weight has constant inputs only, so ONNX Runtime (like any runtime that folds constants) computes it
 once, when the session is created: the graph then runs the float kernels of the plain file at its speed, on the
 values the module holds. Sparsity is not kept: ONNX's sparse initializers index with int64, 8 bytes per non-zero.
@@ -43,6 +46,35 @@ def compact(graph_model: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
     return graph_model
 
 
+NIBBLE_OFFSET = 8
+
+
+def _codes(name: str, values: np.ndarray, nibbles: bool) -> tuple[list, list, str]:
+    """(initializers, nodes, output) storing integer `values` (int8 range, or 0..15 with `nibbles`) and the
+    nodes that give them back in their shape: int8 as they are, nibbles two per uint8 byte."""
+    if not nibbles:
+        return [numpy_helper.from_array(values.astype(np.int8), name)], [], name
+    flat = values.astype(np.uint8).ravel()
+    padded = np.append(flat, np.zeros(len(flat) % 2, np.uint8))
+    packed = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
+    constants = {"packed": packed, "sixteen": np.array(16, np.int32), "pairs": np.array([-1, 1], np.int64),
+                 "start": np.array([0], np.int64), "end": np.array([flat.size], np.int64),
+                 "flat_shape": np.array([-1], np.int64), "shape": np.array(values.shape, np.int64)}
+    inits = [numpy_helper.from_array(v, f"{name}.{k}") for k, v in constants.items()]
+    n = lambda k: f"{name}.{k}"  # noqa: E731
+    nodes = [helper.make_node("Cast", [n("packed")], [n("bytes")], to=onnx.TensorProto.INT32),
+             helper.make_node("Div", [n("bytes"), n("sixteen")], [n("high")]),  # the second code of each byte
+             helper.make_node("Mul", [n("high"), n("sixteen")], [n("high_part")]),
+             helper.make_node("Sub", [n("bytes"), n("high_part")], [n("low")]),  # the first
+             helper.make_node("Reshape", [n("low"), n("pairs")], [n("low_column")]),
+             helper.make_node("Reshape", [n("high"), n("pairs")], [n("high_column")]),
+             helper.make_node("Concat", [n("low_column"), n("high_column")], [n("pairs_out")], axis=1),
+             helper.make_node("Reshape", [n("pairs_out"), n("flat_shape")], [n("flat")]),
+             helper.make_node("Slice", [n("flat"), n("start"), n("end")], [n("unpadded")]),
+             helper.make_node("Reshape", [n("unpadded"), n("shape")], [n("values")])]
+    return inits, nodes, n("values")
+
+
 def _stored_form(name: str, weight, meta: dict):
     """(initializers, nodes) that rebuild `weight` under `name`, or None when storing it as fp32 is smallest."""
     w = weight.detach().float().cpu()
@@ -50,17 +82,22 @@ def _stored_form(name: str, weight, meta: dict):
     if "clusters" in meta:
         book, codes = np.unique(w.numpy(), return_inverse=True)
         if len(book) <= 256:
-            return ([numpy_helper.from_array(book.astype(np.float32), f"{name}.codebook"),
-                     numpy_helper.from_array(codes.reshape(w.shape).astype(np.uint8), f"{name}.indices")],
-                    [helper.make_node("Cast", [f"{name}.indices"], [f"{name}.index64"], to=onnx.TensorProto.INT64),
+            inits, nodes, indices = _codes(f"{name}.indices", codes.reshape(w.shape), nibbles=len(book) <= 16)
+            return ([numpy_helper.from_array(book.astype(np.float32), f"{name}.codebook"), *inits],
+                    [*nodes, helper.make_node("Cast", [indices], [f"{name}.index64"], to=onnx.TensorProto.INT64),
                      helper.make_node("Gather", [f"{name}.codebook", f"{name}.index64"], [name], axis=0)])
     if bits <= 8:
         q, scales = weight_grid(w, bits, per_channel=True)
         shape = (w.shape[0],) + (1,) * (w.dim() - 1)
-        return ([numpy_helper.from_array(q.reshape(w.shape).astype(np.int8), f"{name}.codes"),
-                 numpy_helper.from_array(scales.reshape(shape), f"{name}.scale")],
-                [helper.make_node("Cast", [f"{name}.codes"], [f"{name}.float_codes"], to=onnx.TensorProto.FLOAT),
-                 helper.make_node("Mul", [f"{name}.float_codes", f"{name}.scale"], [name])])
+        offset = NIBBLE_OFFSET if bits <= 4 else 0  # 4-bit codes -7..7 stored as 1..15
+        q = q.reshape(w.shape).astype(np.int16) + offset
+        inits, nodes, codes = _codes(f"{name}.codes", q, nibbles=bits <= 4)
+        scale = numpy_helper.from_array(scales.reshape(shape), f"{name}.scale")
+        nodes += [helper.make_node("Cast", [codes], [f"{name}.float_codes"], to=onnx.TensorProto.FLOAT)]
+        if offset:
+            inits.append(numpy_helper.from_array(np.array(offset, np.float32), f"{name}.offset"))
+            nodes.append(helper.make_node("Sub", [f"{name}.float_codes", f"{name}.offset"], [f"{name}.centred"]))
+        return [*inits, scale], [*nodes, helper.make_node("Mul", [nodes[-1].output[0], f"{name}.scale"], [name])]
     if bits == 16:
         return ([numpy_helper.from_array(w.numpy().astype(np.float16), f"{name}.half")],
                 [helper.make_node("Cast", [f"{name}.half"], [name], to=onnx.TensorProto.FLOAT)])
