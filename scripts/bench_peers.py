@@ -26,7 +26,7 @@ The issue's floors (issue 16 item 5), among artifacts within 1 point of the base
 autocompress's best size reduction >= 2x the peer's best, and its best measured speedup >= 1.3x the peer's best
 (checked at each thread count).
 
-    .venv/bin/python scripts/bench_peers.py [--trials 40] [--rounds 5] [--ratios 0.3,0.5,0.7]
+    .venv/bin/python scripts/bench_peers.py [--trials 40] [--rounds 5] [--ratios 0.3,0.5,0.7] [--space default]
 """
 from __future__ import annotations
 
@@ -171,9 +171,9 @@ def onnx_sessions(path: Path) -> dict:
     return runtime
 
 
-def autocompress_side(model, x, data, trials: int, folder: Path, errors: list) -> tuple[list[dict], object]:
+def autocompress_side(model, x, data, trials: int, space: str, folder: Path, errors: list) -> tuple[list[dict], object]:
     start = time.perf_counter()
-    result = ac.compress(model, x, data=data, budgets=BUDGETS, objectives=OBJECTIVES, trials=trials,
+    result = ac.compress(model, x, data=data, budgets=BUDGETS, objectives=OBJECTIVES, trials=trials, space=space,
                          finetune_steps=90, final_epochs=3, progress=False)
     print(f"  search + delivery: {time.perf_counter() - start:.0f} s, front of {len(result.pareto)}", flush=True)
     out = []
@@ -227,6 +227,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=40, help="autocompress trials")
     p.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    p.add_argument("--space", default="default", help="autocompress's search space (a name or a YAML path), e.g. "
+                                                       "scripts/peers_space.yaml (default + dropping blocks)")
     p.add_argument("--ratios", default="0.3,0.5,0.7", help="Torch-Pruning channel ratios")
     p.add_argument("--epochs", type=int, default=8, help="training epochs of the ResNet-20")
     p.add_argument("--peer-epochs", type=int, default=3, help="fine-tuning epochs of every pruned peer")
@@ -249,8 +251,8 @@ def main() -> None:
                   "path": base_path, "runtime": {t: model for t in THREADS}, "test_acc": base_test}]
     print("peer pipeline (Torch-Pruning L2 + BN recalibration + distilled fine-tune + FX int8):", flush=True)
     artifacts += peers(model, x, data, [float(r) for r in args.ratios.split(",")], args.peer_epochs, folder, errors)
-    print(f"autocompress ({args.trials} trials):", flush=True)
-    found, _ = autocompress_side(model, x, data, args.trials, folder, errors)
+    print(f"autocompress ({args.trials} trials, space {args.space}):", flush=True)
+    found, _ = autocompress_side(model, x, data, args.trials, args.space, folder, errors)
     artifacts += found
     print(f"latency ({len(artifacts)} artifacts, batch 1, threads {THREADS}, {args.rounds} rounds):", flush=True)
     interleaved_latency(artifacts, x, args.rounds)
