@@ -50,10 +50,14 @@ NIBBLE_OFFSET = 8
 
 
 def _codes(name: str, values: np.ndarray, nibbles: bool) -> tuple[list, list, str]:
-    """(initializers, nodes, output) storing integer `values` (int8 range, or 0..15 with `nibbles`) and the
-    nodes that give them back in their shape: int8 as they are, nibbles two per uint8 byte."""
+    """(initializers, nodes, output) storing integer `values` (int8 or uint8 range, or 0..15 with `nibbles`) and
+    the nodes that give them back in their shape: one byte each as they are, nibbles two per uint8 byte."""
     if not nibbles:
-        return [numpy_helper.from_array(values.astype(np.int8), name)], [], name
+        # Codebook indices reach 255: as int8 they would wrap to negative indices, which Gather counts from the end
+        dtype = np.int8 if values.min() < 0 else np.uint8
+        if values.min() < np.iinfo(dtype).min or values.max() > np.iinfo(dtype).max:
+            raise ValueError(f"codes in [{values.min()}, {values.max()}] do not fit one byte")
+        return [numpy_helper.from_array(values.astype(dtype), name)], [], name
     flat = values.astype(np.uint8).ravel()
     padded = np.append(flat, np.zeros(len(flat) % 2, np.uint8))
     packed = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8)
