@@ -34,10 +34,12 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> LayerGraph:
     return with_channel_groups(_trace(model, example_input), model, example_input)
 
 
-def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None) -> Estimate:
-    """Latency, energy, size, MACs and parameters of `model` on `hardware` run with `threads` torch threads
-    (None: `host` at torch's count, a calibrated profile at its own), with a per-layer table."""
-    return _estimate(model, example_input, hardware, threads)
+def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None,
+             runtime: str | None = None) -> Estimate:
+    """Latency, energy, size, MACs and parameters of `model` on `hardware` run with `threads` threads in
+    `runtime` (torch or onnxruntime; None: `host` at torch's count in eager PyTorch, a calibrated profile at its
+    own), with a per-layer table."""
+    return _estimate(model, example_input, hardware, threads, runtime)
 
 
 def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:

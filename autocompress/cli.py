@@ -12,6 +12,7 @@ from .budgets import Budgets
 from .cost import hardware
 from .cost.calibrate import busy_reason, calibrate, calibrate_host, quality_line, write_profile
 from .cost.profiles import builtin_profiles, default_threads
+from .cost.runtimes import RUNTIMES
 from .data import load_data
 from .errors import AutocompressError
 from .result import Result
@@ -36,7 +37,8 @@ def _run(args) -> int:
     spec = {"model_spec": args.model, "checkpoint": args.checkpoint, "data": data_spec}
     print(f"model {args.model}, data {data_spec or 'none (cost-only)'}, hardware {args.hardware}, "
           f"space {args.space}, {args.trials} trials -> {out}", file=sys.stderr)
-    profile = hardware.load_profile(args.hardware, threads=args.threads) if args.threads else args.hardware
+    profile = (hardware.load_profile(args.hardware, threads=args.threads, runtime=args.runtime)
+               if args.threads or args.runtime else args.hardware)
     result = api.compress(model, example, data=loaders, hardware=profile, budgets=budgets,
                           objectives=objectives, space=args.space, trials=args.trials, seed=args.seed,
                           sampler=args.sampler, storage=storage, study_name=args.study,
@@ -138,13 +140,13 @@ def _estimate(args) -> None:
     import pandas as pd
 
     model = models.load_model(args.model, args.checkpoint)
-    est = api.estimate(model, _example_input(args, model), args.hardware, threads=args.threads)
+    est = api.estimate(model, _example_input(args, model), args.hardware, threads=args.threads, runtime=args.runtime)
     table = est.layers.drop(columns=["out_shape", "type"])
     table["bits"] = [f"{w}/{a}" for w, a in zip(table.pop("weight_bits"), table.pop("act_bits"))]
     with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 40):
         print(table[["kind", "macs", "params", "bits", "dtype", "bytes", "bound", "latency_ms", "energy_mj",
                      "fused_into"]].to_string(float_format=lambda v: f"{v:.4g}"))
-    where = f"{est.hardware} at {est.threads} threads" if est.threads else est.hardware
+    where = f"{est.hardware} ({est.runtime}) at {est.threads} threads" if est.threads else est.hardware
     print(f"\ntotal on {where}: latency {est.latency_ms:.4g} ms, energy {est.energy_mj:.4g} mJ, "
           f"size {est.size_kb:.4g} KB, peak activation memory {est.peak_mem_kb:.4g} KB, {est.macs:,} MACs, "
           f"{est.params:,} parameters ({int((est.layers['latency_ms'] > 0).sum())} kernels, "
@@ -172,12 +174,13 @@ def _calibrate(args) -> None:
         raise AutocompressError(f"calibrating {args.hardware!r}: only host and host-cuda are saved by name; "
                                 "pass --to FILE")
     if cached and not args.to:
-        path = hardware.host_profile_path(device, threads)
+        path = hardware.host_profile_path(device, threads, args.runtime)
         profile, kept = calibrate_host(path, quick=args.quick, threads=threads, force=args.force, device=device,
-                                       clock=args.clock)
+                                       clock=args.clock, runtime=args.runtime)
     else:
         path, kept = Path(args.to), ""
-        profile = calibrate(args.hardware, quick=args.quick, device=device, threads=threads, clock=args.clock)
+        profile = calibrate(args.hardware, quick=args.quick, device=device, threads=threads, clock=args.clock,
+                            runtime=args.runtime)
         write_profile(profile, path)
     busy = busy_reason(profile) if profile is not None else ""
     if kept:
@@ -203,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="torch threads the model will run with (default: torch's count "
                                                     "for host, a calibrated profile's own; another count than a "
                                                     "calibrated profile's is refused)")
+        sp.add_argument("--runtime", choices=RUNTIMES, help="what runs the model: torch (eager PyTorch) or "
+                                                            "onnxruntime (default: host's torch, a profile's own; "
+                                                            "another runtime than a profile's is refused)")
 
     run = sub.add_parser("run", help="search compressed models within budgets")
     model_args(run)
@@ -299,6 +305,9 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--quick", action="store_true", help="fewer networks and repeats (what first use runs)")
     cal.add_argument("--threads", type=int, help="torch threads to time with (CPU; default: torch's count, the one "
                                                  "a model runs with when nobody sets it)")
+    cal.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                     help="the runtime whose kernels are timed: torch (eager PyTorch) or onnxruntime (the kernels "
+                          "exported to ONNX and run by ONNX Runtime's CPU sessions)")
     cal.add_argument("--force", action="store_true", help="overwrite the host profile even when the machine is busy")
     cal.add_argument("--clock", choices=["wall", "cpu"], help="elapsed time, or the timing thread's CPU time "
                                                              "(default: cpu with one thread on the CPU, else wall)")

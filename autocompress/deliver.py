@@ -92,8 +92,9 @@ def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) 
 
 
 def timed(model, problem: Problem) -> float:
-    """`model`'s latency measured here, at the thread count the profile's latencies are for."""
-    return measure_latency_ms(model, problem.example_input, threads=problem.profile.threads or DEFAULT_THREADS)
+    """`model`'s latency measured here, in the runtime and at the thread count the profile's latencies are for."""
+    return measure_latency_ms(model, problem.example_input, threads=problem.profile.threads or DEFAULT_THREADS,
+                              runtime=problem.profile.runtime)
 
 
 def dominated_by_delivered(study: optuna.Study, objectives, slack: float = SLACK) -> list[int]:

@@ -27,6 +27,7 @@ from torch import nn
 from .compress.quantize import synthesize_inputs
 from .cost.measure import measure_latency_ms
 from .cost.pack import load_packed, save_packed
+from .cost.runtimes import OrtModule, onnx_bytes
 from .data import load_recorded_data, split_data
 from .errors import one_of
 from .evaluate import accuracy, fixed_batches
@@ -166,11 +167,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, calibration
 
 
 def _write_float_onnx(model: nn.Module, example: torch.Tensor, path: Path, **options) -> None:
-    # The TorchScript-based exporter (dynamo=False) needs no extra package; the dynamo one needs onnxscript.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, **options)
+    Path(path).write_bytes(onnx_bytes(model, example, **options))
 
 
 def _write_packed(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
@@ -193,24 +190,8 @@ def _load_torchscript(path: Path, architecture) -> nn.Module:
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-class OnnxModule(nn.Module):
-    """An onnxruntime session behind the nn.Module call convention, so `accuracy` can judge the file."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same threads torch is timed with
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
-
-
 def _load_onnx(path: Path, architecture) -> nn.Module:
-    return OnnxModule(path)
+    return OrtModule(str(path))  # torch's thread count: the one torch is timed with
 
 
 WRITERS = {"state_dict": _write_state_dict, "torchscript": _write_torchscript, "onnx": _write_onnx,

@@ -138,17 +138,19 @@ class Result:
     def measure(self, threads: int | None = None) -> "Result":
         """Time every front model as `model(n)` returns it, and the original, on this machine, in place:
         `measured_latency_ms` beside the cost model's `latency_ms` (median of a batch of the example input), at
-        `threads` torch threads (default: the run's hardware profile's count). What `run --measure` records at
+        `threads` threads (default: the run's hardware profile's count), in the profile's runtime. What `run --measure` records at
         delivery, for a run made without it; the run's storage is not changed. Returns self."""
         if self.base_model is None:
             raise AutocompressError("timing the front needs the base model to rebuild it from; pass model= to "
                                     "Result.load")
         threads = threads or self.config.get("hardware", {}).get("threads") or DEFAULT_THREADS
-        timed = {n: measure_latency_ms(self.model(n), self.example_input, threads=threads) for n in self.pareto.index}
+        runtime = self.config.get("hardware", {}).get("runtime", "torch")
+        timed = {n: measure_latency_ms(self.model(n), self.example_input, threads=threads, runtime=runtime)
+                 for n in self.pareto.index}
         self.trials["measured_latency_ms"] = self.trials.get("measured_latency_ms", np.nan)
         self.trials.loc[list(timed), "measured_latency_ms"] = list(timed.values())
         self.baseline = {**self.baseline, "measured_latency_ms": measure_latency_ms(
-            self.base_model, self.example_input, threads=threads)}
+            self.base_model, self.example_input, threads=threads, runtime=runtime)}
         return self
 
     def _policy_text(self, number: int) -> str:

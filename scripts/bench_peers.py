@@ -48,9 +48,8 @@ import autocompress as ac
 from autocompress.cost.measure import measure_latency_ms
 from autocompress.data import digits_loaders
 from autocompress.evaluate import accuracy, finetune, fixed_batches, recalibrate_bn, seeded_batches
-from autocompress.export import OnnxModule
+from autocompress.cost.runtimes import OrtModule
 from autocompress.models import DigitsResNet, cache_dir, train_classifier
-from autocompress.threads import fixed_threads
 
 # The latency objective drives the speed: a latency budget that the host's (eager PyTorch) cost model prices out
 # of reach would leave no front at all (0.6 x did: fixed per-op costs dominate this model there).
@@ -166,8 +165,7 @@ def peer_onnx(pruned, x, calibration, test, stem: Path, errors: list) -> list[di
 def onnx_sessions(path: Path) -> dict:
     runtime = {}
     for t in THREADS:
-        with fixed_threads(t):  # OnnxModule opens its session with torch's thread count
-            runtime[t] = OnnxModule(path)
+        runtime[t] = OrtModule(str(path), threads=t)
     return runtime
 
 

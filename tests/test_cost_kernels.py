@@ -116,9 +116,9 @@ def test_host_is_calibrated_per_thread_count(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     calls = []
 
-    def fake_host(path, quick, threads):
-        calls.append(threads)
-        profile = profiles.HardwareProfile.from_dict({**fitted.to_dict(), "threads": threads}, "fake")
+    def fake_host(path, quick, threads, runtime):
+        calls.append(threads if runtime == "torch" else (threads, runtime))
+        profile = profiles.HardwareProfile.from_dict({**fitted.to_dict(), "threads": threads, "runtime": runtime}, "f")
         return cal.write_profile(profile, path)
 
     monkeypatch.setattr(cal, "calibrate_host", fake_host)
@@ -126,7 +126,9 @@ def test_host_is_calibrated_per_thread_count(fitted, tmp_path, monkeypatch):
     assert hardware.host_profile_path(threads=3).name.endswith("-t3.yaml")
     assert hardware.load_profile("host").threads == torch.get_num_threads()
     hardware.load_profile("host", threads=3)
-    assert calls == [3, torch.get_num_threads()]
+    assert hardware.load_profile("host", threads=3, runtime="onnxruntime").runtime == "onnxruntime"  # its own file
+    assert hardware.host_profile_path(threads=3, runtime="onnxruntime").name.endswith("-t3-onnxruntime.yaml")
+    assert calls == [3, torch.get_num_threads(), (3, "onnxruntime")]
 
 
 def test_uneven_timings_are_timed_again_then_dropped(monkeypatch):
@@ -142,7 +144,7 @@ def test_uneven_timings_are_timed_again_then_dropped(monkeypatch):
 def test_a_busy_machine_keeps_the_previous_profile(fake_machine, tmp_path, capsys):
     path = tmp_path / "host.yaml"
     fake_machine.setattr(cal.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
-    fake_machine.setattr(hardware, "host_profile_path", lambda device="cpu", threads=None: path)
+    fake_machine.setattr(hardware, "host_profile_path", lambda device="cpu", threads=None, runtime="torch": path)
     path.write_text("previous")
     assert main(["calibrate", "--quick", "--threads", "1"]) == 0
     out = capsys.readouterr().out.strip()
@@ -215,7 +217,7 @@ def test_busy_cores_stop_a_calibration_that_keeps_a_profile_or_time_one_thread(f
     fake_machine.setattr(cal, "measure_latency_ms", machine)
     fake_machine.setattr(cal, "PAUSE_S", 0.0)
     path = tmp_path / "host.yaml"
-    fake_machine.setattr(hardware, "host_profile_path", lambda device="cpu", threads=None: path)
+    fake_machine.setattr(hardware, "host_profile_path", lambda device="cpu", threads=None, runtime="torch": path)
     path.write_text("previous")
     assert main(["calibrate", "--quick", "--threads", "2"]) == 0
     out = capsys.readouterr().out.strip()
@@ -273,7 +275,7 @@ def test_a_stale_host_profile_is_replaced_even_on_a_busy_machine(fitted, tmp_pat
         {**fitted.to_dict(), "calibration": {**fitted.calibration, "model_version": cal.MODEL_VERSION - 1}}, "x"), path)
     busy = {**fitted.calibration, "busy": "the reference kernel ran 9.0x slower than on a quiet core"}
 
-    def fake_calibrate(name, quick=False, device="cpu", seed=0, threads=None, clock=None, stop_when_busy=False):
+    def fake_calibrate(name, quick=False, device="cpu", seed=0, threads=None, clock=None, stop_when_busy=False, runtime="torch"):
         if stop_when_busy:
             raise cal.Busy(busy["busy"])
         return profiles.HardwareProfile.from_dict({**fitted.to_dict(), "calibration": busy}, "fake")

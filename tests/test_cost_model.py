@@ -154,7 +154,7 @@ def test_stale_host_calibration_is_refitted(tmp_path, monkeypatch):
     old = {**load_profile("raspberry-pi-4").to_dict(), "name": "host", "calibration": {"model_version": 1}}
     path.write_text(__import__("yaml").safe_dump(old))
     calls = []
-    monkeypatch.setattr(cal, "calibrate_host", lambda p, quick, threads: calls.append(quick) or cal.write_profile(
+    monkeypatch.setattr(cal, "calibrate_host", lambda p, quick, threads, runtime: calls.append(quick) or cal.write_profile(
         HardwareProfile.from_dict({**old, "calibration": {"model_version": cal.MODEL_VERSION}}, "x"), p))
     assert load_profile("host").calibration["model_version"] == cal.MODEL_VERSION
     assert calls == [True]

@@ -47,6 +47,7 @@ from . import kernels as K
 from .fusion import fusion_groups
 from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
+from .runtimes import BoundOrt, OrtModule, check_runtime, onnx_bytes
 from .trace import trace
 
 MODEL_VERSION = 7  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
@@ -307,17 +308,60 @@ def busy_start(probe: Probe) -> str:
     return reason
 
 
-def _blocks(n: int, rng: random.Random, max_macs: float):
-    """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, input) each; a sample
-    the grouping splits (not one kernel) is not a kernel to learn from. Made a block at a time (a module to time
-    holds up to 64 MB of weight copies)."""
+class _Branches(nn.Module):
+    """Copies of one kernel, each on the input, all in one graph: in a runtime that runs a whole graph per call
+    (ONNX Runtime) what _RoundRobin is in eager PyTorch. Each copy's weights are nudged apart, so that no
+    runtime merges the copies as one common subexpression (ONNX Runtime does with equal ones)."""
+
+    def __init__(self, kernel: nn.Module, copies: int):
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(kernel) for _ in range(copies))
+        with torch.no_grad():
+            for i, each in enumerate(self.copies):
+                for p in each.parameters():
+                    p.add_(1e-3 * i)
+
+    def forward(self, x):
+        return tuple(each(x) for each in self.copies)
+
+
+def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | None) -> tuple[nn.Module, int] | None:
+    """(module whose call runs `model`'s kernel in `runtime`, copies of the kernel one call runs), or None when
+    the runtime cannot take it (an op the ONNX exporter cannot write: no kernel of that runtime to time)."""
+    if runtime == "torch":
+        return model, 1
+    copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
+    graph = _Branches(model.copies[0], copies) if isinstance(model, _RoundRobin) else model
+    try:
+        return BoundOrt(onnx_bytes(graph.eval(), x), x, threads), copies
+    except Exception:  # the exporter's and the runtime's errors have no common type
+        return None
+
+
+def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[float, float]:
+    """(a kernel timing's own call cost, a model call's fixed cost), in microseconds: in ONNX Runtime the bound
+    call of a one-element graph, and a session run through its Python API (input and output converted), which
+    a model pays once per inference. Eager PyTorch's calls are part of every kernel's time: (0, 0)."""
+    if runtime == "torch":
+        return 0.0, 0.0
+    tiny, op = torch.randn(1), _Call()
+    bound = _quickest_ms(BoundOrt(onnx_bytes(op, tiny), tiny, threads), tiny, threads, clock, repeats=200)
+    run = _quickest_ms(OrtModule(onnx_bytes(op, tiny), threads), tiny, threads, clock, repeats=200)
+    return bound * 1e3, run * 1e3
+
+
+def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch", threads: int | None = None):
+    """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, input, copies it runs)
+    each; a sample the grouping splits (not one kernel), or one the runtime cannot run, is not a kernel to learn
+    from. Made a block at a time (a module to time holds up to 64 MB of weight copies)."""
     block = []
     for _ in range(n):
         kernel, x = sample_kernel(rng, max_macs)
         model, between = round_robin(kernel, rng)
         row = kernel_rows(kernel, x, between)
-        if len(row) == 1:
-            block.append((row[0], model, x))
+        timed = in_runtime(model, x, runtime, threads) if len(row) == 1 else None
+        if timed is not None:
+            block.append((row[0], *timed, x))
         if len(block) == PROBE_EVERY:
             yield block
             block = []
@@ -325,13 +369,19 @@ def _blocks(n: int, rng: random.Random, max_macs: float):
         yield block
 
 
-def _time_block(block, device: str, threads: int | None, clock: str, round_ms: float):
-    """(seconds or None, spread) of every kernel of a block, timed in turn."""
-    return [time_kernel(model.to(device), x.to(device), threads, clock, round_ms) for _, model, x in block]
+def _time_block(block, device: str, threads: int | None, clock: str, round_ms: float, own_call_s: float = 0.0):
+    """(seconds or None, spread) of every kernel of a block, timed in turn: a call's time less its own call
+    cost, per copy of the kernel it runs."""
+    out = []
+    for _, model, copies, x in block:
+        s, spread = time_kernel(model.to(device), x.to(device), threads, clock, round_ms)
+        out.append((None if s is None else max(s - own_call_s, 0.05 * s) / copies, spread))
+    return out
 
 
 def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | None, clock: str,
-                  probe: Probe | None = None, stop_when_busy: bool = False):
+                  probe: Probe | None = None, stop_when_busy: bool = False, runtime: str = "torch",
+                  own_call_s: float = 0.0):
     """(feature rows, seconds, timing statistics) of `n` sampled kernels, timed in blocks of PROBE_EVERY with
     the reference kernel timed after each: a block after which it ran slow is timed again, then dropped;
     noisy kernels dropped. `stop_when_busy`: raise Busy as soon as more than BUSY_DROPPED of the blocks
@@ -342,14 +392,14 @@ def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | No
     rng, rows, seconds, spreads = random.Random(seed), [], [], []
     dropped = retimed = blocks_dropped = blocks = 0
     load = [os.getloadavg()[0]]
-    for block in _blocks(n, rng, MAX_MACS[quick]):
+    for block in _blocks(n, rng, MAX_MACS[quick], runtime, threads):
         blocks += 1
         for attempt in range(RETRIES + 1):
             if probe.slowdowns[-1] > PROBE_LIMIT:  # slow after the last block: look again after a pause
                 time.sleep(PAUSE_S)
                 probe.slowdown()
             before_ok, retimed = probe.slowdowns[-1] <= PROBE_LIMIT, retimed + bool(attempt)
-            timings = _time_block(block, device, threads, clock, ROUND_MS[quick])
+            timings = _time_block(block, device, threads, clock, ROUND_MS[quick], own_call_s)
             if probe.slowdown() <= PROBE_LIMIT and before_ok:
                 break
         else:
@@ -360,7 +410,7 @@ def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | No
                            f"to {max(probe.slowdowns):.1f}x slower than on a quiet core")
             continue
         load.append(os.getloadavg()[0])
-        for (row, _, _), (s, spread) in zip(block, timings):
+        for (row, *_), (s, spread) in zip(block, timings):
             if s is None:
                 dropped += 1
                 continue
@@ -390,9 +440,11 @@ def fit_quality(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed: int = 0,
-              threads: int | None = None, clock: str | None = None, stop_when_busy: bool = False) -> HardwareProfile:
-    """Time sampled kernels on `device` with `threads` torch threads (default: torch's count); return the fitted
-    profile (no file written).
+              threads: int | None = None, clock: str | None = None, stop_when_busy: bool = False,
+              runtime: str = "torch") -> HardwareProfile:
+    """Time sampled kernels in `runtime` (cost/runtimes.py) on `device` with `threads` threads (default: torch's
+    count); return the fitted profile (no file written). The roofline prior is eager PyTorch's in every runtime:
+    it is a feature the regressor corrects, not the answer.
 
     clock: "cpu" (the default with one thread on the CPU: the timing thread's CPU time, which other work on a
     shared machine does not inflate) or "wall" (elapsed time; the default otherwise), see measure_latency_ms.
@@ -400,6 +452,9 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
     the CPU, time one thread on its CPU clock instead (recorded as `timed_threads` and `busy`)."""
     if device not in ("cpu", "cuda"):
         raise AutocompressError(f"calibration device {device!r} is not allowed; allowed: cpu, cuda")
+    check_runtime(runtime)
+    if device == "cuda" and runtime != "torch":
+        raise AutocompressError(f"calibrating runtime {runtime!r} runs on the CPU; use --device cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise AutocompressError("calibrating on device 'cuda' needs a CUDA GPU, and torch sees none here")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -420,24 +475,25 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
             probe.slowdown()
     with fixed_threads(timing_threads):
         prior = measured_prior(device, timing_threads, clock)
+        own_call_us, call_us = call_overhead_us(runtime, timing_threads, clock)
         rows, seconds, stats = timed_kernels(SAMPLES[quick], quick, seed, device, timing_threads, clock, probe,
-                                             stop_when_busy)
+                                             stop_when_busy, runtime, own_call_us * 1e-6)
     if len(rows) < 50:
         raise AutocompressError(f"calibration kept {len(rows)} of {SAMPLES[quick]} kernels (the others timed too "
                                 "unevenly); the machine is too busy to calibrate")
     x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], prior["peak_gmacs"], prior["bandwidth_gbs"]))
     y = np.log(seconds) - x[:, -1]
-    calibration = {"model_version": MODEL_VERSION, "threads": threads, "clock": clock, "seed": seed,
+    calibration = {"model_version": MODEL_VERSION, "runtime": runtime, "threads": threads, "clock": clock, "seed": seed,
                    **({"timed_threads": timing_threads, "busy": busy} if busy else {}), **stats,
                    **fit_quality(x, y), "seconds": round(time.perf_counter() - start, 1)}
-    return fitted_profile(name, device, threads, prior, calibration, K.encode(x, y))
+    return fitted_profile(name, device, threads, prior, calibration, K.encode(x, y), runtime, call_us)
 
 
 def fitted_profile(name: str, device: str, threads: int, prior: dict, calibration: dict,
-                   kernels: str) -> HardwareProfile:
+                   kernels: str, runtime: str = "torch", call_us: float = 0.0) -> HardwareProfile:
     """The profile holding the measured prior and the timed kernels (energy: Horowitz's 45 nm figures, see SOURCES)."""
     where = (f"{platform.node() or 'this machine'} ({_device_name(device)}, {os.cpu_count()} cores, "
-             f"{threads if device == 'cpu' else 'no'} torch threads)")
+             f"{threads if device == 'cpu' else 'no'} {'torch' if runtime == 'torch' else runtime} threads)")
     return HardwareProfile(
         name=name,
         description=f"calibrated on {where} on {datetime.date.today().isoformat()}",
@@ -451,6 +507,8 @@ def fitted_profile(name: str, device: str, threads: int, prior: dict, calibratio
         device=device,
         calibration=calibration,
         kernels=kernels,
+        runtime=runtime,
+        call_us=_sig(call_us),
     )
 
 
@@ -477,7 +535,7 @@ def quality_line(profile: HardwareProfile) -> str:
     c = profile.calibration
     timed = (f"at {c['threads']} threads" if c.get("timed_threads", c["threads"]) == c["threads"] else
              f"on {c['timed_threads']} thread ({c['clock']} clock) for {c['threads']} threads")
-    return (f"{c['kernels']} kernels timed {timed} ({c['dropped']} dropped as uneven, "
+    return (f"{c['kernels']} {profile.runtime} kernels timed {timed} ({c['dropped']} dropped as uneven, "
             f"{c.get('blocks_retimed', 0)} blocks timed again, load average {c['load_before']:.2f}-"
             f"{c['load_max']:.2f}, reference kernel up to {c.get('reference_slowdown_max', 1):.2f}x its quiet time, "
             f"rounds within {c['repeat_spread']:.1%}); held-out kernels: median error {c['fit_median_error']:.1%}, "
@@ -529,7 +587,8 @@ def write_profile(profile: HardwareProfile, path: Path) -> Path:
 
 
 def calibrate_host(path: Path, quick: bool = False, threads: int | None = None, force: bool = False,
-                   device: str = "cpu", clock: str | None = None) -> tuple[HardwareProfile | None, str]:
+                   device: str = "cpu", clock: str | None = None,
+                   runtime: str = "torch") -> tuple[HardwareProfile | None, str]:
     """Calibrate this machine and save it where `--hardware host` looks; (profile, why it was not saved or '').
 
     On a busy machine the previous profile at `path` is kept unless `force` (or there is none): the
@@ -537,7 +596,8 @@ def calibrate_host(path: Path, quick: bool = False, threads: int | None = None, 
     name = "host-cuda" if device == "cuda" else "host"
     keep = Path(path).exists() and not force
     try:
-        profile = calibrate(name, quick=quick, threads=threads, device=device, clock=clock, stop_when_busy=keep)
+        profile = calibrate(name, quick=quick, threads=threads, device=device, clock=clock, stop_when_busy=keep,
+                            runtime=runtime)
     except Busy as exc:
         return None, str(exc)
     reason = busy_reason(profile)

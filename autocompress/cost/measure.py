@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import AutocompressError
 from ..threads import fixed_threads
+from .runtimes import runnable
 
 
 DEFAULT_THREADS = 1  # one intra-op thread: on small shared machines two threads time bimodally (1x or 2.3x)
@@ -22,8 +23,9 @@ CLOCKS = ("wall", "cpu")
 
 @torch.no_grad()
 def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 30, warmup: int = 5,
-                       threads: int | None = DEFAULT_THREADS, clock: str = "wall") -> float:
-    """Median time of one forward pass in milliseconds (eval mode, no grad, fixed thread count).
+                       threads: int | None = DEFAULT_THREADS, clock: str = "wall", runtime: str = "torch") -> float:
+    """Median time of one forward pass in milliseconds (eval mode, no grad, fixed thread count), run in
+    `runtime` (cost/runtimes.py: eager PyTorch, or the model exported to an ONNX Runtime session with `threads`).
 
     clock "wall": elapsed time (on a CUDA input, up to the GPU's completion). clock "cpu": the CPU time of
     the calling thread, which with one torch thread is where all the work runs: on a machine shared with
@@ -34,7 +36,7 @@ def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: i
     if clock == "cpu" and (example_input.is_cuda or threads != 1):
         raise AutocompressError("clock 'cpu' times one torch thread on the CPU; use clock 'wall' with "
                                 f"threads={threads} on {example_input.device}")
-    model = model.eval()
+    model = runnable(model, example_input, runtime, threads) if runtime != "torch" else model.eval()
     sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
     now = time.thread_time if clock == "cpu" else time.perf_counter
     with fixed_threads(threads):

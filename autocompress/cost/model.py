@@ -63,13 +63,14 @@ class Estimate:
     hardware: str
     layers: pd.DataFrame
     threads: int | None = None  # torch threads the latency is for (None: a datasheet profile, no thread count)
+    runtime: str = "torch"  # what the latency is for: the profile's runtime
 
     def as_dict(self) -> dict:
         return {"latency_ms": self.latency_ms, "energy_mj": self.energy_mj, "size_kb": self.size_kb,
                 "peak_mem_kb": self.peak_mem_kb, "macs": self.macs, "params": self.params}
 
     def __repr__(self) -> str:
-        return (f"Estimate(hardware={self.hardware!r}, threads={self.threads}, latency_ms={self.latency_ms:.4g}, energy_mj={self.energy_mj:.4g}, "
+        return (f"Estimate(hardware={self.hardware!r}, runtime={self.runtime!r}, threads={self.threads}, latency_ms={self.latency_ms:.4g}, energy_mj={self.energy_mj:.4g}, "
                 f"size_kb={self.size_kb:.4g}, peak_mem_kb={self.peak_mem_kb:.4g}, macs={self.macs:,}, "
                 f"params={self.params:,})")
 
@@ -269,18 +270,20 @@ def _mac_energy_pj(table: dict, bits: int) -> float:
     return table[min(wider)] if wider else table[max(table)]
 
 
-def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None) -> Estimate:
-    """Price `model` on `hardware` (a profile name, a YAML path or a HardwareProfile) run with `threads` torch
-    threads (None: `host` at torch's count, a fitted profile at its own; another count than a fitted profile's
-    is refused)."""
-    profile = load_profile(hardware, threads)
+def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", threads: int | None = None,
+             runtime: str | None = None) -> Estimate:
+    """Price `model` on `hardware` (a profile name, a YAML path or a HardwareProfile) run with `threads`
+    threads in `runtime` (None: `host` at torch's count in eager PyTorch, a fitted profile at its own; another
+    count than a fitted profile's, or another runtime than a profile's, is refused). The latency is the sum of
+    the kernels plus the runtime's one call per inference (`call_us`, 0 for eager PyTorch)."""
+    profile = load_profile(hardware, threads, runtime)
     graph, flow = trace(model, example_input)
     table = op_table(graph, flow, profile)
     layers = price(table, profile, kernel_seconds(graph, table, profile) if profile.kernels else None)
     out_bytes = table["width"].to_numpy() * np.array([l.out_numel for l in graph.layers], dtype=float)
     peak, _ = peak_activation_bytes(graph, flow, list(out_bytes), table.attrs["input_bytes"])
     return Estimate(
-        latency_ms=float(layers["latency_ms"].sum()),
+        latency_ms=float(layers["latency_ms"].sum()) + profile.call_us * 1e-3,
         energy_mj=float(layers["energy_mj"].sum()),
         size_kb=size_bytes(model) / 1024,
         peak_mem_kb=peak / 1024,
@@ -289,4 +292,5 @@ def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", thr
         hardware=profile.name,
         layers=layers,
         threads=profile.threads,
+        runtime=profile.runtime,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import AutocompressError
+from .runtimes import RUNTIMES
 
 KINDS = ("conv", "dwconv", "linear", "matmul", "norm", "act", "pool", "elementwise", "other")
 DTYPE_BITS = {"fp32": 32, "fp16": 16, "int16": 16, "int8": 8, "int4": 4}
@@ -22,7 +23,7 @@ SHAPE_KEYS = ("m", "n", "k")
 REQUIRED = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
 OPTIONAL = ("description", "cache_kb", "cache_bandwidth_gbs", "sparse", "fuses", "overlap", "im2col",
             "channel_multiple", "gemm_half", "narrow_n", "narrow_efficiency", "threads", "device", "calibration",
-            "kernels")
+            "kernels", "runtime", "call_us")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class HardwareProfile:
     calibration:      how the profile was fitted: when, how long, the load, how repeatable, the fit's quality
     kernels:          timed kernels (cost/kernels.py, base64 text): where present, latency is the kernel
                       regressor's, fitted on them, and peak_gmacs, bandwidth_gbs and overhead_us are its measured prior
+    runtime:          what executes the model (cost/runtimes.py): torch (eager PyTorch) or onnxruntime; a
+                      calibration times that runtime's kernels, measurement times the model there
+    call_us:          fixed cost of one call of the whole model into the runtime, in microseconds (an ONNX Runtime
+                      session's run: input and output conversion), added once per inference
     """
 
     name: str
@@ -78,6 +83,8 @@ class HardwareProfile:
     device: str = "cpu"
     calibration: dict = field(default_factory=dict)
     kernels: str = ""
+    runtime: str = "torch"
+    call_us: float = 0.0
 
     def dtype_for(self, bits: int) -> str:
         """The narrowest supported dtype holding `bits` bits, else the widest supported one (an accelerator
@@ -100,6 +107,8 @@ class HardwareProfile:
                "energy": self.energy, "sparse": self.sparse, "fuses": ["+".join(p) for p in self.fuses], "overlap": self.overlap,
                "im2col": self.im2col, "channel_multiple": self.channel_multiple, "gemm_half": self.gemm_half,
                "narrow_n": self.narrow_n, "narrow_efficiency": self.narrow_efficiency, "device": self.device}
+        if self.runtime != "torch":  # eager PyTorch profiles read (and hash) as they did before runtimes existed
+            out["runtime"], out["call_us"] = self.runtime, self.call_us
         if self.threads:
             out["threads"] = self.threads
         if self.calibration:
@@ -115,6 +124,13 @@ class HardwareProfile:
         raise AutocompressError(f"hardware profile {self.name!r} was calibrated with {self.threads} torch threads, "
                                 f"not {threads}; estimate with threads={self.threads} or calibrate it with "
                                 f"`autocompress calibrate --threads {threads}`")
+
+    def check_runtime(self, runtime: str | None) -> None:
+        """Refuse to price a runtime other than the one the profile's numbers are for."""
+        if runtime is not None and runtime != self.runtime:
+            raise AutocompressError(f"hardware profile {self.name!r} prices runtime {self.runtime!r}, not {runtime!r}; "
+                                    f"use a profile of {runtime!r} (for this machine: `autocompress calibrate "
+                                    f"--runtime {runtime}`)")
 
     @classmethod
     def from_dict(cls, data, where: str) -> "HardwareProfile":
@@ -167,12 +183,17 @@ class HardwareProfile:
         kernels = data.get("kernels", "")
         if not isinstance(kernels, str):
             raise AutocompressError(f"hardware profile {where} kernels must be the base64 text `calibrate` writes")
+        runtime = data.get("runtime", "torch")
+        if runtime not in RUNTIMES:
+            raise AutocompressError(f"hardware profile {where} runtime = {runtime!r}; allowed: {', '.join(RUNTIMES)}")
+        call_us = data.get("call_us", 0.0)
+        _positive_number(call_us, f"hardware profile {where} call_us", allow_zero=True)
         return cls(str(data["name"]), dict(data["peak_gmacs"]), dict(data["efficiency"]), float(data["bandwidth_gbs"]),
                    overhead, _energy(data["energy"], where), _flag(data, "sparse", where),
                    str(data.get("description", "")), float(cache_kb), float(cache_bw),
                    _fusions(data.get("fuses") or [], where), float(overlap), _flag(data, "im2col", where), multiple,
                    {k: float(v) for k, v in gemm_half.items()}, narrow_n, float(narrow_efficiency), threads, device,
-                   dict(data.get("calibration") or {}), kernels)
+                   dict(data.get("calibration") or {}), kernels, runtime, float(call_us))
 
 
 def _energy(energy, where: str) -> dict:
