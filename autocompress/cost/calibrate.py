@@ -344,9 +344,10 @@ def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[flo
     a model pays once per inference. Eager PyTorch's calls are part of every kernel's time: (0, 0)."""
     if runtime == "torch":
         return 0.0, 0.0
-    tiny, op = torch.randn(1), _Call()
-    bound = _quickest_ms(BoundOrt(onnx_bytes(op, tiny), tiny, threads), tiny, threads, clock, repeats=200)
-    run = _quickest_ms(OrtModule(onnx_bytes(op, tiny), threads), tiny, threads, clock, repeats=200)
+    tiny = torch.randn(1)
+    graph = onnx_bytes(_Call(), tiny)
+    bound = _quickest_ms(BoundOrt(graph, tiny, threads), tiny, threads, clock, repeats=200)
+    run = _quickest_ms(OrtModule(graph, threads), tiny, threads, clock, repeats=200)
     return bound * 1e3, run * 1e3
 
 

@@ -40,7 +40,7 @@ def load_profile(spec: "str | Path | HardwareProfile", threads: int | None = Non
     if isinstance(spec, HardwareProfile):
         profile = spec
     elif str(spec) in ("host", "host-cuda"):
-        return _cached_host("cuda" if spec == "host-cuda" else "cpu", threads, runtime or "torch")
+        return _cached_host("cuda" if str(spec) == "host-cuda" else "cpu", threads, runtime or "torch")
     else:
         profile = _named(str(spec))
     profile.check_threads(threads)

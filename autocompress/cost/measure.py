@@ -36,7 +36,7 @@ def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: i
     if clock == "cpu" and (example_input.is_cuda or threads != 1):
         raise AutocompressError("clock 'cpu' times one torch thread on the CPU; use clock 'wall' with "
                                 f"threads={threads} on {example_input.device}")
-    model = runnable(model, example_input, runtime, threads) if runtime != "torch" else model.eval()
+    model = runnable(model, example_input, runtime, threads)
     sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
     now = time.thread_time if clock == "cpu" else time.perf_counter
     with fixed_threads(threads):
