@@ -3,8 +3,9 @@
 Formats: state_dict, TorchScript and ONNX (float), and two real int8 artifacts that run without autocompress:
 `torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it) and
 `onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file: int8 weights per output channel,
-int8 activations calibrated on training batches). The int8 flows re-quantize the float weights, so sparsity
-and shared values are not kept in them. `packed` is autocompress's own file: every weight at its bit-width
+int8 activations calibrated on training batches). The float ONNX file stores compressed weights compactly
+(codes at their bit-width, codebooks, sparse non-zeros with a bitmask: onnx_weights.py). The int8 flows
+re-quantize the float weights, so sparsity and shared values are not kept in them. `packed` is autocompress's own file: every weight at its bit-width
 (codebook indices for shared weights, sparse indices, Huffman codes; what `size_kb` counts) plus the module's
 structure; `autocompress.load_packed(path)` decodes it back to the exact module (it unpickles the structure:
 load only files you trust).

@@ -13,7 +13,11 @@ with integer Div / Mul / Sub, Concat and Reshape (opset 17 has no bitwise And an
 
 Every rebuilt weight has constant inputs only, so ONNX Runtime (like any runtime that folds constants) computes it
 once, when the session is created: the graph then runs the float kernels of the plain file at its speed, on the
-values the module holds. Sparsity is not kept: ONNX's sparse initializers index with int64, 8 bytes per non-zero.
+values the module holds.
+
+A sparse layer stores only its non-zeros (in the coding above) and a bitmask of one bit per weight, when that
+makes its part of the file smaller, and scatters them back with Div / Mod (the mask's bits), CumSum and Gather. (ONNX's own sparse
+initializers would index each non-zero with an int64, 8 bytes.)
 """
 from __future__ import annotations
 
@@ -80,29 +84,98 @@ def _codes(name: str, values: np.ndarray, nibbles: bool) -> tuple[list, list, st
 
 
 def _stored_form(name: str, weight, meta: dict):
-    """(initializers, nodes) that rebuild `weight` under `name`, or None when storing it as fp32 is smallest."""
+    """(initializers, nodes) that rebuild `weight` under `name`, or None when storing it as fp32 is smallest.
+    A sparse layer (its metadata says so) stores only its non-zeros and a bitmask when that is smaller."""
     w = weight.detach().float().cpu()
+    dense = _rebuilt(name, w, meta, None)
+    if not meta.get("sparsity"):
+        return dense
+    sparse = _rebuilt(name, w, meta, (w != 0).numpy().ravel())
+    return sparse if _bytes(sparse) < _bytes(dense if dense else ([numpy_helper.from_array(w.numpy(), name)], [])) \
+        else dense
+
+
+def _bytes(form) -> int:
+    return sum(item.ByteSize() for part in form for item in part)
+
+
+def _rebuilt(name: str, w, meta: dict, keep: np.ndarray | None):
+    """(initializers, nodes) rebuilding `w` from its values at the `keep` positions (all when None) in their
+    stored coding; None for a dense fp32 weight, which is stored as it is."""
+    form = _value_form(name, w, meta, keep)
+    if form is None and keep is None:
+        return None
+    if form is None:
+        form = ([numpy_helper.from_array(w.numpy().ravel()[keep], f"{name}.values")], [], f"{name}.values", None)
+    inits, nodes, values, scale = form
+    if keep is not None:
+        more_inits, more_nodes, values = _scattered(name, values, keep)
+        inits, nodes = inits + more_inits, nodes + more_nodes
+    inits.append(numpy_helper.from_array(np.array(w.shape, np.int64), f"{name}.shape"))
+    shaped = f"{name}.unscaled" if scale is not None else name
+    nodes.append(helper.make_node("Reshape", [values, f"{name}.shape"], [shaped]))
+    if scale is not None:
+        inits.append(numpy_helper.from_array(scale, f"{name}.scale"))
+        nodes.append(helper.make_node("Mul", [shaped, f"{name}.scale"], [name]))
+    return inits, nodes
+
+
+def _value_form(name: str, w, meta: dict, keep: np.ndarray | None):
+    """(initializers, nodes, flat float output, per-channel scale or None) giving the values of `w` at the `keep`
+    positions (every value when None) in the stored coding; None for fp32."""
+    flat = w.numpy().ravel()
+    chosen = flat if keep is None else flat[keep]
     bits = int(meta.get("weight_bits", 32))
     if "clusters" in meta:
-        book, codes = np.unique(w.numpy(), return_inverse=True)
+        book, codes = np.unique(chosen, return_inverse=True)
         if len(book) <= 256:
-            inits, nodes, indices = _codes(f"{name}.indices", codes.reshape(w.shape), nibbles=len(book) <= 16)
+            inits, nodes, indices = _codes(f"{name}.indices", codes, nibbles=len(book) <= 16)
             return ([numpy_helper.from_array(book.astype(np.float32), f"{name}.codebook"), *inits],
                     [*nodes, helper.make_node("Cast", [indices], [f"{name}.index64"], to=onnx.TensorProto.INT64),
-                     helper.make_node("Gather", [f"{name}.codebook", f"{name}.index64"], [name], axis=0)])
+                     helper.make_node("Gather", [f"{name}.codebook", f"{name}.index64"], [f"{name}.flat_values"],
+                                      axis=0)],
+                    f"{name}.flat_values", None)
     if bits <= 8:
         q, scales = weight_grid(w, bits, per_channel=True)
-        shape = (w.shape[0],) + (1,) * (w.dim() - 1)
         offset = NIBBLE_OFFSET if bits <= 4 else 0  # 4-bit codes -7..7 stored as 1..15
-        q = q.reshape(w.shape).astype(np.int16) + offset
-        inits, nodes, codes = _codes(f"{name}.codes", q, nibbles=bits <= 4)
-        scale = numpy_helper.from_array(scales.reshape(shape), f"{name}.scale")
-        nodes += [helper.make_node("Cast", [codes], [f"{name}.float_codes"], to=onnx.TensorProto.FLOAT)]
+        q = q.astype(np.int16) + offset
+        inits, nodes, codes = _codes(f"{name}.codes", q if keep is None else q[keep], nibbles=bits <= 4)
+        nodes.append(helper.make_node("Cast", [codes], [f"{name}.float_codes"], to=onnx.TensorProto.FLOAT))
         if offset:
             inits.append(numpy_helper.from_array(np.array(offset, np.float32), f"{name}.offset"))
             nodes.append(helper.make_node("Sub", [f"{name}.float_codes", f"{name}.offset"], [f"{name}.centred"]))
-        return [*inits, scale], [*nodes, helper.make_node("Mul", [nodes[-1].output[0], f"{name}.scale"], [name])]
+        scale = scales.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+        return inits, nodes, nodes[-1].output[0], scale
     if bits == 16:
-        return ([numpy_helper.from_array(w.numpy().astype(np.float16), f"{name}.half")],
-                [helper.make_node("Cast", [f"{name}.half"], [name], to=onnx.TensorProto.FLOAT)])
+        return ([numpy_helper.from_array(chosen.astype(np.float16), f"{name}.half")],
+                [helper.make_node("Cast", [f"{name}.half"], [f"{name}.flat_values"], to=onnx.TensorProto.FLOAT)],
+                f"{name}.flat_values", None)
     return None
+
+
+BIT_WEIGHTS = np.array([128, 64, 32, 16, 8, 4, 2, 1], np.int32)  # np.packbits order: the first weight is the MSB
+
+
+def _scattered(name: str, values: str, keep: np.ndarray) -> tuple[list, list, str]:
+    """(initializers, nodes, flat output) putting the 1-D `values` at the `keep` positions, zeros elsewhere.
+    The mask is unpacked from bits with Div and Mod; the k-th kept weight reads values[k] through
+    Gather([0, values...], CumSum(mask) * mask), so every pruned weight reads the leading zero."""
+    n = lambda k: f"{name}.{k}"  # noqa: E731
+    constants = {"mask_bits": np.packbits(keep.astype(np.uint8)), "bit_weights": BIT_WEIGHTS,
+                 "two": np.array(2, np.int32), "column": np.array([-1, 1], np.int64),
+                 "flat_shape": np.array([-1], np.int64), "start": np.array([0], np.int64),
+                 "end": np.array([keep.size], np.int64), "axis": np.array(0, np.int32),
+                 "zero": np.zeros(1, np.float32)}
+    inits = [numpy_helper.from_array(v, n(k)) for k, v in constants.items()]
+    nodes = [helper.make_node("Cast", [n("mask_bits")], [n("mask_bytes")], to=onnx.TensorProto.INT32),
+             helper.make_node("Reshape", [n("mask_bytes"), n("column")], [n("byte_column")]),
+             helper.make_node("Div", [n("byte_column"), n("bit_weights")], [n("shifted")]),
+             helper.make_node("Mod", [n("shifted"), n("two")], [n("bit_rows")]),
+             helper.make_node("Reshape", [n("bit_rows"), n("flat_shape")], [n("padded_mask")]),
+             helper.make_node("Slice", [n("padded_mask"), n("start"), n("end")], [n("mask")]),
+             helper.make_node("CumSum", [n("mask"), n("axis")], [n("rank")]),
+             helper.make_node("Mul", [n("rank"), n("mask")], [n("position")]),
+             helper.make_node("Cast", [n("position")], [n("position64")], to=onnx.TensorProto.INT64),
+             helper.make_node("Concat", [n("zero"), values], [n("zero_and_values")], axis=0),
+             helper.make_node("Gather", [n("zero_and_values"), n("position64")], [n("dense")], axis=0)]
+    return inits, nodes, n("dense")

@@ -1,5 +1,6 @@
 """The compact ONNX file rebuilds every compressed weight exactly: codebooks of every size a byte or a nibble
-holds (255 values wrapped to negative Gather indices once), integer grids of 1 to 8 bits, odd element counts."""
+holds (255 values wrapped to negative Gather indices once), integer grids of 1 to 8 bits, odd element counts, and
+sparse layers stored as their non-zeros and a bitmask in each of those codings."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,9 +21,9 @@ def _shared(weight: torch.Tensor, values: int) -> torch.Tensor:
     return book[codes[torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(0))]].reshape(weight.shape)
 
 
-def _model(setup) -> nn.Module:
+def _model(setup, cout: int = 7) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 7, 3), nn.Flatten(), nn.Linear(7 * 3 * 3, 5)).eval()  # 189 and 315 weights
+    model = nn.Sequential(nn.Conv2d(3, cout, 3), nn.Flatten(), nn.Linear(cout * 3 * 3, 5)).eval()  # 189 and 315
     with torch.no_grad():
         for layer in (model[0], model[2]):
             setup(layer)
@@ -68,3 +69,52 @@ def test_compact_onnx_rebuilds_each_weight_exactly(setup, tmp_path):
     x = torch.randn(4, 3, 5, 5)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-4)
+
+
+def _half(layer):
+    layer.weight.copy_(layer.weight.half().float())
+    set_meta(layer, weight_bits=16)
+
+
+def _sparse(setup, density):
+    """`setup` on a layer whose smallest weights were pruned to keep `density` of them."""
+    def sparse_setup(layer):
+        setup(layer)
+        w = layer.weight
+        kept = w.abs().flatten().topk(round(density * w.numel())).indices
+        mask = torch.zeros(w.numel(), dtype=torch.bool)
+        mask[kept] = True
+        w.mul_(mask.reshape(w.shape))
+        set_meta(layer, sparsity=1 - density)
+    return sparse_setup
+
+
+SPARSE = {"fp32": lambda layer: None, "fp16": _half, "int8": _quantize(8), "int4": _quantize(4),
+          "int2": _quantize(2), "shared200": _share(200), "shared16": _share(16)}
+
+
+@pytest.mark.parametrize("density", [0.2, 0.05])
+@pytest.mark.parametrize("coding", sorted(SPARSE))
+def test_a_sparse_layer_keeps_only_its_nonzeros_and_a_bitmask(coding, density, tmp_path):
+    sparse = _model(_sparse(SPARSE[coding], density), cout=240)  # 6480 and 10800 weights: a mask pays
+    path, dense_path = tmp_path / "sparse.onnx", tmp_path / "dense.onnx"
+    _write_onnx(sparse, torch.randn(1, 3, 5, 5), path)
+    names = ["0.weight", "2.weight"]
+    for name, rebuilt in _rebuilt(path, names).items():
+        np.testing.assert_array_equal(rebuilt, sparse.state_dict()[name].numpy(), err_msg=name)
+    for layer in (sparse[0], sparse[2]):
+        set_meta(layer, sparsity=0.0)
+    _write_onnx(sparse, torch.randn(1, 3, 5, 5), dense_path)  # the same values stored densely
+    assert {f"{n}.mask_bits" for n in names} <= {i.name for i in onnx.load(str(path)).graph.initializer}
+    assert path.stat().st_size < dense_path.stat().st_size
+    x = torch.randn(4, 3, 5, 5)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], sparse(x).detach().numpy(), rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_a_layer_with_few_zeros_stays_dense(tmp_path):
+    """The bitmask and the scatter cost bytes of their own: at 90 % density they do not pay."""
+    path = tmp_path / "m.onnx"
+    _write_onnx(_model(_sparse(_quantize(4), 0.9), cout=240), torch.randn(1, 3, 5, 5), path)
+    assert not any(i.name.endswith("mask_bits") for i in onnx.load(str(path)).graph.initializer)
