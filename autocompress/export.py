@@ -8,7 +8,8 @@ int8 activations calibrated on training batches). The float ONNX file stores com
 re-quantize the float weights, so sparsity and shared values are not kept in them. `packed` is autocompress's own file: every weight at its bit-width
 (codebook indices for shared weights, sparse indices, Huffman codes; what `size_kb` counts) plus the module's
 structure; `autocompress.load_packed(path)` decodes it back to the exact module (it unpickles the structure:
-load only files you trust).
+load only files you trust), and `autocompress/unpack.py`, numpy only, reads its weights where autocompress is not
+installed.
 
 The model is `result.model(trial)`: the trial's policy with the weights its reported numbers were measured
 on (delivered or judged), so nothing is trained again. After writing, the file is loaded back on its own

@@ -1,6 +1,8 @@
 """The packed export: its file holds what size_kb counts (within 2 %), and loads back to the same module."""
 import copy
 import heapq
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +11,8 @@ import torch
 import autocompress as ac
 from autocompress.compress.base import layer_targets
 from autocompress.cost.model import size_bytes
-from autocompress.cost.pack import (SYNC, huffman_decode, huffman_encode, huffman_lengths, load_packed, pack_bits,
-                                    packed_sections, save_packed, unpack_bits)
+from autocompress.cost.pack import huffman_encode, huffman_lengths, load_packed, pack_bits, packed_sections, save_packed
+from autocompress.unpack import SYNC, huffman_decode, unpack_bits
 from autocompress.graph import analyze
 
 
@@ -54,6 +56,37 @@ def test_packed_file_matches_size_and_round_trips(case, digits_model, digits_inp
         assert torch.allclose(into(digits_input), expected, rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+
+
+NUMPY_ONLY = """
+import importlib.util, sys
+import numpy as np
+sys.modules["torch"] = sys.modules["autocompress"] = None  # importing either now fails
+spec = importlib.util.spec_from_file_location("unpack", sys.argv[1])
+unpack = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(unpack)
+for packed in sys.argv[2:]:
+    np.savez(packed + ".npz", **unpack.read_packed(packed))
+"""
+
+
+def test_the_numpy_reader_alone_reads_every_coding(digits_model, digits_input, tmp_path):
+    """unpack.py, copied anywhere, reads every coding back without torch or autocompress importable."""
+    import autocompress.unpack
+
+    models = {}
+    for i, case in enumerate(CASES):
+        models[str(tmp_path / f"{i}.acpk")] = model = ac.apply(
+            digits_model, every_layer(digits_model, digits_input, **CASES[case]), digits_input)
+        save_packed(model, tmp_path / f"{i}.acpk")
+    subprocess.run([sys.executable, "-c", NUMPY_ONLY, autocompress.unpack.__file__, *models], check=True,
+                   cwd=tmp_path)
+    for path, model in models.items():
+        state = model.state_dict()
+        read = np.load(path + ".npz")
+        assert sorted(read.files) == sorted(state)
+        for name, tensor in state.items():
+            np.testing.assert_allclose(read[name], tensor.numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{path} {name}")
 
 
 def huffman_bits(counts) -> int:

@@ -44,9 +44,7 @@ from torch import nn
 from ..compress import quantize, share, sparsity
 from ..compress.base import get_meta
 from ..errors import AutocompressError
-
-MAGIC = b"ACPACK01"
-SYNC = 4096  # Huffman codes between restart offsets
+from ..unpack import MAGIC, SYNC, architecture_bytes, canonical_codes, decode, qmax, read_header
 CHUNK = 1 << 20  # values expanded to bits at a time (bounds the encoder's memory)
 
 
@@ -94,14 +92,6 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     return np.packbits(np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)).tobytes()
 
 
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits].reshape(count, bits)
-    out = np.zeros(count, dtype=np.uint64)
-    for j in range(bits):
-        out = (out << np.uint64(1)) | flat[:, j]
-    return out
-
-
 # ---- Huffman ------------------------------------------------------------------------------------------
 
 def huffman_lengths(counts) -> list[int]:
@@ -120,16 +110,6 @@ def huffman_lengths(counts) -> list[int]:
     return lengths
 
 
-def canonical_codes(lengths) -> np.ndarray:
-    """Canonical Huffman codes: by (length, symbol), each code the previous plus one, shifted to its length."""
-    codes, code, prev = np.zeros(len(lengths), dtype=np.uint64), 0, 0
-    for s in sorted(range(len(lengths)), key=lambda s: (lengths[s], s)):
-        code <<= lengths[s] - prev
-        codes[s], prev = code, lengths[s]
-        code += 1
-    return codes
-
-
 def huffman_encode(symbols: np.ndarray, lengths: list[int]) -> tuple[bytes, list[int]]:
     """The bit stream of `symbols` (indices into `lengths`) and the bit offset of every SYNC-th symbol."""
     codes, lens = canonical_codes(lengths), np.asarray(lengths, dtype=np.int64)
@@ -144,57 +124,22 @@ def huffman_encode(symbols: np.ndarray, lengths: list[int]) -> tuple[bytes, list
     return np.packbits(np.concatenate(pieces)).tobytes(), [int(o) for o in starts]
 
 
-def huffman_decode(data: bytes, lengths: list[int], count: int, offsets: list[int]) -> np.ndarray:
-    """Decode `count` symbols; all restart blocks advance together, one symbol per step."""
-    lens = np.asarray(lengths, dtype=np.int64)
-    top = int(lens.max())
-    order = sorted(range(len(lengths)), key=lambda s: (lengths[s], s))
-    sorted_codes = canonical_codes(lengths)[order]
-    # a code of length L left-aligned to `top` bits: symbols sort by that value, so a window's symbol is the last
-    # one whose left-aligned code is <= the window
-    aligned = sorted_codes << (top - lens[order]).astype(np.uint64)
-    padded = np.concatenate([np.frombuffer(data, dtype=np.uint8), np.zeros(8, dtype=np.uint8)])
-    words = np.zeros(len(data) + 1, dtype=np.uint64)   # the 64 bits starting at every byte
-    for b in range(8):
-        words = (words << np.uint64(8)) | padded[b: b + len(words)]
-    order = np.asarray(order)
-    pos = np.asarray(offsets, dtype=np.int64)
-    out = np.zeros(count, dtype=np.int64)
-    starts = np.arange(len(pos)) * SYNC
-    for step in range(min(SYNC, count)):
-        active = starts + step < count
-        p = pos[active]
-        window = (words[p >> 3] << (p & 7).astype(np.uint64)) >> np.uint64(64 - top)
-        sym = order[np.searchsorted(aligned, window, side="right") - 1]
-        out[starts[active] + step] = sym
-        pos[active] = p + lens[sym]
-    return out
-
-
 # ---- one tensor ---------------------------------------------------------------------------------------
-
-def _qmax(bits: int) -> int:
-    return max(1, 2 ** (bits - 1) - 1)
-
 
 def _to_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes of grid integers: q + qmax; binary (+-1) as one bit, which has no room for zeros."""
     if bits > 1:
-        return q + _qmax(bits)
+        return q + qmax(bits)
     if (q == 0).any():
         raise AutocompressError("a 1-bit grid holds +-scale only, but zeros are stored densely")
     return (q > 0).astype(np.int64)
-
-
-def _from_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    return codes * 2 - 1 if bits == 1 else codes - _qmax(bits)
 
 
 def weight_grid(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """(integer codes in [-qmax, qmax], fp32 scales) with codes x scale == w: the grid quantize.fake_quantize
     put the weights on (binary and ternary: +-scale and 0)."""
     flat = w.detach().reshape(w.shape[0] if per_channel else 1, -1).float()
-    scale = (flat.abs().amax(dim=1, keepdim=True) / _qmax(bits)).clamp_min(1e-30)
+    scale = (flat.abs().amax(dim=1, keepdim=True) / qmax(bits)).clamp_min(1e-30)
     q = torch.round(flat / scale)
     if not torch.allclose(q * scale, flat, rtol=1e-5, atol=1e-12 * float(scale.max())):
         raise AutocompressError(f"weights are not on the {bits}-bit grid their metadata claims")
@@ -277,69 +222,6 @@ def _codes(codes: np.ndarray, enc: dict, huffman: bool, alphabet: int | None) ->
     return occurs + bytes(lengths) + stream + np.asarray(offsets, dtype=np.uint32).tobytes()
 
 
-def decode_weight(enc: dict, sections: list[bytes], shape: tuple) -> torch.Tensor:
-    bits, count = enc["bits"], enc["count"]
-    numel = math.prod(shape)
-    parts = list(sections)
-    mask = _read_index(enc, parts.pop(0), shape) if "index" in enc else None
-    if "book" in enc:
-        book = _read_values(parts.pop(0), bits, enc["book"])
-        values = book[torch.from_numpy(_read_codes(parts.pop(0), enc, enc["book"]))]
-    elif bits >= 16:
-        values = _read_raw(parts.pop(0), bits, count)
-    else:
-        scales = torch.from_numpy(np.frombuffer(parts.pop(0), dtype=np.float32).copy())
-        q = torch.from_numpy(_from_codes(_read_codes(parts.pop(0), enc, 2 ** bits), bits)).float()
-        rows = torch.arange(numel).div(numel // shape[0], rounding_mode="floor")
-        values = q * scales[rows[mask.reshape(-1)] if mask is not None else rows]
-    out = torch.zeros(numel)
-    if mask is not None:
-        out[mask.reshape(-1)] = values
-    else:
-        out = values
-    return out.reshape(shape)
-
-
-def _read_raw(data: bytes, bits: int, count: int) -> torch.Tensor:
-    dtype = np.float16 if bits == 16 else np.float32
-    return torch.from_numpy(np.frombuffer(data, dtype=dtype)[:count].astype(np.float32).copy())
-
-
-def _read_values(data: bytes, bits: int, count: int) -> torch.Tensor:
-    if bits >= 16:
-        return _read_raw(data, bits, count)
-    q = _from_codes(unpack_bits(data[:-4], bits, count).astype(np.int64), bits)
-    return torch.from_numpy(q.astype(np.float32)) * float(np.frombuffer(data[-4:], dtype=np.float32)[0])
-
-
-def _read_index(enc: dict, data: bytes, shape: tuple) -> torch.Tensor:
-    rows = shape[0]
-    cols = math.prod(shape) // rows
-    if enc["index"] == "bitmask":
-        return torch.from_numpy(np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: rows * cols].astype(bool)
-                                ).reshape(rows, cols)
-    pointers = np.frombuffer(data[: 4 * (rows + 1)], dtype=np.uint32).astype(np.int64)
-    columns = unpack_bits(data[4 * (rows + 1):], max(1, math.ceil(math.log2(cols))), int(pointers[-1]))
-    mask = np.zeros((rows, cols), dtype=bool)
-    mask[np.repeat(np.arange(rows), np.diff(pointers)), columns.astype(np.int64)] = True
-    return torch.from_numpy(mask)
-
-
-def _read_codes(data: bytes, enc: dict, alphabet: int) -> np.ndarray:
-    count = enc["count"]
-    if not enc["huffman"]:
-        return unpack_bits(data, enc["code_bits"], count).astype(np.int64)
-    n_occurs, n_lengths, n_stream = enc["huffman_bytes"]
-    if n_occurs:
-        present = np.nonzero(np.unpackbits(np.frombuffer(data[:n_occurs], dtype=np.uint8))[:alphabet])[0]
-    else:
-        present = np.arange(enc["symbols"])
-    lengths = list(data[n_occurs: n_occurs + n_lengths])
-    stream = data[n_occurs + n_lengths: n_occurs + n_lengths + n_stream]
-    offsets = np.frombuffer(data[n_occurs + n_lengths + n_stream:], dtype=np.uint32).tolist()
-    return present[huffman_decode(stream, lengths, count, offsets)]
-
-
 # ---- the file -----------------------------------------------------------------------------------------
 
 def save_packed(model: nn.Module, path, architecture: bool = True) -> int:
@@ -386,38 +268,39 @@ def packed_sections(path) -> dict:
 
 
 def _header(data: bytes, path) -> tuple[dict, int]:
-    if data[:8] != MAGIC:
-        raise AutocompressError(f"{str(path)!r} is not a packed autocompress model (no {MAGIC.decode()} header)")
-    (size,) = struct.unpack("<I", data[8:12])
-    return json.loads(zlib.decompress(data[12: 12 + size])), 12 + size
+    try:
+        return read_header(data, path)
+    except ValueError as exc:
+        raise AutocompressError(str(exc)) from None
 
 
 def load_packed(path, model: nn.Module | None = None) -> nn.Module:
-    """The module stored in `path`: its tensors decoded into `model` (same architecture) or, without one, into
-    the architecture stored in the file."""
+    """The module stored in `path`: its tensors decoded (unpack.py, the numpy reader users get) into `model`
+    (same architecture) or, without one, into the architecture stored in the file."""
     data = Path(path).read_bytes()
     header, pos = _header(data, path)
     tensors = {}
     for entry in header["tensors"]:
-        sections = []
-        for n in entry["sections"]:
-            sections.append(data[pos: pos + n])
-            pos += n
-        tensors[entry["name"]] = _decode(entry, sections)
+        n = sum(entry["sections"])
+        tensors[entry["name"]] = _decode(entry, data, pos)
+        pos += n
     if model is None:
         if not header["architecture"]:
             raise AutocompressError(f"{str(path)!r} holds no architecture; pass the module to load into")
-        model = torch.load(io.BytesIO(zlib.decompress(data[pos: pos + header["architecture"]])), weights_only=False)
+        model = torch.load(io.BytesIO(architecture_bytes(path)), weights_only=False)
     return _fill(model, tensors)
 
 
-def _decode(entry: dict, sections: list[bytes]) -> torch.Tensor:
-    enc, shape = entry["enc"], tuple(entry["shape"])
-    if "raw" in enc:
-        dtype = getattr(torch, enc["raw"])
-        return torch.frombuffer(bytearray(sections[0]), dtype=dtype).reshape(shape).clone() if sections[0] \
-            else torch.zeros(shape, dtype=dtype)
-    return decode_weight(enc, sections, shape)
+def _decode(entry: dict, data: bytes, pos: int) -> torch.Tensor:
+    sections = []
+    for n in entry["sections"]:
+        sections.append(data[pos: pos + n])
+        pos += n
+    if "raw" in entry["enc"]:  # through torch: numpy has no bfloat16
+        dtype = getattr(torch, entry["enc"]["raw"])
+        return torch.frombuffer(bytearray(sections[0]), dtype=dtype).reshape(entry["shape"]).clone() \
+            if sections[0] else torch.zeros(entry["shape"], dtype=dtype)
+    return torch.from_numpy(decode(entry, sections))
 
 
 def _fill(model: nn.Module, tensors: dict) -> nn.Module:
