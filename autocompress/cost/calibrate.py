@@ -47,7 +47,7 @@ from . import kernels as K
 from .fusion import fusion_groups
 from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
-from .runtimes import BoundOrt, OrtModule, check_runtime, onnx_bytes
+from .runtimes import BoundOrt, OrtModule, check_runtime, layout_share, onnx_bytes
 from .trace import trace
 
 MODEL_VERSION = 7  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
@@ -325,15 +325,19 @@ class _Branches(nn.Module):
         return tuple(each(x) for each in self.copies)
 
 
-def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | None) -> tuple[nn.Module, int] | None:
-    """(module whose call runs `model`'s kernel in `runtime`, copies of the kernel one call runs), or None when
-    the runtime cannot take it (an op the ONNX exporter cannot write: no kernel of that runtime to time)."""
+def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str,
+               threads: int | None) -> tuple[nn.Module, float] | None:
+    """(module whose call runs `model`'s kernel in `runtime`, the share of a call's time that is one copy of the
+    kernel), or None when the runtime cannot take it (an op the ONNX exporter cannot write: no kernel of that
+    runtime to time). In ONNX Runtime a call runs every copy, and converts layouts around them as a model does
+    at its ends only (runtimes.layout_share): that time is no kernel's."""
     if runtime == "torch":
-        return model, 1
+        return model, 1.0
     copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
     graph = _Branches(model.copies[0], copies) if isinstance(model, _RoundRobin) else model
     try:
-        return BoundOrt(onnx_bytes(graph.eval(), x), x, threads), copies
+        graph_bytes = onnx_bytes(graph.eval(), x)
+        return BoundOrt(graph_bytes, x, threads), (1.0 - layout_share(graph_bytes, x, threads)) / copies
     except Exception:  # the exporter's and the runtime's errors have no common type
         return None
 
@@ -352,8 +356,8 @@ def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[flo
 
 
 def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch", threads: int | None = None):
-    """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, input, copies it runs)
-    each; a sample the grouping splits (not one kernel), or one the runtime cannot run, is not a kernel to learn
+    """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, share of its time
+    that is one kernel, input) each; a sample the grouping splits (not one kernel), or one the runtime cannot run, is not a kernel to learn
     from. Made a block at a time (a module to time holds up to 64 MB of weight copies)."""
     block = []
     for _ in range(n):
@@ -372,11 +376,11 @@ def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch",
 
 def _time_block(block, device: str, threads: int | None, clock: str, round_ms: float, own_call_s: float = 0.0):
     """(seconds or None, spread) of every kernel of a block, timed in turn: a call's time less its own call
-    cost, per copy of the kernel it runs."""
+    cost, times the share of it that is one copy of the kernel."""
     out = []
-    for _, model, copies, x in block:
+    for _, model, share, x in block:
         s, spread = time_kernel(model.to(device), x.to(device), threads, clock, round_ms)
-        out.append((None if s is None else max(s - own_call_s, 0.05 * s) / copies, spread))
+        out.append((None if s is None else max(s - own_call_s, 0.05 * s) * share, spread))
     return out
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -57,16 +59,39 @@ def _quiet_stdout():
         os.close(devnull)
 
 
-def ort_session(model: "bytes | str", threads: int | None = None):
+def ort_session(model: "bytes | str", threads: int | None = None, profile_to: str | None = None):
     """An ONNX Runtime CPU session of an ONNX file (bytes or path) with `threads` intra-op threads (None: torch's
-    count, the one the torch runtime would use) and one inter-op thread: ops run in turn, as in eager PyTorch."""
+    count, the one the torch runtime would use) and one inter-op thread: ops run in turn, as in eager PyTorch.
+    `profile_to`: a file prefix for ONNX Runtime's profiler (one record per node run)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if profile_to:
+        options.enable_profiling, options.profile_file_prefix = True, profile_to
     return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                         providers=["CPUExecutionProvider"])
+
+
+LAYOUT_OPS = ("ReorderInput", "ReorderOutput")  # ONNX Runtime's conversions to and from its NCHWc conv layout
+
+
+def layout_share(model: bytes, example: torch.Tensor, threads: int | None = None, runs: int = 20) -> float:
+    """The share of a graph's node time that ONNX Runtime spends converting to and from the blocked layout
+    (NCHWc) its CPU convolutions work in, from its profiler over `runs` runs. A model converts at its ends
+    only, so a kernel timed alone, which converts its input and every output, is charged without them."""
+    with tempfile.TemporaryDirectory() as folder:
+        session = ort_session(model, threads, profile_to=os.path.join(folder, "run"))
+        feed = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
+        for _ in range(runs + 2):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    total = sum(e["dur"] for e in nodes)
+    layout = sum(e["dur"] for e in nodes if e.get("args", {}).get("op_name") in LAYOUT_OPS)
+    return layout / total if total else 0.0
 
 
 class OrtModule(nn.Module):
