@@ -204,6 +204,22 @@ def test_a_block_timed_while_the_reference_ran_slow_is_timed_again_then_dropped(
         100, cal.random.Random(0), 30e6))[3])
 
 
+def test_kernels_a_runtime_refuses_are_counted(fake_machine):
+    """A kernel the runtime cannot run (an op the ONNX exporter cannot write) is not learned from, and the
+    profile says how many there were."""
+    real = cal.in_runtime
+    calls = {"n": 0}
+
+    def every_third_refused(model, x, runtime, threads):
+        calls["n"] += 1
+        return None if calls["n"] % 3 == 0 else real(model, x, runtime, threads)
+
+    fake_machine.setattr(cal, "in_runtime", every_third_refused)
+    rows, seconds, stats = cal.timed_kernels(60, True, 0, "cpu", 1, "cpu")
+    assert stats["runtime_refused"] == calls["n"] // 3 > 0
+    assert stats["kernels"] + stats["dropped"] + stats["runtime_refused"] == calls["n"]
+
+
 def test_busy_cores_stop_a_calibration_that_keeps_a_profile_or_time_one_thread(fake_machine, tmp_path, capsys):
     """Cores busy before timing starts (the reference kernel far slower than its single-thread CPU time): with a
     previous profile nothing is timed and it is kept; without one, the kernels are timed on one thread with the

@@ -355,10 +355,12 @@ def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[flo
     return bound * 1e3, run * 1e3
 
 
-def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch", threads: int | None = None):
+def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch", threads: int | None = None,
+            refused: list | None = None):
     """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, share of its time
-    that is one kernel, input) each; a sample the grouping splits (not one kernel), or one the runtime cannot run, is not a kernel to learn
-    from. Made a block at a time (a module to time holds up to 64 MB of weight copies)."""
+    that is one kernel, input) each; a sample the grouping splits (not one kernel), or one the runtime cannot
+    run (appended to `refused`), is not a kernel to learn from. Made a block at a time (a module to time holds
+    up to 64 MB of weight copies)."""
     block = []
     for _ in range(n):
         kernel, x = sample_kernel(rng, max_macs)
@@ -367,6 +369,8 @@ def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch",
         timed = in_runtime(model, x, runtime, threads) if len(row) == 1 else None
         if timed is not None:
             block.append((row[0], *timed, x))
+        elif len(row) == 1 and refused is not None:
+            refused.append(row[0])
         if len(block) == PROBE_EVERY:
             yield block
             block = []
@@ -397,7 +401,8 @@ def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | No
     rng, rows, seconds, spreads = random.Random(seed), [], [], []
     dropped = retimed = blocks_dropped = blocks = 0
     load = [os.getloadavg()[0]]
-    for block in _blocks(n, rng, MAX_MACS[quick], runtime, threads):
+    refused: list = []
+    for block in _blocks(n, rng, MAX_MACS[quick], runtime, threads, refused):
         blocks += 1
         for attempt in range(RETRIES + 1):
             if probe.slowdowns[-1] > PROBE_LIMIT:  # slow after the last block: look again after a pause
@@ -422,7 +427,7 @@ def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | No
             rows.append(row)
             seconds.append(s)
             spreads.append(spread)
-    stats = {"kernels": len(rows), "dropped": dropped, "load_before": round(load[0], 2),
+    stats = {"kernels": len(rows), "dropped": dropped, "runtime_refused": len(refused), "load_before": round(load[0], 2),
              "load_max": round(max(load), 2), "repeat_spread": round(float(np.median(spreads)) - 1, 4) if spreads else None,
              "reference_ms": round(probe.quiet, 5), "reference_slowdown_max": round(max(probe.slowdowns), 3),
              "blocks": blocks, "blocks_retimed": retimed, "blocks_dropped": blocks_dropped}
