@@ -91,8 +91,8 @@ def _stored_form(name: str, weight, meta: dict):
     if not meta.get("sparsity"):
         return dense
     sparse = _rebuilt(name, w, meta, (w != 0).numpy().ravel())
-    return sparse if _bytes(sparse) < _bytes(dense if dense else ([numpy_helper.from_array(w.numpy(), name)], [])) \
-        else dense
+    as_is = dense or ([numpy_helper.from_array(w.numpy(), name)], [])  # a dense fp32 weight: its initializer
+    return sparse if _bytes(sparse) < _bytes(as_is) else dense
 
 
 def _bytes(form) -> int:

@@ -34,17 +34,18 @@ def read_packed(path) -> dict[str, np.ndarray]:
     """Every tensor of the packed file at `path`, decoded, by its state_dict name."""
     data = Path(path).read_bytes()
     header, pos = read_header(data, path)
-    tensors = {}
-    for entry, sections in _entries(data, header, pos):
-        tensors[entry["name"]] = decode(entry, sections)
-    return tensors
+    return {entry["name"]: decode(entry, sections) for entry, sections in entries(data, header, pos)}
 
 
 def architecture_bytes(path) -> bytes:
     """The stored module structure (a torch.save stream; empty when the file holds none). Not unpickled here:
     unpickling runs code, so `torch.load(io.BytesIO(...), weights_only=False)` it only for files you trust."""
     data = Path(path).read_bytes()
-    header, pos = read_header(data, path)
+    return architecture(data, *read_header(data, path))
+
+
+def architecture(data: bytes, header: dict, pos: int) -> bytes:
+    """architecture_bytes of a file already read: `data`, with its header and first section's offset."""
     start = pos + sum(sum(entry["sections"]) for entry in header["tensors"])
     return zlib.decompress(data[start: start + header["architecture"]]) if header["architecture"] else b""
 
@@ -57,7 +58,8 @@ def read_header(data: bytes, path) -> tuple[dict, int]:
     return json.loads(zlib.decompress(data[12: 12 + size])), 12 + size
 
 
-def _entries(data: bytes, header: dict, pos: int):
+def entries(data: bytes, header: dict, pos: int):
+    """(header entry, its byte sections) of every tensor, in file order."""
     for entry in header["tensors"]:
         sections = []
         for n in entry["sections"]:

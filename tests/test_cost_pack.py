@@ -67,11 +67,13 @@ unpack = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(unpack)
 for packed in sys.argv[2:]:
     np.savez(packed + ".npz", **unpack.read_packed(packed))
+    open(packed + ".structure", "wb").write(unpack.architecture_bytes(packed))
 """
 
 
 def test_the_numpy_reader_alone_reads_every_coding(digits_model, digits_input, tmp_path):
-    """unpack.py, copied anywhere, reads every coding back without torch or autocompress importable."""
+    """unpack.py, copied anywhere, reads every coding back without torch or autocompress importable, and hands
+    over the stored structure without unpickling it."""
     import autocompress.unpack
 
     models = {}
@@ -87,6 +89,9 @@ def test_the_numpy_reader_alone_reads_every_coding(digits_model, digits_input, t
         assert sorted(read.files) == sorted(state)
         for name, tensor in state.items():
             np.testing.assert_allclose(read[name], tensor.numpy(), rtol=1e-6, atol=1e-7, err_msg=f"{path} {name}")
+        with open(path + ".structure", "rb") as f:
+            structure = torch.load(f, weights_only=False)
+        assert type(structure) is type(model) and list(structure.state_dict()) == list(state)
 
 
 def huffman_bits(counts) -> int:

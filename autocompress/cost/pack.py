@@ -44,7 +44,7 @@ from torch import nn
 from ..compress import quantize, share, sparsity
 from ..compress.base import get_meta
 from ..errors import AutocompressError
-from ..unpack import MAGIC, SYNC, architecture_bytes, canonical_codes, decode, qmax, read_header
+from ..unpack import MAGIC, SYNC, architecture, canonical_codes, decode, entries, qmax, read_header
 CHUNK = 1 << 20  # values expanded to bits at a time (bounds the encoder's memory)
 
 
@@ -279,23 +279,15 @@ def load_packed(path, model: nn.Module | None = None) -> nn.Module:
     (same architecture) or, without one, into the architecture stored in the file."""
     data = Path(path).read_bytes()
     header, pos = _header(data, path)
-    tensors = {}
-    for entry in header["tensors"]:
-        n = sum(entry["sections"])
-        tensors[entry["name"]] = _decode(entry, data, pos)
-        pos += n
+    tensors = {entry["name"]: _decode(entry, sections) for entry, sections in entries(data, header, pos)}
     if model is None:
         if not header["architecture"]:
             raise AutocompressError(f"{str(path)!r} holds no architecture; pass the module to load into")
-        model = torch.load(io.BytesIO(architecture_bytes(path)), weights_only=False)
+        model = torch.load(io.BytesIO(architecture(data, header, pos)), weights_only=False)
     return _fill(model, tensors)
 
 
-def _decode(entry: dict, data: bytes, pos: int) -> torch.Tensor:
-    sections = []
-    for n in entry["sections"]:
-        sections.append(data[pos: pos + n])
-        pos += n
+def _decode(entry: dict, sections: list[bytes]) -> torch.Tensor:
     if "raw" in entry["enc"]:  # through torch: numpy has no bfloat16
         dtype = getattr(torch, entry["enc"]["raw"])
         return torch.frombuffer(bytearray(sections[0]), dtype=dtype).reshape(entry["shape"]).clone() \
