@@ -1,7 +1,8 @@
 """Export one trial's compressed model to a file and prove it on the data and in its runtime.
 
 Formats: state_dict, TorchScript and ONNX (float), and two real int8 artifacts that run without autocompress:
-`torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it) and
+`torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it; what the
+torch-int8 runtime runs, cost/quantized.py: layers the model holds wider than 8 bits stay float) and
 `onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file: int8 weights per output channel,
 int8 activations calibrated on training batches). The float ONNX file stores compressed weights compactly
 (codes at their bit-width, codebooks, sparse non-zeros with a bitmask: onnx_weights.py). The int8 flows
@@ -33,6 +34,7 @@ from .cost.runtimes import OrtModule, onnx_bytes
 from .data import load_recorded_data, split_data
 from .errors import one_of
 from .evaluate import accuracy, fixed_batches
+from .cost.quantized import kept_float
 from .int8 import to_int8
 from .onnx_weights import compact
 
@@ -125,7 +127,9 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, cali
 
 
 def _write_torch_int8(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
-    _write_torchscript(to_int8(model, example, calibration), example, path)
+    """What the torch-int8 runtime runs: layers held wider than 8 bits stay float, unless none is held at 8 bits
+    or fewer (a float model: every layer converted)."""
+    _write_torchscript(to_int8(model, example, calibration, kept_float(model) or ()), example, path)
 
 
 def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:

@@ -210,9 +210,9 @@ def test_kernels_a_runtime_refuses_are_counted(fake_machine):
     real = cal.in_runtime
     calls = {"n": 0}
 
-    def every_third_refused(model, x, runtime, threads):
+    def every_third_refused(model, x, runtime, threads, int8=False):
         calls["n"] += 1
-        return None if calls["n"] % 3 == 0 else real(model, x, runtime, threads)
+        return None if calls["n"] % 3 == 0 else real(model, x, runtime, threads, int8)
 
     fake_machine.setattr(cal, "in_runtime", every_third_refused)
     rows, seconds, stats = cal.timed_kernels(60, True, 0, "cpu", 1, "cpu")

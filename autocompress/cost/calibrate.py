@@ -44,6 +44,7 @@ from torch import nn
 from ..errors import AutocompressError
 from ..threads import fixed_threads
 from . import kernels as K
+from . import quantized
 from .fusion import fusion_groups
 from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
@@ -70,6 +71,8 @@ WIDTHS = (3, 8, 16, 24, 32, 40, 48, 64, 72, 96, 120, 128, 160, 192, 240, 256, 32
           1024, 1280, 2048)
 RESOLUTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112)
 ACTS = (nn.ReLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid, nn.GELU)
+INT8_SHARE = 0.6                        # torch-int8: kernels with an int8 kernel timed as that (the rest float)
+BOUNDARY_SHARE = 0.1                    # torch-int8: samples that are a float <-> int8 conversion
 WEIGHTS = {"conv": 5, "pointwise": 6, "grouped": 2, "dwconv": 4, "linear": 2, "add": 2, "mul": 1.5, "cat": 1,
            "act": 1, "norm": 0.5, "maxpool": 0.7, "avgpool": 0.3, "adaptivepool": 1, "other": 0.3}
 
@@ -182,8 +185,12 @@ def sample_kernel(rng: random.Random, max_macs: float) -> tuple[nn.Module, torch
 
 def kernel_rows(model: nn.Module, x: torch.Tensor, between: float | None = None) -> np.ndarray:
     """The feature rows (no prior) of a traced module's kernels, as the cost model forms them."""
+    return _traced_rows(model, x, between)[0]
+
+
+def _traced_rows(model: nn.Module, x: torch.Tensor, between: float | None):
     graph, flow = trace(model, x)
-    return K.features(graph.layers, fusion_groups(graph, flow, K.KERNEL_FUSES), between)[1]
+    return K.features(graph.layers, fusion_groups(graph, flow, K.KERNEL_FUSES), between)[1], graph
 
 
 def time_kernel(model: nn.Module, x: torch.Tensor, threads: int | None, clock: str,
@@ -240,15 +247,19 @@ def copy_bandwidth_gbs(kb: float, device: str, threads: int | None, clock: str) 
     return whole
 
 
-def measured_prior(device: str, threads: int | None, clock: str) -> dict:
+def measured_prior(device: str, threads: int | None, clock: str, runtime: str = "torch") -> dict:
     """The roofline prior's numbers, each measured: the time of an op on one element (overhead, us), the
-    throughput of a large convolution (GMAC/s) and of copies beyond the caches (GB/s)."""
+    throughput of a large convolution (GMAC/s; in torch-int8 its int8 kernel's too) and of copies beyond the
+    caches (GB/s)."""
     tiny = torch.randn(1, device=device)
     overhead_ms = _quickest_ms(nn.ReLU().to(device), tiny, threads, clock, repeats=50)
     conv, x = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device).eval(), torch.randn(1, 128, 28, 28, device=device)
-    conv_ms = _quickest_ms(conv, x, threads, clock, repeats=10)
     macs = 128 * 128 * 9 * 28 * 28
-    return {"overhead_us": overhead_ms * 1e3, "peak_gmacs": macs / (conv_ms * 1e-3) / 1e9,
+    gmacs = {"fp32": macs / (_quickest_ms(conv, x, threads, clock, repeats=10) * 1e-3) / 1e9}
+    if runtime == "torch-int8":
+        body = in_runtime(conv, x, runtime, threads, int8=True)[0]
+        gmacs["int8"] = macs / (_quickest_ms(body, x, threads, clock, repeats=10) * 1e-3) / 1e9
+    return {"overhead_us": overhead_ms * 1e3, "peak_gmacs": gmacs["fp32"], "dtype_gmacs": gmacs,
             "bandwidth_gbs": copy_bandwidth_gbs(64 * 1024, device, threads, clock)}
 
 
@@ -325,16 +336,21 @@ class _Branches(nn.Module):
         return tuple(each(x) for each in self.copies)
 
 
-def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str,
-               threads: int | None) -> tuple[nn.Module, float] | None:
+def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | None,
+               int8: bool = False) -> tuple[nn.Module, float] | None:
     """(module whose call runs `model`'s kernel in `runtime`, the share of a call's time that is one copy of the
     kernel), or None when the runtime cannot take it (an op the ONNX exporter cannot write: no kernel of that
     runtime to time). In ONNX Runtime a call runs every copy, and converts layouts around them as a model does
-    at its ends only (runtimes.layout_share): that time is no kernel's."""
-    if runtime == "torch":
-        return model, 1.0
+    at its ends only (runtimes.layout_share): that time is no kernel's. `int8`: the kernel converted by torch.ao,
+    timed on a quantized input with its output left quantized (its conversions are priced on their own)."""
     copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
-    graph = _Branches(model.copies[0], copies) if isinstance(model, _RoundRobin) else model
+    kernel = model.copies[0] if isinstance(model, _RoundRobin) else model
+    if int8:
+        body = quantized.kernel_body(quantized.convert(kernel, x, [x]), x)
+        return (_RoundRobin(body, copies).eval() if copies > 1 else body), 1.0
+    if runtime != "onnxruntime":
+        return model, 1.0
+    graph = _Branches(kernel, copies) if isinstance(model, _RoundRobin) else model
     try:
         graph_bytes = onnx_bytes(graph.eval(), x)
         return BoundOrt(graph_bytes, x, threads), (1.0 - layout_share(graph_bytes, x, threads)) / copies
@@ -342,11 +358,39 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str,
         return None
 
 
+class _Quantize(nn.Module):
+    """A float tensor converted to uint8 (torch.ao's per-tensor affine): where an int8 kernel reads a float op."""
+
+    def forward(self, x):
+        return torch.quantize_per_tensor(x, 0.05, 64, torch.quint8)
+
+
+class _Dequantize(nn.Module):
+    """A stored uint8 tensor converted back to float: where a float op reads an int8 kernel."""
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", torch.quantize_per_tensor(like, 0.05, 64, torch.quint8))
+
+    def forward(self, x):
+        return self.q.dequantize()
+
+
+def boundary_kernel(rng: random.Random, max_macs: float) -> tuple[list[float], nn.Module, torch.Tensor]:
+    """(feature row, module, input) of one float <-> int8 conversion of a sampled feature map or vector."""
+    channels, res = _width(rng), rng.choice(RESOLUTIONS)
+    while res > 1 and channels * res * res > max_macs / 8:
+        res = res * 2 // 3
+    x = torch.randn(1, channels, res, res) if rng.random() < 0.85 else torch.randn(1, channels)
+    kind = rng.choice(("quantize", "dequantize"))
+    return K.boundary_row(kind, x.shape), _Quantize() if kind == "quantize" else _Dequantize(x), x
+
+
 def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[float, float]:
     """(a kernel timing's own call cost, a model call's fixed cost), in microseconds: in ONNX Runtime the bound
     call of a one-element graph, and a session run through its Python API (input and output converted), which
     a model pays once per inference. Eager PyTorch's calls are part of every kernel's time: (0, 0)."""
-    if runtime == "torch":
+    if runtime != "onnxruntime":
         return 0.0, 0.0
     tiny = torch.randn(1)
     graph = onnx_bytes(_Call(), tiny)
@@ -360,17 +404,24 @@ def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch",
     """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, share of its time
     that is one kernel, input) each; a sample the grouping splits (not one kernel), or one the runtime cannot
     run (appended to `refused`), is not a kernel to learn from. Made a block at a time (a module to time holds
-    up to 64 MB of weight copies)."""
+    up to 64 MB of weight copies). In torch-int8, INT8_SHARE of the kernels with an int8 kernel are timed as
+    that, and BOUNDARY_SHARE of the samples are float <-> int8 conversions."""
     block = []
     for _ in range(n):
-        kernel, x = sample_kernel(rng, max_macs)
-        model, between = round_robin(kernel, rng)
-        row = kernel_rows(kernel, x, between)
-        timed = in_runtime(model, x, runtime, threads) if len(row) == 1 else None
-        if timed is not None:
-            block.append((row[0], *timed, x))
-        elif len(row) == 1 and refused is not None:
-            refused.append(row[0])
+        if runtime == "torch-int8" and rng.random() < BOUNDARY_SHARE:
+            row, model, x = boundary_kernel(rng, max_macs)
+            block.append((np.array(row), model, 1.0, x))
+        else:
+            kernel, x = sample_kernel(rng, max_macs)
+            model, between = round_robin(kernel, rng)
+            row, graph = _traced_rows(kernel, x, between)
+            int8 = runtime == "torch-int8" and quantized.native_op(graph.layers[0]) and rng.random() < INT8_SHARE
+            timed = in_runtime(model, x, runtime, threads, int8) if len(row) == 1 else None
+            if timed is not None:
+                row[0, K.FEATURES.index("int8")] = float(int8)
+                block.append((row[0], *timed, x))
+            elif len(row) == 1 and refused is not None:
+                refused.append(row[0])
         if len(block) == PROBE_EVERY:
             yield block
             block = []
@@ -483,15 +534,16 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
             timing_threads, clock = 1, "cpu"
             probe = Probe(device, timing_threads, clock)
             probe.slowdown()
-    with fixed_threads(timing_threads):
-        prior = measured_prior(device, timing_threads, clock)
+    with fixed_threads(timing_threads), quantized.engine():  # int8 kernels are timed on torch.ao's x86 engine
+        prior = measured_prior(device, timing_threads, clock, runtime)
         own_call_us, call_us = call_overhead_us(runtime, timing_threads, clock)
         rows, seconds, stats = timed_kernels(SAMPLES[quick], quick, seed, device, timing_threads, clock, probe,
                                              stop_when_busy, runtime, own_call_us * 1e-6)
     if len(rows) < 50:
         raise AutocompressError(f"calibration kept {len(rows)} of {SAMPLES[quick]} kernels (the others timed too "
                                 "unevenly); the machine is too busy to calibrate")
-    x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], prior["peak_gmacs"], prior["bandwidth_gbs"]))
+    x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], prior["peak_gmacs"], prior["bandwidth_gbs"],
+                                     prior["dtype_gmacs"].get("int8")))
     y = np.log(seconds) - x[:, -1]
     calibration = {"model_version": MODEL_VERSION, "runtime": runtime, "threads": threads, "clock": clock, "seed": seed,
                    **({"timed_threads": timing_threads, "busy": busy} if busy else {}), **stats,
@@ -507,7 +559,7 @@ def fitted_profile(name: str, device: str, threads: int, prior: dict, calibratio
     return HardwareProfile(
         name=name,
         description=f"calibrated on {where} on {datetime.date.today().isoformat()}",
-        peak_gmacs={"fp32": _sig(prior["peak_gmacs"])},
+        peak_gmacs={d: _sig(g) for d, g in prior.get("dtype_gmacs", {"fp32": prior["peak_gmacs"]}).items()},
         efficiency={"conv": 1.0},
         bandwidth_gbs=_sig(prior["bandwidth_gbs"]),
         overhead_us={k: _sig(prior["overhead_us"]) for k in KINDS},

@@ -32,12 +32,12 @@ from ..models import cache_dir
 
 KERNEL_FUSES = (("conv", "bn", "act"), ("conv", "bn"), ("conv", "act"), ("linear", "act"), ("add", "act"))
 FAMILIES = ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul", "norm", "act", "maxpool", "avgpool",
-            "adaptivepool", "add", "mul", "cat", "elementwise", "other")
+            "adaptivepool", "add", "mul", "cat", "elementwise", "other", "quantize", "dequantize")
 ACT_CODES = {"ReLU": 1, "relu": 1, "relu_": 1, "ReLU6": 2, "relu6": 2, "Hardtanh": 2, "hardtanh": 2,
              "Hardswish": 3, "hardswish": 3, "Hardsigmoid": 4, "hardsigmoid": 4, "SiLU": 5, "silu": 5,
              "Sigmoid": 6, "sigmoid": 6, "GELU": 7, "gelu": 7}
 FEATURES = ("family", "log_work", "log_in", "log_out", "log_params", "log_m", "log_n", "log_k", "cin", "cout",
-            "groups", "kernel", "stride", "cin_mod16", "cout_mod16", "bn", "act", "log_spatial", "log_weights_between", "log_prior")
+            "groups", "kernel", "stride", "cin_mod16", "cout_mod16", "bn", "act", "log_spatial", "int8", "log_weights_between", "log_prior")
 GEMM_FAMILIES = {FAMILIES.index(f) for f in ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul")}
 
 
@@ -97,18 +97,31 @@ def weight_bytes(layers) -> float:
     return 4.0 * sum(l.params for l in layers)
 
 
-def features(layers, anchor: list[int], between: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def features(layers, anchor: list[int], between: float | None = None,
+             int8=None) -> tuple[np.ndarray, np.ndarray]:
     """(anchor indices, feature rows without the prior) of every kernel of a traced graph. `between`: the weight
-    bytes read between two runs of a kernel (default: the graph's own, once per inference), which decides from which memory level its weights come (0 for a kernel without weights)."""
+    bytes read between two runs of a kernel (default: the graph's own, once per inference), which decides from
+    which memory level its weights come (0 for a kernel without weights). `int8`: per layer, whether it runs an
+    int8 kernel (cost/quantized.py); a kernel is its anchor's."""
     between = weight_bytes(layers) if between is None else between
     members: dict[int, list[int]] = {}
     for i, a in enumerate(anchor):
         if layers[i].kind != "param":
             members.setdefault(a, []).append(i)
     index = np.array(sorted(members), dtype=int)
-    rows = [_kernel_row(layers, members[a]) for a in index]
+    rows = [_kernel_row(layers, members[a]) + [float(int8[a]) if int8 is not None else 0.0] for a in index]
     rows = [row + [_log(between) if row[4] else 0.0] for row in rows]  # only a kernel with weights reads them
     return index, np.array(rows, dtype=float).reshape(len(rows), len(FEATURES) - 1)
+
+
+def boundary_row(kind: str, shape) -> list[float]:
+    """The feature row (no prior) of a conversion between float and int8 (`kind` quantize or dequantize) of a
+    tensor of `shape`: an elementwise pass over it."""
+    numel = math.prod(shape)
+    channels = shape[1] if len(shape) > 1 else 1
+    spatial = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return [FAMILIES.index(kind), _log(numel), _log(numel), _log(numel), 0.0, _log(1), _log(1), _log(1), channels,
+            channels, 1, 1, 1, channels % 16, channels % 16, 0.0, 0, _log(spatial), 1.0, 0.0]
 
 
 def _kernel_row(layers, group: list[int]) -> list[float]:
@@ -140,16 +153,19 @@ def _log(value: float) -> float:
     return math.log2(1.0 + float(value))
 
 
-def prior_s(rows: np.ndarray, overhead_us: float, peak_gmacs: float, bandwidth_gbs: float) -> np.ndarray:
+def prior_s(rows: np.ndarray, overhead_us: float, peak_gmacs: float, bandwidth_gbs: float,
+            int8_gmacs: float | None = None) -> np.ndarray:
     """The roofline prior of every kernel row: a measured op overhead plus the larger of its compute at the
-    measured peak and its float32 traffic (input, output written once and re-read by every fused op, weights)
-    at the measured bandwidth."""
+    measured peak and its traffic (input, output written once and re-read by every fused op, weights; float32,
+    or one byte each for an int8 kernel, which computes at the measured `int8_gmacs`) at the measured bandwidth."""
     col = {name: i for i, name in enumerate(FEATURES)}
     work, ins, outs, params = (np.exp2(rows[:, col[c]]) - 1 for c in ("log_work", "log_in", "log_out", "log_params"))
     gemm = np.isin(rows[:, col["family"]], list(GEMM_FAMILIES))
-    compute = np.where(gemm, work / (peak_gmacs * 1e9), 0.0)
+    int8 = rows[:, col["int8"]] > 0
+    peak = np.where(int8, int8_gmacs or peak_gmacs, peak_gmacs)
+    compute = np.where(gemm, work / (peak * 1e9), 0.0)
     fused = rows[:, col["bn"]] + (rows[:, col["act"]] > 0)
-    traffic = 4.0 * (ins + outs * (1.0 + 2.0 * fused) + params) / (bandwidth_gbs * 1e9)
+    traffic = np.where(int8, 1.0, 4.0) * (ins + outs * (1.0 + 2.0 * fused) + params) / (bandwidth_gbs * 1e9)
     return overhead_us * 1e-6 + np.maximum(compute, traffic)
 
 
@@ -298,8 +314,10 @@ class Forest:
 
 def predict_s(rows: np.ndarray, profile) -> np.ndarray:
     """Seconds of every kernel row on a profile that carries timed kernels (each distinct row predicted once)."""
+    peaks = (profile.overhead_for("other"), profile.peak_gmacs["fp32"], profile.bandwidth_gbs,
+             profile.peak_gmacs.get("int8"))
     if not len(rows):
-        return prior_s(rows, profile.overhead_for("other"), profile.peak_gmacs["fp32"], profile.bandwidth_gbs)
+        return prior_s(rows, *peaks)
     unique, inverse = np.unique(rows, axis=0, return_inverse=True)
-    prior = prior_s(unique, profile.overhead_for("other"), profile.peak_gmacs["fp32"], profile.bandwidth_gbs)
+    prior = prior_s(unique, *peaks)
     return (prior * np.exp(fitted(profile.kernels).predict(with_prior(unique, prior))))[inverse.reshape(-1)]

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..compress.base import get_meta
 from ..compress.sparsity import index_bytes
-from . import kernels, pack
+from . import kernels, pack, quantized
 from .flow import INPUT, Flow
 from .fusion import fusion_groups
 from .hardware import load_profile
@@ -135,14 +135,24 @@ def op_table(graph, flow: Flow, profile: HardwareProfile) -> pd.DataFrame:
     width = _output_widths(layers, flow, rows)
     input_bytes = math.prod(graph.input_shape) * 4
     last = {a: i for i, a in enumerate(anchor)}
+    int8 = _int8_flags(layers, rows, profile)
     for i, row in enumerate(rows):  # a fused group reads its outside inputs and writes its last member's output
         row["in_bytes"] = sum(input_bytes if p == INPUT else layers[p].out_numel * width[p]
                               for p in flow.inputs[i] if p == INPUT or anchor[p] != anchor[i])
         row["out_bytes"] = layers[i].out_numel * width[i] if last[anchor[i]] == i else 0.0
-        row["anchor"], row["width"] = anchor[i], width[i]
+        row["anchor"], row["width"], row["int8"] = anchor[i], width[i], int8[i]
     table = pd.DataFrame(rows)
     table.attrs["input_bytes"] = input_bytes
+    if any(int8):
+        table.attrs["boundaries"] = quantized.boundaries(layers, flow, anchor, int8, graph.input_shape)
     return table
+
+
+def _int8_flags(layers, rows, profile: HardwareProfile) -> list[bool]:
+    """Per layer, whether it runs an int8 kernel: only in a runtime that has them (cost/quantized.py's rule)."""
+    if profile.runtime != "torch-int8":
+        return [False] * len(layers)
+    return quantized.int8_flags(layers, [row["dtype"] == "int8" for row in rows])
 
 
 def _layer_facts(layer, profile: HardwareProfile) -> dict:
@@ -215,9 +225,13 @@ def _output_widths(layers, flow: Flow, rows) -> list[float]:
 
 def kernel_seconds(graph, table: pd.DataFrame, profile: HardwareProfile) -> np.ndarray:
     """Per row of `op_table`, the kernel regressor's seconds for the kernel it anchors (0 for other members)."""
-    index, rows = kernels.features(graph.layers, list(table["anchor"]))
+    index, rows = kernels.features(graph.layers, list(table["anchor"]), int8=list(table["int8"]))
     seconds = np.zeros(len(table))
     seconds[index] = kernels.predict_s(rows, profile)
+    converts = table.attrs.get("boundaries", [])
+    if converts:  # float <-> int8 conversions, each on the kernel that pays it
+        paid = kernels.predict_s(np.array([kernels.boundary_row(kind, shape) for _, kind, shape in converts]), profile)
+        np.add.at(seconds, [i for i, _, _ in converts], paid)
     return seconds
 
 

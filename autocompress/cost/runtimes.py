@@ -1,6 +1,8 @@
 """The runtimes a model is timed and deployed in: what "latency" means is the kernels of one runtime.
 
     torch        eager PyTorch: every module call runs its own kernel, with Python's dispatch around it
+    torch-int8   eager PyTorch with torch.ao's x86 int8 kernels for the layers held at 8 bits or fewer, and the
+                 ops around them FX quantizes (cost/quantized.py); float elsewhere, converting at the edges
     onnxruntime  the model exported to ONNX (TorchScript exporter) and run by an ONNX Runtime CPU session: BatchNorm
                  folded, Conv+activation fused, one session call per inference
 
@@ -23,8 +25,9 @@ import torch
 from torch import nn
 
 from ..errors import one_of
+from .quantized import runnable_int8
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "torch-int8", "onnxruntime")
 
 
 def check_runtime(runtime: str) -> str:
@@ -129,4 +132,6 @@ def runnable(model: nn.Module, example: torch.Tensor, runtime: str, threads: int
     """A module whose call runs `model` in `runtime` (torch: the module itself, in eval mode)."""
     if check_runtime(runtime) == "torch":
         return model.eval()
+    if runtime == "torch-int8":
+        return runnable_int8(model, example)
     return OrtModule(onnx_bytes(model.eval(), example), threads)
