@@ -206,7 +206,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="torch threads the model will run with (default: torch's count "
                                                     "for host, a calibrated profile's own; another count than a "
                                                     "calibrated profile's is refused)")
-        sp.add_argument("--runtime", choices=RUNTIMES, help="what runs the model: torch (eager PyTorch) or "
+        sp.add_argument("--runtime", choices=RUNTIMES, help="what runs the model: torch (eager PyTorch), "
+                                                            "torch-int8 (torch.ao int8 kernels for 8-bit layers) or "
                                                             "onnxruntime (default: host's torch, a profile's own; "
                                                             "another runtime than a profile's is refused)")
 
@@ -306,7 +307,9 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--threads", type=int, help="torch threads to time with (CPU; default: torch's count, the one "
                                                  "a model runs with when nobody sets it)")
     cal.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                     help="the runtime whose kernels are timed: torch (eager PyTorch) or onnxruntime (the kernels "
+                     help="the runtime whose kernels are timed: torch (eager PyTorch), torch-int8 (eager PyTorch "
+                          "with torch.ao's x86 int8 kernels, timed in int8 and float, and their conversions) or "
+                          "onnxruntime (the kernels "
                           "exported to ONNX and run by ONNX Runtime's CPU sessions)")
     cal.add_argument("--force", action="store_true", help="overwrite the host profile even when the machine is busy")
     cal.add_argument("--clock", choices=["wall", "cpu"], help="elapsed time, or the timing thread's CPU time "

@@ -170,6 +170,8 @@ def sample_kernel(rng: random.Random, max_macs: float) -> tuple[nn.Module, torch
     channels = _width(rng)
     while res > 1 and channels * res * res > max_macs / 8:
         res = res * 2 // 3
+    if fam in ("maxpool", "avgpool"):
+        res = max(res, 2)  # a 2x2 window needs a 2x2 map
     x = torch.randn(1, channels, res, res)
     if fam in ("add", "mul", "cat"):
         shape = (1, channels, 1, 1) if fam == "mul" and rng.random() < 0.7 else (1, _width(rng), res, res) \

@@ -56,8 +56,9 @@ class HardwareProfile:
     calibration:      how the profile was fitted: when, how long, the load, how repeatable, the fit's quality
     kernels:          timed kernels (cost/kernels.py, base64 text): where present, latency is the kernel
                       regressor's, fitted on them, and peak_gmacs, bandwidth_gbs and overhead_us are its measured prior
-    runtime:          what executes the model (cost/runtimes.py): torch (eager PyTorch) or onnxruntime; a
-                      calibration times that runtime's kernels, measurement times the model there
+    runtime:          what executes the model (cost/runtimes.py): torch (eager PyTorch), torch-int8 (its
+                      peak_gmacs has int8: layers at 8 bits or fewer run torch.ao's int8 kernels) or
+                      onnxruntime; a calibration times that runtime's kernels, measurement times the model there
     call_us:          fixed cost of one call of the whole model into the runtime, in microseconds (an ONNX Runtime
                       session's run: input and output conversion), added once per inference
     """
