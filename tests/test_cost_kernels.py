@@ -300,3 +300,13 @@ def test_a_stale_host_profile_is_replaced_even_on_a_busy_machine(fitted, tmp_pat
     with pytest.warns(UserWarning, match="calibrated on a busy machine .the reference kernel ran 9.0x slower"):
         profile = hardware.load_profile("host", threads=1)
     assert profile.calibration["model_version"] == cal.MODEL_VERSION and profile.calibration["busy"]
+
+
+def test_a_profile_timed_with_other_kernel_features_is_refused():
+    """Kernels timed by a version with fewer features would be read column for column by the wrong trees."""
+    rows = np.zeros((60, len(kernels.FEATURES) - 1))
+    profile = profiles.HardwareProfile(name="old", peak_gmacs={"fp32": 10.0}, efficiency={}, bandwidth_gbs=1.0,
+                                       overhead_us=1.0, energy={}, kernels=kernels.encode(rows, np.zeros(60)))
+    with pytest.raises(ac.AutocompressError, match=f"have {len(kernels.FEATURES) - 1} features and this autocompress "
+                                                f"reads {len(kernels.FEATURES)}"):
+        kernels.predict_s(np.zeros((1, len(kernels.FEATURES) - 1)), profile)

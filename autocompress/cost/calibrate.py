@@ -51,7 +51,7 @@ from .profiles import KINDS, HardwareProfile, default_threads
 from .runtimes import BoundOrt, OrtModule, check_runtime, layout_share, onnx_bytes
 from .trace import trace
 
-MODEL_VERSION = 8  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
+MODEL_VERSION = 9  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
                    # (7: timing that notices busy cores; a version-6 profile may hold the timings of busy cores)
 SAMPLES = {True: 500, False: 2000}      # kernels timed by a quick (first use) and a full calibration
 MAX_MACS = {True: 30e6, False: 120e6}   # the largest kernel sampled: beyond it, the prior's slope carries

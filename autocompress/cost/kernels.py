@@ -28,6 +28,7 @@ import zipfile
 import numpy as np
 from torch import nn
 
+from ..errors import AutocompressError
 from ..models import cache_dir
 
 KERNEL_FUSES = (("conv", "bn", "act"), ("conv", "bn"), ("conv", "act"), ("linear", "act"), ("add", "act"))
@@ -204,6 +205,11 @@ def fitted(text: str) -> "Forest":
     cache folder as plain arrays (`forests/*.npz`, read back without unpickling; keyed by the kernels, the
     regressor's settings and scikit-learn's version), then once per process."""
     if text not in _FITTED:
+        width = decode(text)[0].shape[1]
+        if width != len(FEATURES):  # an older latency model's kernels: its trees would read the wrong columns
+            raise AutocompressError(f"the profile's timed kernels have {width} features and this autocompress reads "
+                                    f"{len(FEATURES)}: they were timed by another version; re-run "
+                                    "`autocompress calibrate` (with the profile's --runtime and --threads)")
         _FITTED[text] = _stored_forest(text)
     return _FITTED[text]
 
