@@ -4,7 +4,8 @@ Kernels (cost/kernels.py: conv+bn+act, pointwise, grouped and depthwise convs, l
 concatenations, ...) are sampled over the shapes that pruning and students produce (channel counts that
 are not multiples of 8, feature maps down to 1x1, strides, kernel sizes), each built as a small module,
 traced to its feature row the way the cost model traces a model, and timed alone with the profile's torch
-threads. The roofline prior is measured (an empty op, a large convolution, large copies) and a
+threads (in torch-int8, most of those with an int8 kernel timed as that, and float <-> int8 conversions
+sampled too). The roofline prior is measured (an empty op, a large convolution, large copies) and a
 gradient-boosted regressor (scikit-learn) is fitted on log(latency / prior): nothing is fitted against a
 bound. None of the kernels is a model that scripts/bench_cost_model.py scores.
 
@@ -348,7 +349,10 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | N
     copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
     kernel = model.copies[0] if isinstance(model, _RoundRobin) else model
     if int8:
-        body = quantized.kernel_body(quantized.convert(kernel, x, [x]), x)
+        try:
+            body = quantized.kernel_body(quantized.convert(kernel, x, [x]), x)
+        except Exception:  # torch.ao's FX errors have no common type: a kernel it cannot convert is refused
+            return None
         return (_RoundRobin(body, copies).eval() if copies > 1 else body), 1.0
     if runtime != "onnxruntime":
         return model, 1.0

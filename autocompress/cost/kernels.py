@@ -4,7 +4,7 @@ A model's latency is the sum of its kernels'. A kernel is an anchor op with the 
 sole-reader edges (KERNEL_FUSES: conv+bn+act, linear+act, add+act, ... as cost/fusion.py matches them), or
 one op alone (a pooling, a concatenation, an activation). Each kernel is described by a few numbers
 (`features`: its family, work, tensor sizes, GEMM dimensions, channels and their alignment, groups, kernel
-size, stride, what is fused into it) and its latency is
+size, stride, what is fused into it, whether it runs int8) and its latency is
 
     seconds = prior x exp(regressor(features, log prior))
     prior   = overhead + max(MACs / peak, bytes / bandwidth)
@@ -15,6 +15,8 @@ the prior) is fitted on kernels sampled over the shapes pruning and students pro
 (cost/calibrate.py). Predicting the ratio to the roofline, not the latency, keeps a kernel larger than any
 timed one on the roofline's slope: trees cannot extrapolate, a ratio saturates where efficiency does.
 Features are computed from a traced graph, the same way for a timed kernel and for a layer of a model.
+In a runtime with int8 kernels (torch-int8) each conversion between float and int8 is a kernel of its own
+(families quantize and dequantize, `boundary_row`).
 """
 from __future__ import annotations
 
