@@ -252,8 +252,8 @@ def copy_bandwidth_gbs(kb: float, device: str, threads: int | None, clock: str) 
 
 def measured_prior(device: str, threads: int | None, clock: str, runtime: str = "torch") -> dict:
     """The roofline prior's numbers, each measured: the time of an op on one element (overhead, us), the
-    throughput of a large convolution (GMAC/s; in torch-int8 its int8 kernel's too) and of copies beyond the
-    caches (GB/s)."""
+    throughput of a large convolution (GMAC/s per dtype: fp32, and in torch-int8 its int8 kernel's too) and of
+    copies beyond the caches (GB/s)."""
     tiny = torch.randn(1, device=device)
     overhead_ms = _quickest_ms(nn.ReLU().to(device), tiny, threads, clock, repeats=50)
     conv, x = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device).eval(), torch.randn(1, 128, 28, 28, device=device)
@@ -262,7 +262,7 @@ def measured_prior(device: str, threads: int | None, clock: str, runtime: str = 
     if runtime == "torch-int8":
         body = in_runtime(conv, x, runtime, threads, int8=True)[0]
         gmacs["int8"] = macs / (_quickest_ms(body, x, threads, clock, repeats=10) * 1e-3) / 1e9
-    return {"overhead_us": overhead_ms * 1e3, "peak_gmacs": gmacs["fp32"], "dtype_gmacs": gmacs,
+    return {"overhead_us": overhead_ms * 1e3, "peak_gmacs": gmacs,
             "bandwidth_gbs": copy_bandwidth_gbs(64 * 1024, device, threads, clock)}
 
 
@@ -548,8 +548,8 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
     if len(rows) < 50:
         raise AutocompressError(f"calibration kept {len(rows)} of {SAMPLES[quick]} kernels (the others timed too "
                                 "unevenly); the machine is too busy to calibrate")
-    x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], prior["peak_gmacs"], prior["bandwidth_gbs"],
-                                     prior["dtype_gmacs"].get("int8")))
+    peak = prior["peak_gmacs"]
+    x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], peak["fp32"], prior["bandwidth_gbs"], peak.get("int8")))
     y = np.log(seconds) - x[:, -1]
     calibration = {"model_version": MODEL_VERSION, "runtime": runtime, "threads": threads, "clock": clock, "seed": seed,
                    **({"timed_threads": timing_threads, "busy": busy} if busy else {}), **stats,
@@ -565,7 +565,7 @@ def fitted_profile(name: str, device: str, threads: int, prior: dict, calibratio
     return HardwareProfile(
         name=name,
         description=f"calibrated on {where} on {datetime.date.today().isoformat()}",
-        peak_gmacs={d: _sig(g) for d, g in prior.get("dtype_gmacs", {"fp32": prior["peak_gmacs"]}).items()},
+        peak_gmacs={d: _sig(g) for d, g in prior["peak_gmacs"].items()},
         efficiency={"conv": 1.0},
         bandwidth_gbs=_sig(prior["bandwidth_gbs"]),
         overhead_us={k: _sig(prior["overhead_us"]) for k in KINDS},

@@ -25,6 +25,7 @@ from ..compress.base import get_meta
 from ..compress.quantize import act_fake_quant
 from ..errors import AutocompressError
 from . import kernels
+from .flow import INPUT
 
 ENGINE = "x86"
 NATIVE_BITS = 8
@@ -192,11 +193,11 @@ def boundaries(layers, flow, anchor: list[int], flags: list[bool], input_shape) 
         if anchor[i] != i or layers[i].kind == "param":
             continue
         for p in producers:
-            if p != -1 and (layers[p].kind == "param" or anchor[p] == i):
+            if p != INPUT and (layers[p].kind == "param" or anchor[p] == i):
                 continue
-            theirs = False if p == -1 else flags[p]
+            theirs = False if p == INPUT else flags[p]
             if flags[i] != theirs:
                 out.append((i, "quantize" if flags[i] else "dequantize",
-                            tuple(input_shape) if p == -1 else tuple(layers[p].out_shape)))
-    out += [(anchor[o], "dequantize", tuple(layers[o].out_shape)) for o in flow.outputs if o != -1 and flags[o]]
+                            tuple(input_shape) if p == INPUT else tuple(layers[p].out_shape)))
+    out += [(anchor[o], "dequantize", tuple(layers[o].out_shape)) for o in flow.outputs if o != INPUT and flags[o]]
     return out
