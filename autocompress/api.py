@@ -154,6 +154,8 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     bound = search_space.bind(graph)
     supernet.prepare(bound, model, example_input, getattr(judge, "train_loader", None))  # student spaces only
 
+    if isinstance(judge, Evaluator):  # accuracy as the profile's runtime computes it (int8 kernels in torch-int8)
+        judge.run_in(profile.runtime, example_input)
     baseline = _estimate(model, example_input, profile).as_dict()
     limits = budgets.limits(baseline)
     if budgets.accuracy and judge is None:

@@ -24,6 +24,7 @@ from .budgets import METRICS, violations
 from .compress import apply
 from .cost.measure import DEFAULT_THREADS, measure_latency_ms
 from .cost.model import estimate
+from .cost.quantized import keep_ranges
 from .evaluate import Evaluator
 from .result import DELIVERED, pareto_front, trials_frame
 from .search import Problem, TrialRecord, constraints
@@ -76,6 +77,7 @@ def _delivered(study: optuna.Study, problem: Problem, number: int, epochs: int) 
         state = problem.store.get(number)
         if state is None:
             raise RuntimeError(f"the judged weights of trial {number} are not in {problem.store!r}")
+        keep_ranges(model, state)
         model.load_state_dict(state)
         outcome = problem.evaluator.deliver(model, epochs)
         metrics = {**estimate(model, problem.example_input, problem.profile).as_dict(), **outcome}

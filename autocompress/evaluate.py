@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .compress import TECHNIQUES, calibrate, get_meta
+from .cost.runtimes import as_run, check_runtime, prepare_as_run
 from .data import split_data
 from .errors import AutocompressError
 
@@ -342,22 +343,33 @@ class Evaluator:
         self.recal_data = fixed_batches(train_loader, recal_batches) if train_loader is not None else None
         self.finetune_steps = finetune_steps if train_loader is not None else 0
         self.teacher = TeacherOutputs(teacher)
+        self.runtime, self.example_input = "torch", None
         self.options = {"lr": lr, "temperature": temperature, "distill_weight": distill_weight}
         if eta is None:  # one fidelity: every candidate gets all the steps
             self.rungs = Rungs((self.finetune_steps,) if self.finetune_steps else ())
         else:
             self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
 
+    def run_in(self, runtime: str, example_input: torch.Tensor) -> "Evaluator":
+        """Judge accuracy as `runtime` computes it (cost/runtimes.as_run): in torch-int8, a model's 8-bit layers
+        are judged as the int8 kernels run them, not as their fake-quant simulation. Returns self."""
+        self.runtime, self.example_input = check_runtime(runtime), example_input
+        return self
+
     def calibrate(self, model: nn.Module) -> nn.Module:
-        """BatchNorm statistics, then what techniques derive from data (activation ranges), from the same
-        training batches."""
+        """BatchNorm statistics, then what techniques derive from data (activation ranges), then what the runtime
+        derives (its int8 activation ranges), all from the same training batches."""
         if self.recal_data is not None:
             recalibrate_bn(model, self.recal_data)
             calibrate(model, self.recal_data)
+        prepare_as_run(model.eval(), self.example_input, self.runtime, self.recal_data)
         return model.eval()
 
     def val_accuracy(self, model: nn.Module) -> float:
-        return accuracy(model, self.val_loader, self.max_val_batches)
+        return accuracy(self.as_run(model), self.val_loader, self.max_val_batches)
+
+    def as_run(self, model: nn.Module) -> nn.Module:
+        return as_run(model, self.example_input, self.runtime)
 
     def judge(self, model: nn.Module, cost: tuple = (), peers: Callable[[int], list] | None = None,
               on_rung: Callable[[int, float], None] | None = None) -> dict:
@@ -400,7 +412,7 @@ class Evaluator:
                 _Trainer(model, steps, **self.options).run(self.teacher.batches(self.train_loader, steps, seed=1),
                                                            steps)
         self.calibrate(model)
-        test = accuracy(model, self.test_loader) if self.test_loader is not None else None
+        test = accuracy(self.as_run(model), self.test_loader) if self.test_loader is not None else None
         return {"accuracy": self.val_accuracy(model), "test_accuracy": test, "final_steps": steps}
 
     def __call__(self, model: nn.Module) -> float:

@@ -12,8 +12,9 @@ structure; `autocompress.load_packed(path)` decodes it back to the exact module 
 load only files you trust), and `autocompress/unpack.py`, numpy only, reads its weights where autocompress is not
 installed.
 
-The model is `result.model(trial)`: the trial's policy with the weights its reported numbers were measured
-on (delivered or judged), so nothing is trained again. After writing, the file is loaded back on its own
+The model is `result.compressed(trial)`: the trial's policy with the weights its reported numbers were measured
+on (delivered or judged), so nothing is trained again; in a torch-int8 run it keeps the activation ranges it was
+judged with, so its torch-int8 file is the very int8 model whose accuracy was reported. After writing, the file is loaded back on its own
 (torch.load, torch.jit.load, onnxruntime), its accuracy re-measured on the validation data (and on the
 test data when there is one) and its latency timed in that runtime on this machine, next to the reported figures.
 """
@@ -84,7 +85,7 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     `data` = (train, val[, test]) loaders, else on the run's data spec."""
     if format not in FORMATS:
         raise one_of("export format", format, FORMATS)
-    model = result.model(trial)
+    model = result.compressed(trial)
     row = result.trials.loc[trial]
     loaders = _loaders(result, data)
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
@@ -92,7 +93,7 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     example = result.example_input
     calibration = fixed_batches(loaders[0], CALIBRATION_BATCHES) if loaders and loaders[0] is not None else None
     WRITERS[format](model, example, path, calibration)
-    loaded = LOADERS[format](path, lambda: result.model(trial))
+    loaded = LOADERS[format](path, lambda: result.compressed(trial))
     measured, note = [None, None], ""
     if loaders is None:
         note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"

@@ -18,15 +18,16 @@ from .compress.base import layer_targets
 from .compress.quantize import synthesize_inputs
 from .cost.measure import measure_latency_ms
 from .cost.model import estimate
-from .cost.quantized import convert, engine, plain_copy
+from .cost.quantized import RANGES, convert, engine, plain_copy
 from .evaluate import accuracy
 from .graph import analyze
 
 
 def to_int8(model: nn.Module, example_input: torch.Tensor, calibration=None, keep_float=()) -> nn.Module:
     """The int8 CPU version of `model`; `calibration` is an iterable of input batches (or (inputs, labels)),
-    None for data-free calibration; the conv / linear layers named in `keep_float` stay float."""
-    if calibration is None:
+    None for data-free calibration (a model that keeps its judged ranges, `quantized.RANGES`, uses those); the
+    conv / linear layers named in `keep_float` stay float."""
+    if calibration is None and RANGES not in model._buffers:  # ranges it keeps need no calibration
         with torch.enable_grad():
             calibration = [synthesize_inputs(model, example_input)]
     return convert(model, example_input, calibration, keep_float)

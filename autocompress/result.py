@@ -14,6 +14,8 @@ from optuna.trial import TrialState
 from .budgets import METRICS, pareto_mask
 from .compress import apply
 from .cost.measure import DEFAULT_THREADS, measure_latency_ms
+from .cost.quantized import keep_ranges
+from .cost.runtimes import as_run
 from .errors import AutocompressError
 from .export import export
 from .judged import WeightStore, beside
@@ -115,9 +117,19 @@ class Result:
         return pareto_front(self.trials, self.objectives)
 
     def model(self, number: int) -> torch.nn.Module:
-        """Trial `number`'s compressed model, rebuilt from its stored policy with the weights its reported numbers
-        were measured on (as delivered for a delivered trial, else as judged in the search). A trial without
-        accuracy (cost-only) is its policy applied; one whose judged weights are gone is refused."""
+        """Trial `number`'s model as the run's runtime computes it, the module its reported accuracy measures: the
+        compressed model (`compressed(n)`), or, in a torch-int8 run, its int8 conversion (8-bit layers on torch.ao's
+        kernels, with the activation ranges it was judged with). A trial without accuracy (cost-only) is its policy
+        applied; one whose judged weights are gone is refused."""
+        model = self.compressed(number)
+        if pd.isna(self.trials.loc[number, "accuracy"]):
+            return model
+        return as_run(model, self.example_input, self.config.get("hardware", {}).get("runtime", "torch"))
+
+    def compressed(self, number: int) -> torch.nn.Module:
+        """Trial `number`'s compressed nn.Module, rebuilt from its stored policy with the weights its reported numbers
+        were measured on (as delivered for a delivered trial, else as judged in the search): what every export
+        writes and every runtime runs (in a torch-int8 run it keeps its int8 activation ranges)."""
         if number not in self.trials.index:
             raise AutocompressError(f"no trial {number!r} in this result; trials run from {self.trials.index.min()} "
                                     f"to {self.trials.index.max()}")
@@ -132,6 +144,7 @@ class Result:
                     f"the weights trial {number} was judged with are not stored here (only the front's are kept, in "
                     f"the run folder's models/ and beside the study); its policy alone would not measure its "
                     f"reported accuracy")
+            keep_ranges(model, state)
             model.load_state_dict(state)
         return model.eval()
 
@@ -145,7 +158,7 @@ class Result:
                                     "Result.load")
         threads = threads or self.config.get("hardware", {}).get("threads") or DEFAULT_THREADS
         runtime = self.config.get("hardware", {}).get("runtime", "torch")
-        timed = {n: measure_latency_ms(self.model(n), self.example_input, threads=threads, runtime=runtime)
+        timed = {n: measure_latency_ms(self.compressed(n), self.example_input, threads=threads, runtime=runtime)
                  for n in self.pareto.index}
         self.trials["measured_latency_ms"] = self.trials.get("measured_latency_ms", np.nan)
         self.trials.loc[list(timed), "measured_latency_ms"] = list(timed.values())
@@ -177,7 +190,7 @@ class Result:
             torch.save(self.base_model.state_dict(), out / "base_model.pt")
             torch.save(self.example_input, out / "example_input.pt")
             for number in self.pareto.index:
-                torch.save(self.model(number).state_dict(), out / "models" / f"trial_{number}.pt")
+                torch.save(self.compressed(number).state_dict(), out / "models" / f"trial_{number}.pt")
                 (out / "models" / f"trial_{number}.json").write_text(self.trials.loc[number, "policy"])
         return out
 

@@ -187,7 +187,7 @@ def autocompress_side(model, x, data, trials: int, space: str, folder: Path, err
             else:
                 from autocompress.export import LOADERS
 
-                loaded = LOADERS[fmt](exported.path, lambda n=n: result.model(int(n)))
+                loaded = LOADERS[fmt](exported.path, lambda n=n: result.compressed(int(n)))
                 runtime = {t: loaded for t in THREADS}
             out.append({"method": "autocompress", "artifact": f"trial {n}", "format": fmt, "path": exported.path,
                         "runtime": runtime, "test_acc": exported.test_accuracy})

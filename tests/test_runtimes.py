@@ -170,3 +170,30 @@ def test_a_torch_int8_calibration_prices_int8_kernels(digits_model, digits_input
     off = abs(math.log(on_int8.latency_ms / int8_ms))
     assert off < math.log(2) and off < abs(math.log(on_int8.latency_ms / float_ms)), (on_int8.latency_ms, int8_ms, float_ms)
     assert on_float.latency_ms > on_int8.latency_ms
+
+
+def test_a_torch_int8_run_reports_what_its_int8_model_and_file_measure(digits_model, digits_input, digits_data,
+                                                                        tmp_path):
+    """In a torch-int8 run a candidate's 8-bit layers are judged as torch.ao's int8 kernels compute them (with
+    activation ranges from the judge's training batches, kept in the model), so `Result.model(n)`, the torch-int8
+    file and the reported accuracy are one number; the float module it converts
+    from is `Result.compressed(n)`."""
+    from autocompress.cost import quantized
+    from autocompress.evaluate import accuracy
+
+    pi = ac.load_profile("raspberry-pi-4").to_dict()
+    profile = HardwareProfile.from_dict({**pi, "runtime": "torch-int8"}, "in the test")
+    space = ac.SearchSpace("int8", {"quantize": {"weight_bits": [8, 4], "act_bits": [8]}})
+    train, val, test = digits_data
+    result = ac.compress(digits_model, digits_input, data=(train, val, test), hardware=profile, space=space,
+                         trials=2, final_epochs=0, progress=False)
+    judged = result.trials[result.trials["accuracy"].notna()]
+    assert judged["delivered"].any()
+    for n, row in judged.iterrows():
+        float_module, model = result.compressed(n), result.model(n)
+        assert quantized.RANGES in float_module._buffers and _quantized_convs(model) > 0
+        assert accuracy(model, val) == row["accuracy"]
+    n = int(judged[judged["delivered"]].index[0])
+    exported = result.export(n, "torch-int8", tmp_path / "front.int8.ts.pt", data=(train, val, test))
+    assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
+                                                           result.trials.loc[n, "test_accuracy"])

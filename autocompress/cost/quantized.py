@@ -80,26 +80,79 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
 
 
-@torch.no_grad()
-def convert(model: nn.Module, example_input: torch.Tensor, calibration, keep_float=()) -> nn.Module:
-    """`model` converted to int8 (a fake-quant-free copy): `calibration` input batches set the activation ranges;
-    the conv / linear layers named in `keep_float` stay float, with conversions around them."""
+RANGES = "int8_ranges"  # a root buffer: the activation ranges a model's int8 conversion was judged with
+
+
+def _prepared(model: nn.Module, example_input: torch.Tensor, keep_float) -> torch.fx.GraphModule:
+    """`model` (a fake-quant-free copy) with torch.ao's observers inserted; the layers in `keep_float` stay float."""
     from torch.ao.quantization import QConfigMapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import prepare_fx
 
     mapping = QConfigMapping().set_global(qconfig())
     for name in keep_float:
         mapping.set_module_name(name, None)
+    try:
+        return prepare_fx(plain_copy(model), mapping, (example_input,))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutocompressError(f"the model cannot be converted to int8: torch.fx cannot trace it ({first})") from None
+
+
+def _observers(prepared: nn.Module) -> list[nn.Module]:
+    """The activation observers FX inserted, in graph order: each holds one tensor's min and max."""
+    return [m for name, m in prepared.named_modules() if name.startswith("activation_post_process_")]
+
+
+@torch.no_grad()
+def observe_ranges(model: nn.Module, example_input: torch.Tensor, calibration) -> None:
+    """Calibrate `model`'s int8 conversion on `calibration` input batches and keep the ranges in the model (its
+    `RANGES` buffer, so they travel with its state_dict): every later conversion (`convert`, `runnable_int8`, the
+    torch-int8 export) then gives the very int8 model whose accuracy was judged, without the data."""
     with warnings.catch_warnings(), engine():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices (see the module docstring)
-        try:
-            prepared = prepare_fx(plain_copy(model), mapping, (example_input,))
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AutocompressError(f"the model cannot be converted to int8: torch.fx cannot trace it ({first})") from None
+        prepared = _prepared(model, example_input, kept_float(model) or ())
         for batch in calibration:
             prepared(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    ranges = torch.tensor([[float(o.min_val), float(o.max_val)] for o in _observers(prepared)]).reshape(-1, 2)
+    if RANGES in model._buffers:
+        model._buffers[RANGES] = ranges
+    else:
+        model.register_buffer(RANGES, ranges)
+
+
+@torch.no_grad()
+def convert(model: nn.Module, example_input: torch.Tensor, calibration=(), keep_float=()) -> nn.Module:
+    """`model` converted to int8 (a fake-quant-free copy), the conv / linear layers named in `keep_float` float,
+    with conversions around them. Activation ranges: those the model keeps (`observe_ranges`), else observed on
+    `calibration` input batches."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with warnings.catch_warnings(), engine():
+        warnings.simplefilter("ignore")
+        prepared = _prepared(model, example_input, keep_float)
+        kept = model._buffers.get(RANGES)
+        if kept is not None:
+            _set_ranges(prepared, kept)
+        for batch in calibration if kept is None else ():
+            prepared(batch[0] if isinstance(batch, (tuple, list)) else batch)
         return convert_fx(prepared)
+
+
+def keep_ranges(model: nn.Module, state: dict) -> None:
+    """Give `model` the `RANGES` buffer `state` (a state_dict) holds, so that loading it keeps them."""
+    if RANGES in state:
+        model.register_buffer(RANGES, torch.empty_like(state[RANGES]))
+
+
+def _set_ranges(prepared: nn.Module, ranges: torch.Tensor) -> None:
+    observers = _observers(prepared)
+    if len(observers) != len(ranges):
+        raise AutocompressError(f"the model keeps int8 activation ranges for {len(ranges)} tensors, but its int8 "
+                                f"conversion observes {len(observers)}; re-judge it (its ranges were set for "
+                                f"another structure)")
+    for observer, (lo, hi) in zip(observers, ranges.tolist()):
+        observer.min_val.fill_(lo)
+        observer.max_val.fill_(hi)
 
 
 class OnEngine(nn.Module):
@@ -123,7 +176,8 @@ def kept_float(model: nn.Module) -> list[str] | None:
 
 def runnable_int8(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """`model` as the torch-int8 runtime runs it: its 8-bit layers int8, the rest float; itself when it has none.
-    Ranges come from the example input: what a call costs does not depend on them."""
+    Activation ranges: those the model keeps (`observe_ranges`: what it was judged with), else from the example
+    input (what a call costs does not depend on them)."""
     keep = kept_float(model)
     return model.eval() if keep is None else OnEngine(convert(model, example_input, [example_input], keep))
 

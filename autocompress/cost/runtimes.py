@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import one_of
-from .quantized import runnable_int8
+from ..errors import AutocompressError, one_of
+from .quantized import RANGES, kept_float, observe_ranges, runnable_int8
 
 RUNTIMES = ("torch", "torch-int8", "onnxruntime")
+INT8_RUNTIMES = ("torch-int8",)  # the runtimes whose outputs for 8-bit layers are int8 kernels' outputs
 
 
 def check_runtime(runtime: str) -> str:
@@ -135,3 +136,29 @@ def runnable(model: nn.Module, example: torch.Tensor, runtime: str, threads: int
     if runtime == "torch-int8":
         return runnable_int8(model, example)
     return OrtModule(onnx_bytes(model.eval(), example), threads)
+
+
+def prepare_as_run(model: nn.Module, example: torch.Tensor, runtime: str, calibration=None) -> None:
+    """Before `model` is judged for `runtime`: what the runtime derives from data, kept in the model. torch-int8:
+    the activation ranges of its int8 conversion, observed on `calibration` input batches (None: inputs
+    synthesized from the BatchNorm statistics); the float runtimes derive nothing."""
+    if runtime not in INT8_RUNTIMES or kept_float(model) is None:
+        return
+    if calibration is None:
+        from ..compress.quantize import synthesize_inputs
+
+        with torch.enable_grad():
+            calibration = [synthesize_inputs(model, example)]
+    observe_ranges(model, example, calibration)
+
+
+def as_run(model: nn.Module, example: torch.Tensor, runtime: str) -> nn.Module:
+    """The module whose outputs `runtime` computes for `model`, the one its accuracy is judged on: torch-int8 runs
+    the int8 conversion of its 8-bit layers (with the ranges `prepare_as_run` kept); the float runtimes compute the
+    module's own outputs (ONNX Runtime's agree to float rounding), so it is the module itself."""
+    if runtime not in INT8_RUNTIMES or kept_float(model) is None:
+        return model.eval()
+    if RANGES not in model._buffers:
+        raise AutocompressError(f"this model's 8-bit layers have no int8 activation ranges, so what {runtime} "
+                                f"computes is not known; judge it first (its evaluator calibrates them)")
+    return runnable_int8(model, example)

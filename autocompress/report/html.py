@@ -299,7 +299,7 @@ def _layers(result, trial: int | None) -> pd.DataFrame | None:
     if result.base_model is None or result.example_input is None or "hardware" not in result.config:
         return None
     profile = HardwareProfile.from_dict(result.config["hardware"], "in the run's config")
-    model = result.base_model if trial is None else result.model(trial)
+    model = result.base_model if trial is None else result.compressed(trial)
     return estimate(model, result.example_input, profile).layers
 
 
