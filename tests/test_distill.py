@@ -102,7 +102,21 @@ def test_a_promoted_candidate_trains_exactly_as_one_fine_tune(digits_model, digi
         assert torch.equal(a, b)
 
 
-def test_search_records_rungs_and_delivers_the_front(digits_model, digits_input, digits_data, tmp_path):
+@pytest.fixture(scope="module")
+def small_data():
+    """The digits split with its training set cut to 4 batches: an epoch of delivery is 4 steps, not 17."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autocompress.data import digits_tensors
+
+    (xt, yt), (xv, yv), (xs, ys) = digits_tensors()
+    gen = torch.Generator().manual_seed(0)
+    return (DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=64, shuffle=True, generator=gen),
+            DataLoader(TensorDataset(xv, yv), batch_size=256), DataLoader(TensorDataset(xs, ys), batch_size=256))
+
+
+def test_search_records_rungs_and_delivers_the_front(digits_model, digits_input, small_data, tmp_path):
+    digits_data = small_data
     storage = f"sqlite:///{tmp_path}/study.db"
     result = ac.compress(digits_model, digits_input, data=digits_data, objectives=("accuracy", "size_kb"),
                          space="mixed_precision", trials=4, finetune_steps=12, final_epochs=1, progress=False,
