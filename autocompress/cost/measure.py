@@ -54,7 +54,7 @@ def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: i
 
 @torch.no_grad()
 def measure_peak_activation_bytes(model: nn.Module, example_input: torch.Tensor) -> int:
-    """The most bytes of floating-point tensors (the input included, weights and buffers not) alive at once
+    """The most bytes of floating-point and quantized tensors (the input included, weights and buffers not) alive at once
     during one forward pass, tracked through every op PyTorch dispatches: an independent check of the cost
     model's peak_mem_kb. Run it on `torch.fx.symbolic_trace(model)` to free values after their last use,
     as a deployment runtime does, rather than when Python drops them. Integer tensors (max-pooling's
@@ -76,7 +76,7 @@ class _LiveTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_quantized):
                 self.track(t)
         return out
 

@@ -2,7 +2,8 @@
 
 Liveness over the data-flow graph, in execution order: a layer's output is allocated when the layer
 runs (unless it writes in place into its input) and freed after its last reader; the model's
-outputs live to the end. The peak is taken while each layer
+outputs live to the end. A conversion between float and int8 (the torch-int8 runtime) writes a tensor of its own
+that lives while the layer reading it runs. The peak is taken while each layer
 runs, when its inputs and its output are alive together. The input belongs to the caller and stays
 alive throughout. Weights are not counted (they are the `size_kb` metric). `measure.measure_peak_activation_bytes` re-measures the same quantity on the
 real model by tracking every tensor PyTorch allocates.
@@ -26,8 +27,10 @@ def owner_of(owner: list[int], producer: int) -> int:
     return INPUT if producer == INPUT else owner[producer]
 
 
-def peak_activation_bytes(graph, flow: Flow, out_bytes: list[float], input_bytes: float) -> tuple[float, int]:
-    """(peak bytes, index of the layer running at the peak); `out_bytes[i]` is the size of layer i's output."""
+def peak_activation_bytes(graph, flow: Flow, out_bytes: list[float], input_bytes: float,
+                          transient: list[float] | None = None) -> tuple[float, int]:
+    """(peak bytes, index of the layer running at the peak); `out_bytes[i]` is the size of layer i's output and
+    `transient[i]` what else is alive only while layer i runs (the float <-> int8 conversions it reads)."""
     owner = storages(flow)
     size, last = {INPUT: input_bytes}, {}
     for i, producers in enumerate(flow.inputs):
@@ -49,7 +52,8 @@ def peak_activation_bytes(graph, flow: Flow, out_bytes: list[float], input_bytes
             continue
         if owner[i] == i:
             live += size[i]
-        if live > peak:
-            peak, at = live, i
+        now = live + (transient[i] if transient else 0.0)
+        if now > peak:
+            peak, at = now, i
         live -= sum(size[s] for s in ends.get(i, []))
     return peak, at

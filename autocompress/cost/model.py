@@ -132,15 +132,18 @@ def op_table(graph, flow: Flow, profile: HardwareProfile) -> pd.DataFrame:
     layers = graph.layers
     anchor = fusion_groups(graph, flow, profile.fuses)
     rows = [_layer_facts(l, profile) for l in layers]
-    width = _output_widths(layers, flow, rows)
+    int8 = _int8_flags(layers, rows, profile)
+    # a fused op writes as its kernel does, unless the runtime has no int8 kernel for it (the kernel dequantizes)
+    runs_int8 = [int8[a] and (a == i or quantized.native_op(l)) for i, (l, a) in enumerate(zip(layers, anchor))]
+    width = _output_widths(layers, flow, rows, runs_int8)
+    folded = quantized.folded(layers, anchor, runs_int8)
     input_bytes = math.prod(graph.input_shape) * 4
     last = {a: i for i, a in enumerate(anchor)}
-    int8 = _int8_flags(layers, rows, profile)
     for i, row in enumerate(rows):  # a fused group reads its outside inputs and writes its last member's output
         row["in_bytes"] = sum(input_bytes if p == INPUT else layers[p].out_numel * width[p]
                               for p in flow.inputs[i] if p == INPUT or anchor[p] != anchor[i])
         row["out_bytes"] = layers[i].out_numel * width[i] if last[anchor[i]] == i else 0.0
-        row["anchor"], row["width"], row["int8"] = anchor[i], width[i], int8[i]
+        row["anchor"], row["width"], row["int8"], row["folded"] = anchor[i], width[i], int8[i], folded[i]
     table = pd.DataFrame(rows)
     table.attrs["input_bytes"] = input_bytes
     if any(int8):
@@ -211,16 +214,38 @@ def _unfold_elements(layer) -> int:
     return 2 * spatial * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
 
-def _output_widths(layers, flow: Flow, rows) -> list[float]:
-    """Bytes per element of every layer's output: a weight layer writes its dtype, other ops their input's."""
+def _output_widths(layers, flow: Flow, rows, int8: list[bool]) -> list[float]:
+    """Bytes per element of every layer's output (`int8`: per layer, whether it computes in int8): an
+    int8 kernel writes one; a weight layer its dtype; in a model
+    the runtime runs partly int8, any other computing op fp32 (its input is dequantized); shape ops and the
+    rest their input's."""
+    mixed = any(int8)
     width = []
     for i, l in enumerate(layers):
-        if l.kind in WEIGHT_KINDS or l.kind == "matmul":
+        if int8[i]:
+            width.append(1.0)
+        elif l.kind in WEIGHT_KINDS or l.kind == "matmul":
             width.append(DTYPE_BITS[rows[i]["dtype"]] / 8)
+        elif mixed and l.kind != "param" and kernels.family(l) != "other":
+            width.append(4.0)
         else:
             first = flow.inputs[i][0] if flow.inputs[i] else INPUT
             width.append(4.0 if first == INPUT else width[first])
     return width
+
+
+def _conversion_bytes(graph, table: pd.DataFrame) -> list[float]:
+    """Per layer, the bytes of the float <-> int8 conversions it reads: a quantize writes one byte per element, a
+    dequantize four; a float op inside an int8 kernel's group (a SiLU after an int8 convolution) dequantizes its
+    input too."""
+    out = [0.0] * len(table)
+    for i, kind, shape in table.attrs.get("boundaries", []):
+        out[i] += math.prod(shape) * (1.0 if kind == "quantize" else 4.0)
+    anchor, int8 = table["anchor"].to_numpy(), table["int8"].to_numpy()
+    for i, width in enumerate(table["width"]):
+        if anchor[i] != i and int8[anchor[i]] and width == 4.0:
+            out[i] += 4.0 * graph.layers[i].out_numel
+    return out
 
 
 def kernel_seconds(graph, table: pd.DataFrame, profile: HardwareProfile) -> np.ndarray:
@@ -295,7 +320,9 @@ def estimate(model: nn.Module, example_input: torch.Tensor, hardware="host", thr
     table = op_table(graph, flow, profile)
     layers = price(table, profile, kernel_seconds(graph, table, profile) if profile.kernels else None)
     out_bytes = table["width"].to_numpy() * np.array([l.out_numel for l in graph.layers], dtype=float)
-    peak, _ = peak_activation_bytes(graph, flow, list(out_bytes), table.attrs["input_bytes"])
+    alive = Flow(flow.inputs, [a or b for a, b in zip(flow.inplace, table["folded"])], flow.outputs)
+    peak, _ = peak_activation_bytes(graph, alive, list(out_bytes), table.attrs["input_bytes"],
+                                    _conversion_bytes(graph, table))  # an op folded into its kernel writes in its output
     return Estimate(
         latency_ms=float(layers["latency_ms"].sum()) + profile.call_us * 1e-3,
         energy_mj=float(layers["energy_mj"].sum()),

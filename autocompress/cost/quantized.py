@@ -238,6 +238,18 @@ def int8_flags(layers, weight_int8: list[bool]) -> list[bool]:
     return [q if w else (l.kind != "param" and native_op(l)) for l, w, q in zip(layers, weighted, weight_int8)]
 
 
+FOLDED_ACTS = ("ReLU", "relu", "relu_")  # what FX fuses into the int8 conv / linear / add before it
+
+
+def folded(layers, anchor: list[int], computes_int8: list[bool]) -> list[bool]:
+    """Per layer, whether FX folds it into the kernel it belongs to, so it writes no tensor of its own: in a
+    converted model (any layer int8) BatchNorm into its convolution, and a ReLU into its int8 conv / linear / add."""
+    converted = any(computes_int8)
+    return [converted and anchor[i] != i and (("BatchNorm" in l.type and layers[anchor[i]].kind in ("conv", "dwconv"))
+                                              or (computes_int8[i] and l.type in FOLDED_ACTS))
+            for i, l in enumerate(layers)]
+
+
 def boundaries(layers, flow, anchor: list[int], flags: list[bool], input_shape) -> list[tuple[int, str, tuple]]:
     """(layer whose kernel pays it, quantize | dequantize, tensor shape) of every conversion between float and
     int8: on each edge into a kernel from an op of the other kind (the model input is float), and at each
