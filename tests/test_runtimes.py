@@ -176,7 +176,7 @@ def test_a_torch_int8_run_reports_what_its_int8_model_and_file_measure(digits_mo
                                                                         tmp_path):
     """In a torch-int8 run a candidate's 8-bit layers are judged as torch.ao's int8 kernels compute them (with
     activation ranges from the judge's training batches, kept in the model), so `Result.model(n)`, the torch-int8
-    file and the reported accuracy are one number; the float module it converts
+    file and the reported accuracy are one number (judged mid fine-tune too, on parametrized weights); the float module it converts
     from is `Result.compressed(n)`."""
     from autocompress.cost import quantized
     from autocompress.evaluate import accuracy
@@ -186,7 +186,7 @@ def test_a_torch_int8_run_reports_what_its_int8_model_and_file_measure(digits_mo
     space = ac.SearchSpace("int8", {"quantize": {"weight_bits": [8, 4], "act_bits": [8]}})
     train, val, test = digits_data
     result = ac.compress(digits_model, digits_input, data=(train, val, test), hardware=profile, space=space,
-                         trials=2, final_epochs=0, progress=False)
+                         trials=2, finetune_steps=4, final_epochs=0, progress=False)
     judged = result.trials[result.trials["accuracy"].notna()]
     assert judged["delivered"].any()
     for n, row in judged.iterrows():

@@ -20,6 +20,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..compress.base import get_meta
 from ..compress.quantize import act_fake_quant
@@ -60,14 +61,28 @@ def engine(name: str = ENGINE):
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` without activation fake-quant hooks and ranges (the int8 flow quantizes for real)."""
+    """A copy of `model` without activation fake-quant hooks and ranges (the int8 flow quantizes for real), its
+    weights plain tensors holding their current values (a model judged mid fine-tune has them parametrized)."""
     out = copy.deepcopy(model).eval()
+    for m in list(out.modules()):
+        if parametrize.is_parametrized(m):
+            _unparametrized(m)
     for m in out.modules():
         for key, hook in list(m._forward_pre_hooks.items()):
             if hook is act_fake_quant:
                 del m._forward_pre_hooks[key]
         m._buffers.pop("act_range", None)
     return out
+
+
+def _unparametrized(module: nn.Module) -> None:
+    """`module` (a copy) with its parametrized tensors as plain parameters of their current values. Not
+    `remove_parametrizations`: it edits the parametrized class, which the copy shares with the original."""
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    module.__class__ = module.__class__.__bases__[0]
+    del module._modules["parametrizations"]
+    for name, value in values.items():
+        module.register_parameter(name, nn.Parameter(value))
 
 
 def is_native(module: nn.Module) -> bool:
