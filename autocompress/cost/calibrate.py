@@ -52,7 +52,7 @@ from .profiles import KINDS, HardwareProfile, default_threads
 from .runtimes import BoundOrt, OrtModule, check_runtime, layout_share, onnx_bytes
 from .trace import trace
 
-MODEL_VERSION = 9  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
+MODEL_VERSION = 10  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
                    # (7: timing that notices busy cores; a version-6 profile may hold the timings of busy cores)
 SAMPLES = {True: 500, False: 2000}      # kernels timed by a quick (first use) and a full calibration
 MAX_MACS = {True: 30e6, False: 120e6}   # the largest kernel sampled: beyond it, the prior's slope carries
@@ -253,17 +253,21 @@ def copy_bandwidth_gbs(kb: float, device: str, threads: int | None, clock: str) 
 def measured_prior(device: str, threads: int | None, clock: str, runtime: str = "torch") -> dict:
     """The roofline prior's numbers, each measured: the time of an op on one element (overhead, us), the
     throughput of a large convolution (GMAC/s per dtype: fp32, and in torch-int8 its int8 kernel's too) and of
-    copies beyond the caches (GB/s)."""
+    copies beyond the caches (GB/s); in torch-int8 also an int8 kernel's call on one element (us)."""
     tiny = torch.randn(1, device=device)
     overhead_ms = _quickest_ms(nn.ReLU().to(device), tiny, threads, clock, repeats=50)
     conv, x = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device).eval(), torch.randn(1, 128, 28, 28, device=device)
     macs = 128 * 128 * 9 * 28 * 28
     gmacs = {"fp32": macs / (_quickest_ms(conv, x, threads, clock, repeats=10) * 1e-3) / 1e9}
+    prior = {"overhead_us": overhead_ms * 1e3, "peak_gmacs": gmacs,
+             "bandwidth_gbs": copy_bandwidth_gbs(64 * 1024, device, threads, clock)}
     if runtime == "torch-int8":
         body = in_runtime(conv, x, runtime, threads, int8=True)[0]
         gmacs["int8"] = macs / (_quickest_ms(body, x, threads, clock, repeats=10) * 1e-3) / 1e9
-    return {"overhead_us": overhead_ms * 1e3, "peak_gmacs": gmacs,
-            "bandwidth_gbs": copy_bandwidth_gbs(64 * 1024, device, threads, clock)}
+        one = nn.Conv2d(1, 1, 1).eval(), torch.randn(1, 1, 1, 1)  # an int8 kernel on one element: its call cost
+        prior["int8_overhead_us"] = _quickest_ms(in_runtime(*one, runtime, threads, int8=True)[0], one[1], threads,
+                                                 clock, repeats=50) * 1e3
+    return prior
 
 
 class Busy(AutocompressError):
@@ -353,7 +357,7 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | N
             body = quantized.kernel_body(quantized.convert(kernel, x, [x]), x)
         except Exception:  # torch.ao's FX errors have no common type: a kernel it cannot convert is refused
             return None
-        return (_RoundRobin(body, copies).eval() if copies > 1 else body), 1.0
+        return (_shared_inputs(_RoundRobin(body, copies)).eval() if copies > 1 else body), 1.0
     if runtime != "onnxruntime":
         return model, 1.0
     graph = _Branches(kernel, copies) if isinstance(model, _RoundRobin) else model
@@ -362,6 +366,17 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | N
         return BoundOrt(graph_bytes, x, threads), (1.0 - layout_share(graph_bytes, x, threads)) / copies
     except Exception:  # the exporter's and the runtime's errors have no common type
         return None
+
+
+def _shared_inputs(robin: _RoundRobin) -> _RoundRobin:
+    """Copies of an int8 kernel body reading one quantized input, as a model's kernels read the feature map
+    its previous kernel left in cache (a copy of its own each would time the input's traffic from memory)."""
+    first = robin.copies[0]
+    inputs = {name: buffer for name, buffer in first.named_buffers() if name.startswith(quantized.BODY_INPUT)}
+    for each in robin.copies[1:]:
+        for name, buffer in inputs.items():
+            setattr(each, name, buffer)
+    return robin
 
 
 class _Quantize(nn.Module):
@@ -549,7 +564,8 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
         raise AutocompressError(f"calibration kept {len(rows)} of {SAMPLES[quick]} kernels (the others timed too "
                                 "unevenly); the machine is too busy to calibrate")
     peak = prior["peak_gmacs"]
-    x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], peak["fp32"], prior["bandwidth_gbs"], peak.get("int8")))
+    x = K.with_prior(rows, K.prior_s(rows, prior["overhead_us"], peak["fp32"], prior["bandwidth_gbs"], peak.get("int8"),
+                                     prior.get("int8_overhead_us")))
     y = np.log(seconds) - x[:, -1]
     calibration = {"model_version": MODEL_VERSION, "runtime": runtime, "threads": threads, "clock": clock, "seed": seed,
                    **({"timed_threads": timing_threads, "busy": busy} if busy else {}), **stats,
@@ -577,6 +593,7 @@ def fitted_profile(name: str, device: str, threads: int, prior: dict, calibratio
         kernels=kernels,
         runtime=runtime,
         call_us=_sig(call_us),
+        int8_overhead_us=_sig(prior.get("int8_overhead_us", 0.0)),
     )
 
 

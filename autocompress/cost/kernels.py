@@ -41,6 +41,8 @@ ACT_CODES = {"ReLU": 1, "relu": 1, "relu_": 1, "ReLU6": 2, "relu6": 2, "Hardtanh
              "Sigmoid": 6, "sigmoid": 6, "GELU": 7, "gelu": 7}
 FEATURES = ("family", "log_work", "log_in", "log_out", "log_params", "log_m", "log_n", "log_k", "cin", "cout",
             "groups", "kernel", "stride", "cin_mod16", "cout_mod16", "bn", "act", "log_spatial", "int8", "log_weights_between", "log_prior")
+FLOAT_ACT_CODES = (4, 5, 6, 7, 8)  # ACT_CODES with no x86 int8 kernel in torch.ao (quantized.FLOAT_ONLY_ACTS), and others
+FLOAT_ACT_BYTES = 17.0  # per element: dequantize writes 4, the activation reads 4 and writes 4, quantize reads 4, writes 1
 GEMM_FAMILIES = {FAMILIES.index(f) for f in ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul")}
 
 
@@ -157,10 +159,13 @@ def _log(value: float) -> float:
 
 
 def prior_s(rows: np.ndarray, overhead_us: float, peak_gmacs: float, bandwidth_gbs: float,
-            int8_gmacs: float | None = None) -> np.ndarray:
+            int8_gmacs: float | None = None, int8_overhead_us: float | None = None) -> np.ndarray:
     """The roofline prior of every kernel row: a measured op overhead plus the larger of its compute at the
     measured peak and its traffic (input, output written once and re-read by every fused op, weights; float32,
-    or one byte each for an int8 kernel, which computes at the measured `int8_gmacs`) at the measured bandwidth."""
+    or one byte each for an int8 kernel, which computes at the measured `int8_gmacs`) at the measured bandwidth.
+    An int8 convolution or linear kernel costs the measured `int8_overhead_us` per call; an activation with no
+    int8 kernel fused into an int8 one (a SiLU after an int8 convolution) runs float between a dequantize and a
+    quantize: two ops more, and FLOAT_ACT_BYTES per output element."""
     col = {name: i for i, name in enumerate(FEATURES)}
     work, ins, outs, params = (np.exp2(rows[:, col[c]]) - 1 for c in ("log_work", "log_in", "log_out", "log_params"))
     gemm = np.isin(rows[:, col["family"]], list(GEMM_FAMILIES))
@@ -169,7 +174,10 @@ def prior_s(rows: np.ndarray, overhead_us: float, peak_gmacs: float, bandwidth_g
     compute = np.where(gemm, work / (peak * 1e9), 0.0)
     fused = rows[:, col["bn"]] + (rows[:, col["act"]] > 0)
     traffic = np.where(int8, 1.0, 4.0) * (ins + outs * (1.0 + 2.0 * fused) + params) / (bandwidth_gbs * 1e9)
-    return overhead_us * 1e-6 + np.maximum(compute, traffic)
+    overhead = np.where(int8 & gemm, int8_overhead_us or overhead_us, overhead_us) * 1e-6
+    float_act = int8 & np.isin(rows[:, col["act"]], FLOAT_ACT_CODES)
+    detour = np.where(float_act, 2 * overhead_us * 1e-6 + FLOAT_ACT_BYTES * outs / (bandwidth_gbs * 1e9), 0.0)
+    return overhead + np.maximum(compute, traffic) + detour
 
 
 def with_prior(rows: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -323,7 +331,7 @@ class Forest:
 def predict_s(rows: np.ndarray, profile) -> np.ndarray:
     """Seconds of every kernel row on a profile that carries timed kernels (each distinct row predicted once)."""
     peaks = (profile.overhead_for("other"), profile.peak_gmacs["fp32"], profile.bandwidth_gbs,
-             profile.peak_gmacs.get("int8"))
+             profile.peak_gmacs.get("int8"), profile.int8_overhead_us)
     if not len(rows):
         return prior_s(rows, *peaks)
     unique, inverse = np.unique(rows, axis=0, return_inverse=True)

@@ -23,7 +23,7 @@ SHAPE_KEYS = ("m", "n", "k")
 REQUIRED = ("name", "peak_gmacs", "efficiency", "bandwidth_gbs", "overhead_us", "energy")
 OPTIONAL = ("description", "cache_kb", "cache_bandwidth_gbs", "sparse", "fuses", "overlap", "im2col",
             "channel_multiple", "gemm_half", "narrow_n", "narrow_efficiency", "threads", "device", "calibration",
-            "kernels", "runtime", "call_us")
+            "kernels", "runtime", "call_us", "int8_overhead_us")
 
 
 @dataclass
@@ -61,6 +61,8 @@ class HardwareProfile:
                       onnxruntime; a calibration times that runtime's kernels, measurement times the model there
     call_us:          fixed cost of one call of the whole model into the runtime, in microseconds (an ONNX Runtime
                       session's run: input and output conversion), added once per inference
+    int8_overhead_us: fixed cost of one int8 convolution or linear kernel in microseconds (torch-int8: torch.ao's
+                      call with its requantization, several times a float op's); 0: overhead_us
     """
 
     name: str
@@ -86,6 +88,7 @@ class HardwareProfile:
     kernels: str = ""
     runtime: str = "torch"
     call_us: float = 0.0
+    int8_overhead_us: float = 0.0
 
     def dtype_for(self, bits: int) -> str:
         """The narrowest supported dtype holding `bits` bits, else the widest supported one (an accelerator
@@ -110,6 +113,8 @@ class HardwareProfile:
                "narrow_n": self.narrow_n, "narrow_efficiency": self.narrow_efficiency, "device": self.device}
         if self.runtime != "torch":  # eager PyTorch profiles read (and hash) as they did before runtimes existed
             out["runtime"], out["call_us"] = self.runtime, self.call_us
+        if self.int8_overhead_us:
+            out["int8_overhead_us"] = self.int8_overhead_us
         if self.threads:
             out["threads"] = self.threads
         if self.calibration:
@@ -189,12 +194,15 @@ class HardwareProfile:
             raise AutocompressError(f"hardware profile {where} runtime = {runtime!r}; allowed: {', '.join(RUNTIMES)}")
         call_us = data.get("call_us", 0.0)
         _positive_number(call_us, f"hardware profile {where} call_us", allow_zero=True)
+        int8_overhead = data.get("int8_overhead_us", 0.0)
+        _positive_number(int8_overhead, f"hardware profile {where} int8_overhead_us", allow_zero=True)
         return cls(str(data["name"]), dict(data["peak_gmacs"]), dict(data["efficiency"]), float(data["bandwidth_gbs"]),
                    overhead, _energy(data["energy"], where), _flag(data, "sparse", where),
                    str(data.get("description", "")), float(cache_kb), float(cache_bw),
                    _fusions(data.get("fuses") or [], where), float(overlap), _flag(data, "im2col", where), multiple,
                    {k: float(v) for k, v in gemm_half.items()}, narrow_n, float(narrow_efficiency), threads, device,
-                   dict(data.get("calibration") or {}), kernels, runtime, float(call_us))
+                   dict(data.get("calibration") or {}), kernels, runtime, float(call_us),
+                   float(int8_overhead))
 
 
 def _energy(energy, where: str) -> dict:

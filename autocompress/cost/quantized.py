@@ -30,6 +30,7 @@ from .flow import INPUT
 
 ENGINE = "x86"
 NATIVE_BITS = 8
+BODY_INPUT = "_quantized_input_"  # kernel_body's buffers: the quantized input (or constant) it reads
 FLOAT_ONLY_ACTS = ("SiLU", "silu", "GELU", "gelu", "Sigmoid", "sigmoid", "Hardsigmoid", "hardsigmoid", "Tanh", "tanh",
                    "LeakyReLU", "leaky_relu", "Softmax", "softmax")  # no x86 int8 kernel in torch.ao's FX flow
 
@@ -214,7 +215,7 @@ def kernel_body(converted: torch.fx.GraphModule, example_input: torch.Tensor) ->
             continue
         value = example_input if source.op == "placeholder" else _attr(gm, source.target)
         args = [value] + [_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:]]
-        name = f"_quantized_input_{i}"
+        name = f"{BODY_INPUT}{i}"
         gm.register_buffer(name, node.target(*args))
         with graph.inserting_before(node):
             node.replace_all_uses_with(graph.get_attr(name))
