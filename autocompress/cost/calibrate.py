@@ -264,9 +264,9 @@ def measured_prior(device: str, threads: int | None, clock: str, runtime: str = 
     if runtime == "torch-int8":
         body = in_runtime(conv, x, runtime, threads, int8=True)[0]
         gmacs["int8"] = macs / (_quickest_ms(body, x, threads, clock, repeats=10) * 1e-3) / 1e9
-        one = nn.Conv2d(1, 1, 1).eval(), torch.randn(1, 1, 1, 1)  # an int8 kernel on one element: its call cost
-        prior["int8_overhead_us"] = _quickest_ms(in_runtime(*one, runtime, threads, int8=True)[0], one[1], threads,
-                                                 clock, repeats=50) * 1e3
+        point = torch.randn(1, 1, 1, 1)  # an int8 kernel on one element: its call cost
+        call = in_runtime(nn.Conv2d(1, 1, 1).eval(), point, runtime, threads, int8=True)[0]
+        prior["int8_overhead_us"] = _quickest_ms(call, point, threads, clock, repeats=50) * 1e3
     return prior
 
 

@@ -41,7 +41,9 @@ ACT_CODES = {"ReLU": 1, "relu": 1, "relu_": 1, "ReLU6": 2, "relu6": 2, "Hardtanh
              "Sigmoid": 6, "sigmoid": 6, "GELU": 7, "gelu": 7}
 FEATURES = ("family", "log_work", "log_in", "log_out", "log_params", "log_m", "log_n", "log_k", "cin", "cout",
             "groups", "kernel", "stride", "cin_mod16", "cout_mod16", "bn", "act", "log_spatial", "int8", "log_weights_between", "log_prior")
-FLOAT_ACT_CODES = (4, 5, 6, 7, 8)  # ACT_CODES with no x86 int8 kernel in torch.ao (quantized.FLOAT_ONLY_ACTS), and others
+OTHER_ACT = 8  # the act code of any activation ACT_CODES does not name
+# the act codes with no x86 int8 kernel in torch.ao (quantized.FLOAT_ONLY_ACTS names them; it imports this module)
+FLOAT_ACT_CODES = (ACT_CODES["Hardsigmoid"], ACT_CODES["SiLU"], ACT_CODES["Sigmoid"], ACT_CODES["GELU"], OTHER_ACT)
 FLOAT_ACT_BYTES = 17.0  # per element: dequantize writes 4, the activation reads 4 and writes 4, quantize reads 4, writes 1
 GEMM_FAMILIES = {FAMILIES.index(f) for f in ("conv", "pointwise", "grouped", "dwconv", "linear", "matmul")}
 
@@ -146,7 +148,7 @@ def _kernel_row(layers, group: list[int]) -> list[float]:
         work = pool_work(first)
     else:
         work = first.macs if FAMILIES.index(fam) in GEMM_FAMILIES else first.out_numel
-    act = max([ACT_CODES.get(layers[j].type, 8) for j in group if layers[j].kind in ("act", "elementwise")
+    act = max([ACT_CODES.get(layers[j].type, OTHER_ACT) for j in group if layers[j].kind in ("act", "elementwise")
                and j != group[0]] or [0])
     spatial = math.prod(last.out_shape[2:]) if len(last.out_shape) > 2 else 1
     return [FAMILIES.index(fam), _log(work), _log(first.in_numel), _log(last.out_numel),
