@@ -394,6 +394,41 @@ def test_a_run_killed_during_a_trial_reports_and_exports_from_its_study(tmp_path
     assert snapshot(out) == before
 
 
+WRITER_KILLED_MID_TRANSACTION = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute('PRAGMA cache_size=1')  # a one-page cache spills the transaction into the file before it commits
+db.execute('BEGIN IMMEDIATE')
+db.execute("UPDATE trials SET state = 'FAIL'")
+db.executemany("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (1, ?, '0')",
+               [(f"k{i}",) for i in range(20000)])
+print('written', flush=True)
+time.sleep(600)
+"""
+
+
+def test_reading_a_study_a_writer_was_killed_in_changes_no_file(folder, tmp_path, capsys):
+    """kill -9 mid-transaction leaves a hot journal beside study.db; SQLite's first reader would roll it back in
+    place. `report` shows the committed trials and leaves both files as they were."""
+    import os
+    import shutil
+    import signal
+
+    out = tmp_path / "run"
+    shutil.copytree(folder, out)
+    code, expected = cli(["report", str(out)], capsys)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_KILLED_MID_TRANSACTION, str(out / "study.db")],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert (out / "study.db-journal").stat().st_size > 0
+    before = snapshot(out)
+    code, printed = cli(["report", str(out)], capsys)
+    assert code == 0 and printed == expected
+    assert snapshot(out) == before
+
+
 def _states(db: Path) -> list[str]:
     """The trial states of the study in `db`, once two trials' judged weights are beside it (so the run has long
     made the study: opening it sooner could create the file, or race the run making its tables)."""

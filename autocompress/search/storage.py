@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
+import weakref
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -78,7 +81,11 @@ def open_storage(spec, must_exist: bool = False):
 def read_study(spec, name: str | None = None) -> optuna.Study:
     """Study `name` in the storage `spec` names (None: the only study it holds), for reading: a missing file,
     a corrupt one, a missing study or several to choose from is one sentence, and nothing is created."""
-    storage, shown = open_storage(spec, must_exist=True), hide_password(str(spec))
+    shown = hide_password(str(spec))
+    copy = _unrolled_copy(spec)
+    storage = open_storage(spec if copy is None else f"sqlite:///{copy}", must_exist=True)
+    if copy is not None:  # the copy lives while the storage reads from it
+        weakref.finalize(storage, shutil.rmtree, copy.parent, True)
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:
@@ -143,6 +150,25 @@ def _sqlite_path(url: str) -> str | None:
     except Exception:  # malformed: RDBStorage says why
         return None
     return database if database and database != ":memory:" else None
+
+
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
+def _unrolled_copy(spec) -> Path | None:
+    """A private copy of a SQLite study file that a killed writer left mid-transaction (a `-journal` or `-wal`
+    file beside it), or None. SQLite's first reader rolls such a transaction back in place, rewriting the file
+    and deleting the journal; reading the copy shows the same committed trials and leaves the folder as it was."""
+    path = _sqlite_path(str(spec)) if str(spec).startswith("sqlite:") else None
+    if not (path and Path(path).is_file()):
+        return None
+    sides = [suffix for suffix in SQLITE_SIDE_FILES if Path(path + suffix).is_file()]
+    if not sides:
+        return None
+    copy = Path(tempfile.mkdtemp(prefix="autocompress-read-")) / Path(path).name
+    for suffix in ("", *sides):
+        shutil.copyfile(path + suffix, f"{copy}{suffix}")
+    return copy
 
 
 def _require_file(path: str | None, spec: str) -> None:
