@@ -52,7 +52,7 @@ from .profiles import KINDS, HardwareProfile, default_threads
 from .runtimes import BoundOrt, OrtModule, check_runtime, layout_share, onnx_bytes
 from .trace import trace
 
-MODEL_VERSION = 10  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
+MODEL_VERSION = 11  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
                    # (7: timing that notices busy cores; a version-6 profile may hold the timings of busy cores)
 SAMPLES = {True: 500, False: 2000}      # kernels timed by a quick (first use) and a full calibration
 MAX_MACS = {True: 30e6, False: 120e6}   # the largest kernel sampled: beyond it, the prior's slope carries
@@ -61,6 +61,8 @@ SPREAD_LIMIT = 1.25                     # rounds further apart than this (max / 
 BUSY_DROPPED = 0.2                      # more kernels dropped than this: the machine was busy
 PROBE_EVERY = 20                        # kernels timed between two timings of the reference kernel
 PROBE_LIMIT = 1.3                       # the reference slower than this x its quiet time: the block is noisy
+WARM_CALLS = 3                          # calls of each copy of a kernel before it is timed (see warm)
+WARM_ROUNDS = 5                         # ... within this many rounds' time (ROUND_MS)
 RETRIES = 2                             # a noisy block is timed again this many times, then its kernels dropped
 PAUSE_S = 0.5                           # the wait before a noisy block is timed again
 START_TRIES = 3                         # reference timings (PAUSE_S apart) before the cores count as busy
@@ -199,8 +201,9 @@ def _traced_rows(model: nn.Module, x: torch.Tensor, between: float | None):
 def time_kernel(model: nn.Module, x: torch.Tensor, threads: int | None, clock: str,
                 round_ms: float) -> tuple[float | None, float]:
     """(seconds, spread): the median of three rounds, timed again when they disagree by more than SPREAD_LIMIT;
-    seconds None when they still do (the machine was too noisy for this kernel)."""
-    first = measure_latency_ms(model, x, repeats=3, warmup=2, threads=threads, clock=clock)
+    seconds None when they still do (the machine was too noisy for this kernel). Warmed first (`warm`)."""
+    warm(model, x, WARM_ROUNDS * round_ms)
+    first = measure_latency_ms(model, x, repeats=3, warmup=1, threads=threads, clock=clock)
     repeats = int(min(25, max(5, round_ms / max(first, 1e-3))))
     spread = math.inf
     for _ in range(2):
@@ -210,6 +213,19 @@ def time_kernel(model: nn.Module, x: torch.Tensor, threads: int | None, clock: s
         if spread <= SPREAD_LIMIT:
             return statistics.median(rounds) / 1e3, spread
     return None, spread
+
+
+@torch.no_grad()
+def warm(model: nn.Module, x: torch.Tensor, budget_ms: float) -> None:
+    """Call every copy of a round robin WARM_CALLS times (at least WARM_CALLS calls, at most `budget_ms` of
+    them): a kernel's first calls run slower (a torch.ao int8 convolution here: 4 ms, 0.5 ms, 0.12 ms, then
+    0.07 ms; each new copy of it 0.56 ms, 0.14 ms), and a model's kernels are timed after its warm-up too."""
+    copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
+    start = time.perf_counter()
+    for call in range(WARM_CALLS * copies):
+        if call >= WARM_CALLS and time.perf_counter() - start > budget_ms * 1e-3:
+            return
+        model(x)
 
 
 class _Copy(nn.Module):
