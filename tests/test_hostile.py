@@ -429,6 +429,19 @@ def test_reading_a_study_a_writer_was_killed_in_changes_no_file(folder, tmp_path
     assert snapshot(out) == before
 
 
+def test_a_corrupt_study_beside_a_journal_is_named_as_the_user_named_it(tmp_path, capsys):
+    """A journal beside study.db makes `report` read a private copy; an error still names the user's file, and
+    the copy is gone."""
+    import tempfile
+
+    db = garbage(tmp_path / "study.db")
+    (tmp_path / "study.db-journal").write_bytes(b"\0" * 512)
+    copies = set(Path(tempfile.gettempdir()).glob("autocompress-read-*"))
+    code, printed = cli(["report", "--storage", f"sqlite:///{db}"], capsys)
+    assert code == 2 and f"cannot open storage 'sqlite:///{db}': " in printed and "not a database" in printed, printed
+    assert "autocompress-read-" not in printed and set(Path(tempfile.gettempdir()).glob("autocompress-read-*")) == copies
+
+
 def _states(db: Path) -> list[str]:
     """The trial states of the study in `db`, once two trials' judged weights are beside it (so the run has long
     made the study: opening it sooner could create the file, or race the run making its tables)."""

@@ -48,23 +48,25 @@ def default_heartbeat() -> int:
     return int(text)
 
 
-def open_storage(spec, must_exist: bool = False):
+def open_storage(spec, must_exist: bool = False, shown: str | None = None):
     """The Optuna storage a spec names (see the module docstring); None stays None (in memory, this process
     only) and a storage object is used as given. With `must_exist` (reading a study that should be there:
-    report, export, worker) a SQLite or journal file that is missing is an error, and no file is created."""
+    report, export, worker) a SQLite or journal file that is missing is an error, and no file is created.
+    `shown`: the spec an error names (read_study opens a private copy of the file the user named)."""
     if spec is None or isinstance(spec, BaseStorage):
         return spec
     text = str(spec)
+    shown = shown or hide_password(text)
     if text.startswith("journal:") or (text.endswith(".log") and "://" not in text):
         return _journal(text.removeprefix("journal:"), must_exist)
     scheme = re.match(r"([a-z]+)(\+\w+)?://", text)
     if scheme is None or scheme.group(1) not in RDB_SCHEMES:
-        raise AutocompressError(f"storage {hide_password(text)!r} is not allowed; use {ALLOWED}")
+        raise AutocompressError(f"storage {shown!r} is not allowed; use {ALLOWED}")
     if must_exist and scheme.group(1) == "sqlite":
         _require_file(_sqlite_path(text), text)
     if scheme.group(1) != "sqlite" and text[scheme.end():].split("?")[0].count("@") > 1:
         # SQLAlchemy would split at the first '@' and send the rest of the password to DNS as a host name
-        raise AutocompressError(f"the password in storage {hide_password(text)!r} holds '@'; write it as %40")
+        raise AutocompressError(f"the password in storage {shown!r} holds '@'; write it as %40")
     url = text
     if scheme.group(0) == "postgresql://":  # SQLAlchemy 2.1 would pick psycopg 3; psycopg2 is our dependency
         url = "postgresql+psycopg2://" + text.removeprefix("postgresql://")
@@ -72,10 +74,10 @@ def open_storage(spec, must_exist: bool = False):
     try:
         return _rdb(url, engine)
     except ImportError:
-        raise AutocompressError(f"storage {hide_password(text)!r} needs a database driver that is not installed "
+        raise AutocompressError(f"storage {shown!r} needs a database driver that is not installed "
                                 f"(psycopg2-binary for postgresql://, pymysql for mysql+pymysql://)") from None
     except Exception as exc:
-        raise AutocompressError(f"cannot open storage {hide_password(text)!r}: {first_line(exc)}") from None
+        raise AutocompressError(f"cannot open storage {shown!r}: {first_line(exc)}") from None
 
 
 def read_study(spec, name: str | None = None) -> optuna.Study:
@@ -83,9 +85,15 @@ def read_study(spec, name: str | None = None) -> optuna.Study:
     a corrupt one, a missing study or several to choose from is one sentence, and nothing is created."""
     shown = hide_password(str(spec))
     copy = _unrolled_copy(spec)
-    storage = open_storage(spec if copy is None else f"sqlite:///{copy}", must_exist=True)
     if copy is not None:  # the copy lives while the storage reads from it
+        try:
+            storage = open_storage(f"sqlite:///{copy}", must_exist=True, shown=shown)
+        except AutocompressError:
+            shutil.rmtree(copy.parent, True)
+            raise
         weakref.finalize(storage, shutil.rmtree, copy.parent, True)
+    else:
+        storage = open_storage(spec, must_exist=True)
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:
@@ -160,7 +168,7 @@ def _unrolled_copy(spec) -> Path | None:
     file beside it), or None. SQLite's first reader rolls such a transaction back in place, rewriting the file
     and deleting the journal; reading the copy shows the same committed trials and leaves the folder as it was."""
     path = _sqlite_path(str(spec)) if str(spec).startswith("sqlite:") else None
-    if not (path and Path(path).is_file()):
+    if not (path and Path(path).is_file() and Path(path).stat().st_size):  # an empty file: open_storage's error
         return None
     sides = [suffix for suffix in SQLITE_SIDE_FILES if Path(path + suffix).is_file()]
     if not sides:
