@@ -3,8 +3,9 @@
 Random compressed candidates of torchvision models (pruned widths through `ac.apply` with the default
 search space's knobs, weight bit-widths, dropped blocks when the depth technique exists; the first of
 each model uncompressed) are priced with the host profile of each thread count and timed on this machine
-at that thread count (median over rounds of repeated timings; one thread on the CPU clock, more on the
-wall clock, as the profile was calibrated). The host profiles are calibrated on sampled kernels
+at that thread count (median over rounds of repeated timings, the rounds interleaved over a model's
+candidates and thread counts; one thread on the CPU clock, more on the wall clock, as the profile was
+calibrated). The host profiles are calibrated on sampled kernels
 (cost/calibrate.py), no torchvision model among them, so every scored candidate is held out. The baseline
 predicts latency = scale x MACs with the scale fitted on the scored candidates themselves (least squares on
 log latency): the best any MACs-proportional model can do. Prints, per model, per thread count and pooled:
@@ -92,14 +93,18 @@ def wait_until_quiet(max_load: float, timeout_s: float = 120.0) -> bool:
     return True
 
 
-def measure(model, x, threads: int, clock: str, args) -> float:
-    """Median over rounds of the median of repeated timings, each round once the load is below --max-load."""
-    times = []
+def interleaved_ms(runs: list, args) -> list[float]:
+    """Per (model, input, threads, clock) run, the median over rounds of its median of repeated timings. Each round
+    times every run once, in turn, so that the machine's drift (+-25 % here over minutes) moves all of one
+    model's candidates alike instead of the candidates timed later; a round starts once the load is below
+    --max-load."""
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(args.rounds):
         if args.max_load and not wait_until_quiet(args.max_load):
             print(f"  (load stayed above {args.max_load}: timing anyway)", file=sys.stderr)
-        times.append(measure_latency_ms(model, x, repeats=args.repeats, threads=threads, clock=clock))
-    return float(np.median(times))
+        for i, (model, x, threads, clock) in enumerate(runs):
+            times[i].append(measure_latency_ms(model, x, repeats=args.repeats, threads=threads, clock=clock))
+    return [float(np.median(t)) for t in times]
 
 
 def score(pred: np.ndarray, meas: np.ndarray) -> dict:
@@ -145,7 +150,7 @@ def main(argv=None) -> None:
     p.add_argument("--per-model", type=int, default=6, help="candidates per model (the first is uncompressed)")
     p.add_argument("--threads", default="1,2", help="torch thread counts to price and time at")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-load", type=float, default=None,
                    help="time only while the 1-minute load average is below this (waits; the bench itself adds ~1)")
@@ -166,15 +171,17 @@ def main(argv=None) -> None:
     known = pd.read_csv(args.measured).set_index(["candidate", "threads"])["measured_ms"] if args.measured else None
     load_before, rows = os.getloadavg(), []
     for name in args.models.split(","):
+        priced, runs = [], []
         for cid, res, model, x in candidates(name, args.per_model, args.seed):
             for t, profile in profiles.items():
-                est = ac.estimate(model, x, profile)
-                clock = profile.calibration.get("clock", "wall")
-                ms = float(known[(cid, t)]) if known is not None else measure(model, x, t, clock, args)
-                rows.append({"candidate": cid, "model": name, "resolution": res, "threads": t, "macs": est.macs,
-                             "params": est.params, "predicted_ms": est.latency_ms, "measured_ms": ms})
-                print(f"  {cid:24s} {res:4d}px @{t} {est.macs / 1e6:8.1f} MMACs  predicted {est.latency_ms:7.2f} ms  "
-                      f"measured {ms:7.2f} ms", file=sys.stderr)
+                priced.append((cid, res, t, ac.estimate(model, x, profile)))
+                runs.append((model, x, t, profile.calibration.get("clock", "wall")))
+        timed = [float(known[(cid, t)]) for cid, _, t, _ in priced] if known is not None else interleaved_ms(runs, args)
+        for (cid, res, t, est), ms in zip(priced, timed):
+            rows.append({"candidate": cid, "model": name, "resolution": res, "threads": t, "macs": est.macs,
+                         "params": est.params, "predicted_ms": est.latency_ms, "measured_ms": ms})
+            print(f"  {cid:24s} {res:4d}px @{t} {est.macs / 1e6:8.1f} MMACs  predicted {est.latency_ms:7.2f} ms  "
+                  f"measured {ms:7.2f} ms", file=sys.stderr)
     frame = pd.DataFrame(rows)
     if args.save:
         frame.to_csv(args.save, index=False)
