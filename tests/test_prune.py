@@ -243,3 +243,47 @@ def test_shufflenet_prunes_branch_widths_and_removes_exactly_the_ranked_channels
     _, pruned = _prune(model, x, keep, round_to=1, importance="bn")  # BN scale: the silent channels go
     assert pruned.stage2[1].branch2[0].out_channels == group.channels - len(silent)
     torch.testing.assert_close(stage2(pruned), stage2(model), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "vit", "shufflenet_v2_x0_5"])
+def test_a_kept_dependency_graph_prunes_as_a_fresh_trace_does(name):
+    """Each prune binds a copy of one graph traced on a meta twin (concats, unwrapped parameters, reshapes
+    Torch-Pruning cannot map): the pruned model must equal, tensor for tensor, what a graph traced on the model
+    itself gives, pruned twice from one structure."""
+    import copy
+
+    import torch_pruning as tp
+
+    from autocompress.compress.prune import groups
+    from autocompress.graph import output_layers
+
+    torch.manual_seed(0)
+    if name == "vit":
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    else:
+        model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    def every_third(_model):
+        return lambda info, group: list(range(0, info.channels // info.chunks, 3))[: info.channels // info.chunks - 1]
+
+    def pruned(fresh: bool):
+        groups._traces.clear()
+        for _ in range(2):  # the second prune reuses the kept graph
+            copied = copy.deepcopy(model)
+            if fresh:  # the graph traced on the model itself, as Torch-Pruning is meant to be used
+                copied_graph = tp.DependencyGraph().build_dependency(copied, example_inputs=(x,))
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(groups.Traced, "graph_of", lambda self, m: copied_graph)
+                    out = groups.prune_channels(copied, x, output_layers(model, x), every_third)
+            else:
+                out = groups.prune_channels(copied, x, output_layers(model, x), every_third)
+        return out
+
+    (kept, kept_groups, kept_failed), (fresh, fresh_groups, fresh_failed) = pruned(False), pruned(True)
+    assert [i.id for i, _ in kept_groups] == [i.id for i, _ in fresh_groups] and kept_groups
+    assert [i.id for i in kept_failed] == [i.id for i in fresh_failed]
+    assert {k: v.shape for k, v in kept.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(kept(x), fresh(x))

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ...errors import AutocompressError, one_of
-from ...graph import first_tensor, output_layers
+from ...graph import first_tensor
 from ..base import FRACTION, Between, Technique, set_meta
-from .groups import prune_channels
+from .groups import prune_channels, traced
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
 DEFAULT_IMPORTANCE = "l1"  # most accurate after BN recalibration at equal MACs on digits: scripts/bench_importance.py
@@ -144,7 +144,7 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
     if not keep:
         return model
     chooser = _chooser(keep, round_to, section.get("importance", DEFAULT_IMPORTANCE), example_input)
-    model, pruned, failed = prune_channels(model, example_input, output_layers(model, example_input), chooser)
+    model, pruned, failed = prune_channels(model, example_input, traced(model, example_input).output_layers, chooser)
     model.zero_grad(set_to_none=True)
     for info, dropped in pruned:
         for member in info.members:

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from ...graph import ChannelGroup, Layer, LayerGraph, output_shape
+from ...graph import ChannelGroup, Layer, LayerGraph, output_layers, output_shape
 
 PROBE_KEEP = 0.25       # analysis test-prunes every group down to this fraction of its channels
 CLOSURE_LIMIT = 4096    # index-mapping steps one channel's dependency closure may take before it counts as unbounded
@@ -65,18 +65,29 @@ def prune_channels(model: nn.Module, example_input: torch.Tensor, keep_whole: li
     group that breaks the model is restored and reported as failed. Layers in `keep_whole` keep
     their output width.
     """
-    reference = output_shape(model, example_input)
-    pristine = copy.deepcopy(model)
+    pristine = _module_states(model)  # pruning replaces attributes and tensors, never edits one in place
     try:
-        pruner = ChannelPruner(model, example_input, keep_whole, reference)
+        pruner = ChannelPruner(model, example_input, keep_whole)
         pruned, failed = pruner.prune_all(chooser(model), check=False)
         if pruner.runs():
             return model, pruned, failed
     except Exception:  # some group broke the model: redo it group by group
         pass
-    pruner = ChannelPruner(pristine, example_input, keep_whole, reference)
-    pruned, failed = pruner.prune_all(chooser(pristine), check=True)
-    return pristine, pruned, failed
+    _restore_states(pristine)
+    pruner = ChannelPruner(model, example_input, keep_whole)
+    pruned, failed = pruner.prune_all(chooser(model), check=True)
+    return model, pruned, failed
+
+
+def _module_states(model: nn.Module) -> list:
+    """Every module's attributes, parameters, buffers and children as they are now (dicts copied, tensors shared)."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+
+
+def _restore_states(states: list) -> None:
+    for m, attrs, params, buffers, children in states:
+        m.__dict__.clear()
+        m.__dict__.update(attrs, _parameters=params, _buffers=buffers, _modules=children)
 
 
 class ChannelPruner:
@@ -89,13 +100,14 @@ class ChannelPruner:
     output shape changed, restores every layer of the group as it was.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, keep_whole: list[str], reference: tuple):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, keep_whole: list[str]):
         self.model = model
         self.example_input = example_input
-        self.dg = dependency_graph(model, example_input)
+        record = traced(model, example_input)
+        self.dg = record.graph_of(model)
         self.names = {m: n for n, m in model.named_modules()}
         self.keep_whole = {model.get_submodule(n) for n in keep_whole}
-        self.reference = reference  # the output shape every pruned model must keep
+        self.reference = record.output_shape  # the output shape every pruned model must keep
 
     def groups(self):
         """Yield (ChannelGroup, Torch-Pruning group or None when it cannot be built) lazily: each may be pruned as
@@ -160,8 +172,10 @@ class ChannelPruner:
         saved = self._snapshot(group) if check else None
         try:
             _subgroup(group, idxs).prune()
+            if not check:
+                return True
             _sync_attributes(self.model)
-            if not check or self.runs():
+            if self.runs():
                 return True
         except Exception:
             if not check:
@@ -171,7 +185,8 @@ class ChannelPruner:
 
     def runs(self) -> bool:
         """Whether the model's forward pass works and keeps its output shape."""
-        return output_shape(self.model, self.example_input) == self.reference
+        _sync_attributes(self.model)
+        return output_shape(self.model, self.example_input, meta=True) == self.reference
 
     def _group(self, module: nn.Module, pruning_fn, channels: int):
         """Torch-Pruning's group of removing every channel of `module`, adding no layer more than REVISIT_LIMIT
@@ -220,14 +235,12 @@ class ChannelPruner:
             if isinstance(target, nn.Parameter):  # unwrapped parameters (class tokens...) are replaced on their owner
                 target = self.model.get_submodule(self.dg._param_to_name[target].rpartition(".")[0])
             modules.update(target.modules())
-        state = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in modules]
+        state = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in modules]
         return state, nodes, dict(self.dg._param_to_name), dict(self.dg.module2node)
 
     def _restore(self, saved) -> None:
         state, nodes, param_names, module2node = saved
-        for m, attrs, params, buffers in state:
-            m.__dict__.clear()
-            m.__dict__.update(attrs, _parameters=params, _buffers=buffers)
+        _restore_states(state)
         for node, module in nodes:
             node.module = module
         self.dg._param_to_name, self.dg.module2node = param_names, module2node
@@ -308,19 +321,126 @@ def _sync_attributes(model: nn.Module) -> None:
             m.hidden_dim = proj.out_channels
 
 
-def dependency_graph(model: nn.Module, example_input: torch.Tensor):
-    """Build Torch-Pruning's DependencyGraph, or None (with a warning) when it cannot."""
+TRACES_KEPT = 4  # structures kept per process: a search prunes copies of one model (or of a few, after depth)
+_traces: collections.OrderedDict = collections.OrderedDict()
+
+
+@dataclasses.dataclass
+class Traced:
+    """What pruning needs to know of one model structure, found once per structure and process.
+
+    A search prunes a fresh copy of the same model in every trial, and tracing its dependency graph (a forward
+    pass with hooks, then the walk of its autograd graph), finding its output layers and running it for its
+    output shape were most of a cost-only trial's time. The graph is traced on a meta-tensor twin of the model
+    (shapes only, no arithmetic) where it runs there; each use gets a copy bound to its own model (`graph_of`).
+    """
+    twin: nn.Module                # the model the graph was traced on (meta tensors, else a real copy)
+    graph: object                  # its Torch-Pruning DependencyGraph, None when it cannot be traced
+    output_shape: tuple | None     # the unpruned model's output shape: every pruned model must keep it
+    output_layers: list[str]       # conv/linear layers whose width is the model's output
+
+    def graph_of(self, model: nn.Module):
+        """The dependency graph bound to `model` (of this structure), as if traced on it; None without one."""
+        return None if self.graph is None else _rebound(self.graph, self.twin, model)
+
+
+def traced(model: nn.Module, example_input: torch.Tensor) -> Traced:
+    """The Traced record of `model`'s structure (see `_structure_key`), traced now if not kept from before."""
+    key = _structure_key(model, example_input)
+    if key not in _traces:
+        twin, graph = _trace_graph(model, example_input)
+        _traces[key] = Traced(twin, graph, output_shape(model, example_input, meta=True),
+                              output_layers(model, example_input))
+        while len(_traces) > TRACES_KEPT:
+            _traces.popitem(last=False)
+    _traces.move_to_end(key)
+    return _traces[key]
+
+
+def _trace_graph(model: nn.Module, example_input: torch.Tensor) -> tuple:
+    """(the model the graph was traced on, Torch-Pruning's DependencyGraph): traced on a meta twin of `model`,
+    else (an op without a meta kernel...) on a real copy; (None, None) with a warning when neither traces."""
     import torch_pruning as tp
 
     _guard_reshape_mapping()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    except Exception as exc:
-        warnings.warn(f"channel dependencies could not be traced ({type(exc).__name__}: {exc}); "
-                      "channel pruning is disabled for this model", stacklevel=2)
-        return None
+    for twin_of in (_meta_twin, lambda m, x: (copy.deepcopy(m), x)):
+        try:
+            twin, x = twin_of(model, example_input)
+            with warnings.catch_warnings(), torch.enable_grad():
+                warnings.simplefilter("ignore")
+                # a tuple: Torch-Pruning calls model(*inputs) first, which would run a lone tensor's first sample
+                return twin, tp.DependencyGraph().build_dependency(twin, example_inputs=(x,))
+        except Exception as exc:
+            error = exc
+    warnings.warn(f"channel dependencies could not be traced ({type(error).__name__}: {error}); "
+                  "channel pruning is disabled for this model", stacklevel=4)
+    return None, None
+
+
+def _structure_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
+    """What the dependency graph depends on: every module's name, class and settings, every tensor's name and
+    shape, and the input's shape."""
+    modules = tuple((n, type(m).__qualname__, m.extra_repr()) for n, m in model.named_modules())
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.requires_grad)
+                    for n, t in [*model.named_parameters(), *model.named_buffers()])
+    return modules, tensors, tuple(example_input.shape), example_input.dtype
+
+
+def _meta_twin(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """A copy of `model` whose parameters and buffers are meta tensors of the same shapes, and a meta input."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo), torch.empty_like(example_input, device="meta")
+
+
+def _rebound(dg, twin: nn.Module, model: nn.Module):
+    """A copy of dependency graph `dg` (traced on `twin`) that points at `model`, whose structure is the twin's.
+
+    Nodes, dependencies and Torch-Pruning's own op records are copied (pruning and index-mapping updates change
+    them); the twin's modules, parameters and buffers are replaced by `model`'s of the same name; the pruners,
+    the autograd records of the trace and the index-mapping functions are shared (nothing changes them in place).
+    Torch-Pruning 1.6's graph layout is relied on (the version pyproject pins); `tests/test_prune.py` checks that a
+    rebound graph prunes as a fresh trace does.
+    """
+    same = {id(a): b for (_, a), (_, b) in zip(twin.named_modules(), model.named_modules())}
+    same.update((id(a), b) for (_, a), (_, b) in zip(twin.named_parameters(), model.named_parameters()))
+    same.update((id(a), b) for (_, a), (_, b) in zip(twin.named_buffers(), model.named_buffers()))
+
+    def mapped(obj):
+        return same.get(id(obj), obj)
+
+    traced = {id(n.grad_fn): n.grad_fn for n in dg.module2node.values()}
+    nodes = {}
+    for node in dg.module2node.values():  # Torch-Pruning's op records (concat sizes...) change as channels go
+        new = nodes[id(node)] = copy.copy(node)
+        own = id(node.module) in same
+        new.module = same[id(node.module)] if own else copy.deepcopy(node.module, dict(traced))
+    for node in dg.module2node.values():
+        new = nodes[id(node)]
+        new.inputs = [nodes[id(n)] for n in node.inputs]
+        new.outputs = [nodes[id(n)] for n in node.outputs]
+        new.dependencies = [_rebound_dependency(d, nodes) for d in node.dependencies]
+    out = copy.copy(dg)
+    out.model = model
+    out.module2node = {nodes[id(n)].module: nodes[id(n)] for n in dg.module2node.values()}
+    out._module2name = {mapped(m): name for m, name in dg._module2name.items()}
+    out._param_to_name = {mapped(p): name for p, name in dg._param_to_name.items()}
+    out.unwrapped_parameters = [u._replace(parameters=mapped(u.parameters)) for u in dg.unwrapped_parameters]
+    out.ignored_params = [mapped(p) for p in dg.ignored_params]
+    out.IGNORED_LAYERS_IN_TRACING = [mapped(m) for m in dg.IGNORED_LAYERS_IN_TRACING]
+    out._pruning_history = []
+    if hasattr(dg, "unmapped"):
+        out.unmapped = {nodes[id(n)] for n in dg.unmapped}
+    return out
+
+
+def _rebound_dependency(dep, nodes: dict):
+    new = copy.copy(dep)
+    new.source, new.target = nodes[id(dep.source)], nodes[id(dep.target)]
+    new.index_mapping = list(dep.index_mapping)
+    return new
 
 
 def _guard_reshape_mapping() -> None:
