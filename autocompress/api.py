@@ -1,8 +1,6 @@
 """The Python entry points: compress, work (join a shared study), estimate, apply, analyze."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,7 +17,7 @@ from .cost.profiles import HardwareProfile
 from .data import load_recorded_data
 from .deliver import deliver_front, dominated_by_delivered, timed
 from .errors import AutocompressError
-from .evaluate import Evaluator, accuracy, make_evaluator
+from .evaluate import make_evaluator
 from .compress.prune.groups import with_channel_groups
 from .graph import LayerGraph, analyze as _trace
 from .judged import WeightStore
@@ -152,9 +150,8 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     model = model.eval()
     graph = analyze(model, example_input)
     bound = search_space.bind(graph)
-    supernet.prepare(bound, model, example_input, getattr(judge, "train_loader", None))  # student spaces only
-
-    if isinstance(judge, Evaluator):  # accuracy as the profile's runtime computes it (int8 kernels in torch-int8)
+    supernet.prepare(bound, model, example_input, judge.train_loader if judge is not None else None)  # students
+    if judge is not None:  # accuracy as the profile's runtime computes it (int8 kernels in torch-int8)
         judge.run_in(profile.runtime, example_input)
     baseline = _estimate(model, example_input, profile).as_dict()
     limits = budgets.limits(baseline)
@@ -170,11 +167,12 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     study = search.open_study(storage, study_name, objectives, config)
     study.sampler = search.make_sampler(sampler, search.seed_for(study, sampler_seed), trials_hint)
     if "baseline" not in study.user_attrs:  # measured once per study: a resume calls no evaluator for it
-        study.set_user_attr("baseline", {**baseline, **_baseline_accuracy(judge, model)})
+        measured = judge.baseline(model) if judge is not None else {"accuracy": None}  # statistics as given
+        study.set_user_attr("baseline", {**baseline, **measured})
         study.set_user_attr("min_accuracy", budgets.accuracy_floor(study.user_attrs["baseline"]["accuracy"]))
     floor = study.user_attrs.get("min_accuracy")
-    if isinstance(judge, Evaluator):  # the rungs stop spending steps on candidates that cannot reach the floor
-        judge.rungs = dataclasses.replace(judge.rungs, floor=floor)
+    if judge is not None:  # the built-in judge's rungs stop spending steps on candidates below the floor
+        judge.aim(floor)
     store = _weight_store(study, storage, study_name, weights)
     problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair), floor,
                              store)
@@ -212,13 +210,3 @@ def _measure_baseline(study, problem: search.Problem) -> None:
     baseline = study.user_attrs["baseline"]
     if "measured_latency_ms" not in baseline:
         study.set_user_attr("baseline", {**baseline, "measured_latency_ms": timed(problem.model, problem)})
-
-
-def _baseline_accuracy(judge, model: nn.Module) -> dict:
-    """The uncompressed model's accuracy as given (no recalibration of its statistics): validation, and test."""
-    if judge is None:
-        return {"accuracy": None}
-    if isinstance(judge, Evaluator):
-        test = accuracy(model, judge.test_loader) if judge.test_loader is not None else None
-        return {"accuracy": judge.val_accuracy(model), "test_accuracy": test}
-    return {"accuracy": float(judge(copy.deepcopy(model)))}

@@ -25,7 +25,6 @@ from .compress import apply
 from .cost.measure import DEFAULT_THREADS, measure_latency_ms
 from .cost.model import estimate
 from .cost.quantized import keep_ranges
-from .evaluate import Evaluator
 from .result import DELIVERED, pareto_front, trials_frame
 from .search import Problem, TrialRecord, constraints
 from .space import Policy
@@ -36,7 +35,7 @@ SLACK = 0.05  # accuracy a candidate may lack at search time and still be delive
 def deliver_front(study: optuna.Study, problem: Problem, epochs: int, say: Callable[[str], None] = print,
                   slack: float = SLACK) -> int:
     """Deliver every model on the front (see the module docstring); returns how many were delivered now."""
-    if not isinstance(problem.evaluator, Evaluator):
+    if problem.evaluator is None or not problem.evaluator.delivers:
         return 0
     count = 0
     while True:

@@ -14,10 +14,16 @@ rank): every candidate is judged after BatchNorm recalibration alone, and only t
 front go on to rungs of fine-tuning. Optuna's pruners do not work in multi-objective studies (`Trial.report`
 raises), so the rule lives here and reads the other candidates' rung accuracies from the study, which every worker shares.
 `Evaluator.deliver` gives the final front its longer fine-tune and measures it on validation and test data.
+
+The search talks to one protocol, `Judge`: the built-in `Evaluator` implements it, and a user's
+`evaluator=callable(model) -> accuracy` is wrapped in a `CallableJudge` (see `make_evaluator`).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
+import copy
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -324,7 +330,61 @@ class Rungs:
         return promotion_place(points) < len(points) // self.eta
 
 
-class Evaluator:
+class Judge(abc.ABC):
+    """What the search asks of whatever judges a candidate's accuracy: one protocol for the built-in `Evaluator`
+    and a user's callable (`CallableJudge`), so the search never asks which one it holds.
+
+    `judge` brings a candidate to its judged state and measures it; `baseline` measures the uncompressed model;
+    `deliver` (only where `delivers`) gives a front model its final fine-tune. `train_loader` is the training
+    data a student space's supernet trains on (None: none). `run_in` and `aim` tell it the runtime accuracy is
+    computed in and the accuracy floor; a judge that has no use for them keeps these defaults, which do nothing.
+    """
+
+    train_loader = None
+    delivers = False  # whether `deliver` fine-tunes and re-measures the front after the search
+
+    @abc.abstractmethod
+    def judge(self, model: nn.Module, cost: tuple = (), peers: Callable[[int], list] | None = None,
+              on_rung: Callable[[int, float], None] | None = None) -> dict:
+        """{"accuracy": ..., and whatever else the trial records} of `model`, judged in place (see Evaluator)."""
+
+    @abc.abstractmethod
+    def baseline(self, model: nn.Module) -> dict:
+        """The uncompressed model's accuracy as given: {"accuracy": ...} and what else the judge measures."""
+
+    def run_in(self, runtime: str, example_input: torch.Tensor) -> "Judge":
+        """Judge accuracy as `runtime` computes it; by default the judge's own way. Returns self."""
+        return self
+
+    def aim(self, floor: float | None) -> None:
+        """The study's accuracy floor (None: none), for a judge that spends less on candidates below it."""
+
+    def deliver(self, model: nn.Module, epochs: int) -> dict:
+        raise AutocompressError(f"{type(self).__name__} does not deliver front models (delivers is False)")
+
+    def __call__(self, model: nn.Module) -> float:
+        return self.judge(model)["accuracy"]
+
+
+class CallableJudge(Judge):
+    """A user's `evaluator=callable(model) -> accuracy` behind the `Judge` protocol: its number is the accuracy,
+    as the callable computes it (no recalibration, no rungs, no delivery); the baseline is judged on a copy,
+    so the callable may change the model it gets."""
+
+    def __init__(self, function: Callable[[nn.Module], float]):
+        if not callable(function):
+            raise AutocompressError(f"evaluator={function!r} is not allowed; it must be a callable(model) -> "
+                                    f"accuracy or an evaluate.Judge")
+        self.function = function
+
+    def judge(self, model: nn.Module, cost: tuple = (), peers=None, on_rung=None) -> dict:
+        return {"accuracy": self.function(model)}
+
+    def baseline(self, model: nn.Module) -> dict:
+        return {"accuracy": float(self.function(copy.deepcopy(model)))}
+
+
+class Evaluator(Judge):
     """The built-in judge: BN (and activation-range) recalibration on training batches, fine-tuning with
     distillation from `teacher` over multi-fidelity rungs (see Rungs), then accuracy on the validation loader;
     `deliver` gives a chosen model its final fine-tune and measures it on validation and test data.
@@ -350,6 +410,8 @@ class Evaluator:
         else:
             self.rungs = Rungs(fidelity_rungs(self.finetune_steps, eta), eta)
 
+    delivers = True
+
     def run_in(self, runtime: str, example_input: torch.Tensor) -> "Evaluator":
         """Judge accuracy as `runtime` computes it (cost/runtimes.as_run): in torch-int8, a model's 8-bit layers
         are judged as the int8 kernels run them, not as their fake-quant simulation. Returns self."""
@@ -365,8 +427,18 @@ class Evaluator:
         prepare_as_run(model.eval(), self.example_input, self.runtime, self.recal_data)
         return model.eval()
 
+    def aim(self, floor: float | None) -> None:
+        """The rungs stop spending steps on candidates too far below the accuracy floor (Rungs.floor_margin)."""
+        self.rungs = dataclasses.replace(self.rungs, floor=floor)
+
     def val_accuracy(self, model: nn.Module) -> float:
         return accuracy(self.as_run(model), self.val_loader, self.max_val_batches)
+
+    def baseline(self, model: nn.Module) -> dict:
+        """Validation accuracy (as the runtime computes it) and test accuracy (None without test data), with the
+        model's statistics as given: nothing is recalibrated."""
+        test = accuracy(model, self.test_loader) if self.test_loader is not None else None
+        return {"accuracy": self.val_accuracy(model), "test_accuracy": test}
 
     def as_run(self, model: nn.Module) -> nn.Module:
         return as_run(model, self.example_input, self.runtime)
@@ -415,18 +487,17 @@ class Evaluator:
         test = accuracy(self.as_run(model), self.test_loader) if self.test_loader is not None else None
         return {"accuracy": self.val_accuracy(model), "test_accuracy": test, "final_steps": steps}
 
-    def __call__(self, model: nn.Module) -> float:
-        return self.judge(model)["accuracy"]
 
 
-def make_evaluator(data, evaluator: Callable | None, finetune_steps: int = 0,
-                   teacher: nn.Module | None = None) -> Callable | None:
-    """The user's evaluator if given, else the built-in one over `data` (train may be None: data-free), fine-tuning
-    `finetune_steps` steps with `teacher`; None without either (cost-only search)."""
+def make_evaluator(data, evaluator: "Callable | Judge | None", finetune_steps: int = 0,
+                   teacher: nn.Module | None = None) -> Judge | None:
+    """The user's evaluator if given (a callable is wrapped in a CallableJudge), else the built-in one over `data`
+    (train may be None: data-free), fine-tuning `finetune_steps` steps with `teacher`; None without either
+    (cost-only search)."""
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise AutocompressError(f"finetune_steps={finetune_steps!r} is not allowed; it must be an integer >= 0")
     if evaluator is not None:
-        return evaluator
+        return evaluator if isinstance(evaluator, Judge) else CallableJudge(evaluator)
     if data is None:
         return None
     train, val, test = split_data(data)

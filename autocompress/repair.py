@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .budgets import exceeded
-from .space import STUDENT, BoundSpace
+from .compress import COMPRESSED
+from .space import BoundSpace
 
 BISECTIONS = 6  # the factor is found within 1/64; each step is one apply + estimate
 Price = Callable[[dict], dict]
@@ -24,11 +25,13 @@ Price = Callable[[dict], dict]
 
 def levers(bound: BoundSpace, price: Price, metrics) -> dict[str, set[str]]:
     """Per metric, the techniques whose most compressed setting alone lowers it below the uncompressed model's.
-    Students always count: a student's knobs shape all of its costs."""
+    A technique that builds a new network (a student: Technique.kind) always counts: its knobs shape all of
+    that network's costs."""
     techniques = set(bound.techniques)
+    builders = {t for t in techniques if bound.kind_of(t) != COMPRESSED}
     base = price(bound.uniform(1.0))
-    out = {m: {STUDENT} & techniques for m in metrics}
-    for t in sorted(techniques - {STUDENT}):
+    out = {m: set(builders) for m in metrics}
+    for t in sorted(techniques - builders):
         low = price(bound.uniform(0.0, only=t))
         for m in metrics:
             if low[m] < base[m] * (1 - 1e-6):

@@ -8,10 +8,11 @@ A technique's `allowed_settings` bounds its settings and, for a field it names, 
 field (a tuple of allowed values, or an object supporting `in`, such as a range); a field whose allowed
 values are names may list names (`act: [relu, hswish]`).
 
-Students and compressed models in one study: a space holding the `student` technique together with
-compression techniques gets one more knob, `kind` (compressed | student). A policy then holds only the
-sections of its kind: a student is built from the student knobs alone, a compressed model from the
-compression knobs alone (the other kind's knobs are sampled but unused).
+Candidates of several kinds in one study: each technique says which kind of candidate its policies make
+(`Technique.kind`: "compressed", the user's model compressed, or e.g. "student", a new network). A space
+holding techniques of more than one kind gets one more knob, `kind` (compressed | student). A policy then
+holds only the sections of its kind: a student is built from the student knobs alone, a compressed model
+from the compression knobs alone (the other kind's knobs are sampled but unused).
 """
 from __future__ import annotations
 
@@ -24,14 +25,12 @@ from pathlib import Path
 import optuna
 import yaml
 
-from .compress import TECHNIQUES
+from .compress import COMPRESSED, TECHNIQUES
 from .errors import AutocompressError
 from .graph import LayerGraph
 
 GRANULARITIES = ("layer", "stage", "global")
-STUDENT = "student"
-KIND = "kind"
-KINDS = ("compressed", STUDENT)
+KIND = "kind"  # the knob that chooses a policy's candidate kind, in a space of several kinds
 
 
 class Policy(dict):
@@ -49,6 +48,11 @@ class Policy(dict):
         if not isinstance(data, dict):
             raise AutocompressError(f"policy must be a JSON object, got {type(data).__name__}")
         return cls(data)
+
+    def kind(self) -> str:
+        """The kind of candidate it makes: that of a technique in it that builds a new network, else COMPRESSED."""
+        return next((TECHNIQUES[t].kind for t in self if t in TECHNIQUES and TECHNIQUES[t].builds_model),
+                    COMPRESSED)
 
 
 def builtin_spaces() -> list[str]:
@@ -95,6 +99,12 @@ class SearchSpace:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "techniques": self.techniques}
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The candidate kinds its techniques make: COMPRESSED first, then the others in pipeline order."""
+        kinds = {TECHNIQUES[t].kind: TECHNIQUES[t].order for t in self.techniques}
+        return tuple(sorted(kinds, key=lambda k: (k != COMPRESSED, kinds[k])))
+
     def bind(self, graph: LayerGraph) -> "BoundSpace":
         """Turn the space into Optuna distributions for this model's layers and channel groups."""
         knobs, fixed = [], []
@@ -108,8 +118,8 @@ class SearchSpace:
                     continue
                 for key, members in _group_targets(targets, cfg["granularity"]).items():
                     knobs.append(Knob(f"{tname}.{field}.{key}", dist, tname, field, members))
-        if STUDENT in self.techniques and len(self.techniques) > 1:
-            knobs.insert(0, Knob(KIND, optuna.distributions.CategoricalDistribution(KINDS), "", KIND, []))
+        if len(self.kinds) > 1:
+            knobs.insert(0, Knob(KIND, optuna.distributions.CategoricalDistribution(self.kinds), "", KIND, []))
         return BoundSpace(self, knobs, fixed)
 
 
@@ -123,8 +133,17 @@ class BoundSpace:
 
     @property
     def has_kind(self) -> bool:
-        """Whether a `kind` knob chooses between your model compressed and a student."""
+        """Whether a `kind` knob chooses between kinds of candidate (your model compressed, a student)."""
         return any(k.param == KIND for k in self.knobs)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of candidate its policies can be, the default (COMPRESSED where there is one) first."""
+        return self.space.kinds
+
+    def kind_of(self, technique: str) -> str:
+        """The kind of candidate `technique` makes (Technique.kind)."""
+        return TECHNIQUES[technique].kind
 
     @property
     def techniques(self) -> list[str]:
@@ -156,18 +175,18 @@ class BoundSpace:
             for target in k.targets:
                 section[target] = value
         if self.has_kind:
-            student = values.get(KIND, KINDS[0]) == STUDENT
-            policy = Policy({t: s for t, s in policy.items() if (t == STUDENT) == student})
+            kind = values.get(KIND, self.kinds[0])
+            policy = Policy({t: s for t, s in policy.items() if self.kind_of(t) == kind})
         return policy
 
-    def uniform(self, fraction: float, only: str | None = None, kind: str = KINDS[0]) -> dict:
+    def uniform(self, fraction: float, only: str | None = None, kind: str | None = None) -> dict:
         """Knob values at the same relative position `fraction` (0 = most compressed, 1 = none); with `only`, the
-        knobs of that compression technique alone, every other knob at its identity value. In a space with a
-        `kind` knob, `kind` says which candidate it is: your model compressed (default) or a student."""
+        knobs of that technique alone, every other knob at its identity value. In a space with a `kind` knob,
+        `kind` says which candidate it is (default: the first of `kinds`, your model compressed)."""
         values = {}
         for k in self.knobs:
             if k.param == KIND:
-                values[k.param] = kind
+                values[k.param] = kind or self.kinds[0]
             elif only is not None and k.technique != only:
                 values[k.param] = _identity(k.distribution)
             else:

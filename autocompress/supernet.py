@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .compress.student import NAME as STUDENT
 from .errors import AutocompressError
 from .evaluate import TeacherOutputs, distill_loss, fixed_batches
 from .models import model_fingerprint
-from .space import KIND, STUDENT
+from .space import KIND
 from .students.bank import bank_name, class_count, crop, load, named_tensors, region, save
 from .students.build import DEFAULTS, FIELDS_OF, build
 
@@ -48,7 +49,7 @@ class Sampler:
     """The student sections of one bound space: the largest, the smallest and random ones."""
 
     def __init__(self, bound):
-        self.bound, self.kind = bound, {KIND: STUDENT}
+        self.bound, self.kind = bound, {KIND: bound.kind_of(STUDENT)}
         self.knobs = [k for k in bound.knobs if k.technique == STUDENT]
 
     def section(self, values: dict) -> dict:

@@ -73,7 +73,8 @@ def test_warm_start_in_a_space_of_students_and_compression_tries_uniform_models_
 
     from autocompress import search
     from autocompress.cost.hardware import load_profile
-    from autocompress.space import KIND, STUDENT
+    from autocompress.compress.student import NAME as STUDENT
+    from autocompress.space import KIND
 
     bound = SearchSpace.load("all").bind(ac.analyze(digits_model, digits_input))
     study = optuna.create_study(directions=["maximize", "minimize"])

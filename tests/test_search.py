@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import autocompress as ac
-from autocompress.evaluate import accuracy
+from autocompress.evaluate import Judge, accuracy, make_evaluator
 from autocompress.models import DigitsResNet
 from counting import count_params
 
@@ -140,6 +140,56 @@ def test_cost_only_search_and_custom_evaluator(digits_model, digits_input):
     assert (custom.trials["accuracy"] == 0.5).all() and custom.baseline["accuracy"] == 0.5
 
 
+def test_a_callable_evaluator_is_one_judge_behind_the_protocol(digits_model, digits_input):
+    """The user's callable is wrapped, not special-cased: its number is the accuracy of the candidate it gets,
+    nothing is recalibrated, the baseline is judged on a copy, and nothing is delivered."""
+    seen = []
+    judge = make_evaluator(None, lambda m: seen.append(m) or 0.25)
+    assert isinstance(judge, Judge) and not judge.delivers and judge.train_loader is None
+    assert judge.run_in("onnxruntime", digits_input) is judge
+    judge.aim(0.9)  # no rungs to stop early: nothing changes
+    model = ac.apply(digits_model, {}, digits_input)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert judge.judge(model, (1.0,)) == {"accuracy": 0.25} and seen[-1] is model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no BN recalibration
+    assert judge.baseline(digits_model) == {"accuracy": 0.25} and seen[-1] is not digits_model
+    assert judge(model) == 0.25 and make_evaluator(None, judge) is judge  # a Judge is used as given
+    with pytest.raises(ac.AutocompressError, match="evaluator=0.5 is not allowed"):
+        make_evaluator(None, 0.5)
+
+
+class _RecordingJudge(Judge):
+    """A user's own Judge: what the search tells it, and what it returns, reach the study unchanged."""
+
+    def __init__(self):
+        self.calls, self.runtime, self.floor = [], None, None
+
+    def judge(self, model, cost=(), peers=None, on_rung=None):
+        self.calls.append((cost, peers is not None and on_rung is not None))
+        return {"accuracy": 0.75, "steps": 7}
+
+    def baseline(self, model):
+        return {"accuracy": 0.8, "test_accuracy": 0.7}
+
+    def run_in(self, runtime, example_input):
+        self.runtime = runtime
+        return self
+
+    def aim(self, floor):
+        self.floor = floor
+
+
+def test_a_judge_of_ones_own_is_told_the_runtime_floor_and_costs(digits_model, digits_input):
+    judge = _RecordingJudge()
+    result = ac.compress(digits_model, digits_input, evaluator=judge, objectives=("accuracy", "size_kb"),
+                         budgets={"accuracy_drop": 10}, trials=3, progress=False)
+    assert judge.runtime == "torch"  # `host` runs eager PyTorch
+    assert judge.floor == pytest.approx(0.7) and result.baseline["test_accuracy"] == 0.7
+    done = result.trials[result.trials["state"] == "COMPLETE"]
+    assert len(done) == len(judge.calls) and (done["accuracy"] == 0.75).all() and (done["steps"] == 7).all()
+    assert all(len(cost) == 1 and rungs for cost, rungs in judge.calls)  # size_kb; the study's rung log
+
+
 def test_failing_and_nan_trials_are_recorded_and_the_study_goes_on(digits_model, digits_input):
     outcomes = iter([1.0, 0.9, RuntimeError("boom"), math.nan, 0.8, 0.7])  # the baseline first
 
@@ -153,7 +203,7 @@ def test_failing_and_nan_trials_are_recorded_and_the_study_goes_on(digits_model,
                          trials=5, progress=False)
     assert list(result.trials["state"]) == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     assert "boom" in result.trials.loc[1, "error"]
-    assert "(at search/problem.py:" in result.trials.loc[1, "error"]  # where it left the package: the evaluator call
+    assert "(at evaluate.py:" in result.trials.loc[1, "error"]  # where it left the package: the evaluator call
     assert "nan" in result.trials.loc[2, "error"]
 
 

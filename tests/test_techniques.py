@@ -6,7 +6,7 @@ from torch import nn
 
 import autocompress as ac
 from autocompress.compress import TECHNIQUES, Technique, get_meta, register, unregister
-from autocompress.compress.base import FRACTION, layer_targets, weight_layers
+from autocompress.compress.base import FRACTION, Between, layer_targets, weight_layers
 from autocompress.errors import AutocompressError
 from autocompress.evaluate import accuracy
 from autocompress.models import DigitsResNet
@@ -14,7 +14,7 @@ from autocompress.report import field_title
 from autocompress.space import Policy, SearchSpace
 
 # A student is a new network built from its knobs, not a compression of the given one: it has no identity.
-COMPRESSING = [name for name in TECHNIQUES if name != "student"]
+COMPRESSING = [name for name, technique in TECHNIQUES.items() if not technique.builds_model]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,53 @@ def test_register_refuses_a_taken_name_or_order(clip_registered):
         register(Technique(name="other", order=90, fields={}, settings={}, targets=layer_targets, apply=_clip))
     with pytest.raises(AutocompressError, match="no technique named 'nothing'"):
         unregister("nothing")
+
+
+def _probe(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
+    """A new network, not the model compressed: one hidden layer of `hidden` units, the model's classes out."""
+    hidden = int(section["hidden"]["net"])
+    classes = model(example_input).shape[1]
+    return nn.Sequential(nn.Flatten(), nn.Linear(example_input[0].numel(), hidden), nn.ReLU(),
+                         nn.Linear(hidden, classes)).eval()
+
+
+PROBE = Technique(name="probe", order=5, fields={"hidden": [4, 8, 16]}, settings={},
+                  allowed_settings={"hidden": Between(0, 64, whole=True)}, targets=lambda graph: [("net", "all")],
+                  apply=_probe, kind="probe")
+
+
+@pytest.fixture
+def probe_registered():
+    register(PROBE)
+    yield PROBE
+    unregister("probe")
+
+
+def test_a_candidate_kind_registered_from_one_file_gets_its_own_policies_levers_and_origin(probe_registered,
+                                                                                          digits_model,
+                                                                                          digits_input):
+    """A technique whose `kind` is not "compressed" builds its own network: the space gets a `kind` knob, its
+    policies hold its section alone, it lowers every cost (repair always scales it), its trials say its kind."""
+    from autocompress import search
+    from autocompress.cost.hardware import load_profile
+    from autocompress.repair import levers
+
+    space = SearchSpace("mixed", {"probe": {"granularity": "global"}, "prune": {"granularity": "global"}})
+    bound = space.bind(ac.analyze(digits_model, digits_input))
+    assert bound.kinds == ("compressed", "probe") and bound.distributions["kind"].choices == ("compressed", "probe")
+    probe = bound.policy(bound.uniform(0.0, kind="probe"))
+    assert probe == {"probe": {"hidden": {"net": 4}}} and probe.kind() == "probe"
+    assert set(bound.policy(bound.uniform(0.0))) == {"prune"} and bound.policy({}).kind() == "compressed"
+    problem = search.Problem(digits_model, digits_input, bound, load_profile("raspberry-pi-4"),
+                             ("accuracy", "size_kb"), {}, None)
+    assert all("probe" in movers for movers in levers(bound, problem.price, ("size_kb", "macs")).values())
+
+    result = ac.compress(digits_model, digits_input, evaluator=lambda m: 0.5, space=space, trials=6,
+                         objectives=("accuracy", "size_kb"), sampler="random", progress=False)
+    done = result.trials[result.trials["state"] == "COMPLETE"]
+    assert set(done["origin"]) == {"compressed", "probe"}  # the warm start tries both kinds
+    for _, row in done.iterrows():
+        policy = Policy.from_json(row["policy"])
+        assert policy.kind() == row["origin"] and (row["origin"] == "probe") == ("probe" in policy)
+        built = ac.apply(digits_model, policy, digits_input)
+        assert isinstance(built, nn.Sequential) == (row["origin"] == "probe")

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AutocompressError
 from . import depth, ghost, lowrank, prune, quantize, share, sparsity, student, tie
-from .base import Technique, get_meta, set_meta
+from .base import COMPRESSED, Technique, get_meta, set_meta
 
 # Every technique in its `order`: structure first (pruning changes shapes), numerics last (quantization).
 # One dict, kept sorted in place, so that every module holding it sees a technique registered later.
@@ -71,4 +71,5 @@ def apply(model: nn.Module, policy, example_input: torch.Tensor) -> nn.Module:
     return out.eval()
 
 
-__all__ = ["apply", "calibrate", "register", "unregister", "TECHNIQUES", "Technique", "get_meta", "set_meta"]
+__all__ = ["apply", "calibrate", "register", "unregister", "COMPRESSED", "TECHNIQUES", "Technique", "get_meta",
+           "set_meta"]

@@ -30,6 +30,7 @@ from torch import nn
 
 META = "autocompress_meta"
 WEIGHT_KINDS = ("conv", "dwconv", "linear")
+COMPRESSED = "compressed"  # the candidate kind of techniques that compress the user's model (see Technique.kind)
 
 
 def get_meta(module: nn.Module) -> dict:
@@ -115,6 +116,13 @@ class Technique:
     module's compression in force while it is fine-tuned (or None for modules it did not touch).
     `calibrate(model, batches)`, when given, re-fits what the technique derives from data (activation ranges)
     after every BatchNorm recalibration. `titles` name its fields in the report (field -> title).
+
+    `kind` is the kind of candidate its policies make. COMPRESSED (the default): it compresses the user's model
+    and combines with the other compression techniques in one policy. Any other name (the student's "student"):
+    it builds a new network from its own section alone (`apply` reads only the input shape and the classes of
+    the model it gets), so its knobs shape every cost of that candidate; a space holding it beside techniques of
+    another kind gets a `kind` knob that chooses one kind per policy (space.py), and a trial records its kind
+    as its `origin`.
     """
 
     name: str
@@ -127,3 +135,9 @@ class Technique:
     constraint: Callable | None = None
     calibrate: Callable | None = None
     titles: dict = field(default_factory=dict)
+    kind: str = COMPRESSED
+
+    @property
+    def builds_model(self) -> bool:
+        """Whether it builds a new network rather than compressing the user's model (see `kind`)."""
+        return self.kind != COMPRESSED

@@ -6,8 +6,8 @@ shape and its number of classes (a teacher whose output is not class scores is r
 student and, when the policy names a supernet (see autocompress/supernet.py: `ac.compress` trains it once
 per teacher, data and space), gives it the supernet's weights (students/bank.py); the evaluator then
 recalibrates its BatchNorm statistics and fine-tunes it with distillation from the teacher. A student
-policy is applied on its own: a space mixing students with compression techniques chooses one kind per
-policy (space.py).
+policy is applied on its own (its `kind` is "student"): a space mixing students with compression techniques
+chooses one kind per policy (space.py).
 """
 from __future__ import annotations
 
@@ -50,12 +50,15 @@ def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Mo
     return student
 
 
+NAME = "student"
+
 TECHNIQUE = Technique(
-    name="student",
+    name=NAME,
     order=10,
     fields={f: [v] for f, v in DEFAULTS.items()},
     settings={"block": "mbconv", "supernet": None, "supernet_steps": SUPERNET_STEPS},
     allowed_settings=ALLOWED,
     targets=_targets,
     apply=apply,
+    kind=NAME,  # a candidate of its own: a new network, not the user's model compressed
 )

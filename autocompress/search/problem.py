@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
 import optuna
 import torch
 from optuna.trial import TrialState
@@ -19,7 +17,7 @@ from ..compress import apply
 from ..cost.model import estimate
 from ..cost.profiles import HardwareProfile
 from ..errors import AutocompressError
-from ..evaluate import Evaluator
+from ..evaluate import Judge
 from ..judged import WeightStore
 from ..repair import levers
 from ..space import BoundSpace
@@ -36,7 +34,7 @@ class Problem:
     profile: HardwareProfile
     objectives: tuple[str, ...]
     limits: dict[str, float]
-    evaluator: Callable | None
+    evaluator: Judge | None  # None: a cost-only search
     repair: bool = True  # scale over-budget samples toward the budget before evaluating them (repair.py)
     floor: float | None = None  # the accuracy budget: the lowest accuracy a delivered model may have
     store: WeightStore = field(default_factory=WeightStore)  # judged weights, what Result.model(n) loads
@@ -93,8 +91,6 @@ def _costs_fit(metrics: dict, problem: Problem) -> bool:
 
 def _judge(problem: Problem, model, metrics: dict, rungs: "RungLog | None") -> dict:
     """The evaluator's verdict; the built-in one fine-tunes over rungs, competing on the study's objectives."""
-    if not isinstance(problem.evaluator, Evaluator):
-        return {"accuracy": problem.evaluator(model)}
     cost = tuple(metrics[o] for o in problem.objectives if o != "accuracy")
     if rungs is None:
         return problem.evaluator.judge(model, cost)

@@ -20,7 +20,7 @@ class TrialRecord:
     number: int
     state: TrialState
     policy: str | None = None         # the Policy's JSON (None: a PRUNED duplicate or surplus claim)
-    origin: str = "compressed"        # "compressed" (the user's model compressed) or "student"
+    origin: str = "compressed"        # its candidate kind (Policy.kind): "compressed" (your model) or "student"
     worker: str | None = None         # host:pid of the process that claimed it
     repair: float | None = None       # the factor a sample was scaled by toward the budgets (None: none fitted)
     duplicate_of: int | None = None   # a PRUNED duplicate: the trial whose policy it sampled again

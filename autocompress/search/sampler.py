@@ -5,7 +5,7 @@ import optuna
 
 from ..errors import one_of
 from ..repair import repair
-from ..space import KINDS, STUDENT
+from ..compress import COMPRESSED
 from .problem import Problem
 from .record import TrialRecord
 
@@ -39,15 +39,14 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 def enqueue_warm_start(study: optuna.Study, problem: Problem) -> None:
     """Uniform policies first, so the front is never worse than them: every knob at each WARM_START position
-    (for your model compressed and, in a space with a `kind` knob, for a student too); in a space of several
+    (for each kind of candidate in the space: your model compressed, a student); in a space of several
     compression techniques, each technique alone at ALONE_START; and, where there are budgets, the uniform
     policies that just fit them (budget_fitted)."""
     if study.trials:
         return
     bound = problem.bound
-    kinds = KINDS if bound.has_kind else KINDS[:1]
-    warm = [bound.uniform(fraction, kind=kind) for kind in kinds for fraction in WARM_START]
-    techniques = [t for t in bound.techniques if t != STUDENT]
+    warm = [bound.uniform(fraction, kind=kind) for kind in bound.kinds for fraction in WARM_START]
+    techniques = [t for t in bound.techniques if bound.kind_of(t) == COMPRESSED]
     if len(techniques) > 1:
         warm += [bound.uniform(ALONE_START, only=t) for t in techniques]
     warm += budget_fitted(problem)
@@ -71,7 +70,7 @@ def budget_fitted(problem: Problem) -> list[dict]:
         movers = problem.budget_levers()
         starts = [(bound.uniform(1.0), movers)]
         for t in sorted(set().union(*movers.values())):
-            start = bound.uniform(1.0, only=t, kind=STUDENT if t == STUDENT else KINDS[0])
+            start = bound.uniform(1.0, only=t, kind=bound.kind_of(t))
             starts.append((start, {m: {t} for m in movers}))
         fitted = []
         for share in BUDGET_SHARES:

@@ -60,8 +60,7 @@ def _claim_policy(study: optuna.Study, trial, problem: Problem):
     if problem.repair and problem.limits:
         values = _repaired(trial, problem, values)
     policy = problem.bound.policy(values)
-    write(trial, worker=WORKER, policy=policy.to_json(),
-          origin="student" if "student" in policy else "compressed")
+    write(trial, worker=WORKER, policy=policy.to_json(), origin=policy.kind())
     twin = _duplicate_of(study, trial)
     if twin is None:
         return policy
