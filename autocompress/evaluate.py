@@ -488,7 +488,6 @@ class Evaluator(Judge):
         return {"accuracy": self.val_accuracy(model), "test_accuracy": test, "final_steps": steps}
 
 
-
 def make_evaluator(data, evaluator: "Callable | Judge | None", finetune_steps: int = 0,
                    teacher: nn.Module | None = None) -> Judge | None:
     """The user's evaluator if given (a callable is wrapped in a CallableJudge), else the built-in one over `data`
