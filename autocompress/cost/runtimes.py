@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compress.quantize import synthesize_inputs
 from ..errors import AutocompressError, one_of
 from .quantized import RANGES, kept_float, observe_ranges, runnable_int8
 
@@ -145,8 +146,6 @@ def prepare_as_run(model: nn.Module, example: torch.Tensor, runtime: str, calibr
     if runtime not in INT8_RUNTIMES or kept_float(model) is None:
         return
     if calibration is None:
-        from ..compress.quantize import synthesize_inputs
-
         with torch.enable_grad():
             calibration = [synthesize_inputs(model, example)]
     observe_ranges(model, example, calibration)
