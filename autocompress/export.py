@@ -6,7 +6,10 @@ torch-int8 runtime runs, cost/quantized.py: layers the model holds wider than 8 
 `onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file: int8 weights per output channel,
 int8 activations calibrated on training batches). The float ONNX file stores compressed weights compactly
 (codes at their bit-width, codebooks, sparse non-zeros with a bitmask: onnx_weights.py). The int8 flows
-re-quantize the float weights, so sparsity and shared values are not kept in them. `packed` is autocompress's own file: every weight at its bit-width
+re-quantize the float weights; the onnx-int8 file then stores each int8 weight in its smallest form
+(`onnx_weights.compact_int8`: nibble indices where a tensor or each of its channels holds at most 16 values, as
+4-bit and shared weights do, or non-zeros and a bitmask), folded back by ONNX Runtime when it loads the file, so
+sparsity, 4-bit codes and shared values keep it small; torch.ao's packed int8 weights (torch-int8) are dense. `packed` is autocompress's own file: every weight at its bit-width
 (codebook indices for shared weights, sparse indices, Huffman codes; what `size_kb` counts) plus the module's
 structure; `autocompress.load_packed(path)` decodes it back to the exact module (it unpickles the structure:
 load only files you trust), and `autocompress/unpack.py`, numpy only, reads its weights where autocompress is not
@@ -37,7 +40,7 @@ from .errors import one_of
 from .evaluate import accuracy, fixed_batches
 from .cost.quantized import kept_float
 from .int8 import to_int8
-from .onnx_weights import compact
+from .onnx_weights import compact, compact_int8
 
 FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8", "packed")
 SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx", "torch-int8": "int8.ts.pt",
@@ -137,6 +140,7 @@ def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibr
     """The float ONNX graph, pre-processed (shape inference, Conv+BN folding) and quantized by ONNX Runtime."""
     import tempfile
 
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -162,6 +166,7 @@ def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibr
             # EPYC), int8 activations do not. Weights stay 8-bit symmetric, the scheme the search fake-quantizes.
             quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    onnx.save(compact_int8(onnx.load(str(path))), str(path))  # 4-bit, shared and sparse weights kept small
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:

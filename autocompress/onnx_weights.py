@@ -21,6 +21,8 @@ initializers would index each non-zero with an int64, 8 bytes.)
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -33,10 +35,29 @@ def compact(graph_model: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
     """`graph_model` (exported from `model` with its state_dict names kept) with every compressed weight stored
     in its compact form; other initializers unchanged."""
     stored = {name: (t, meta) for name, t, meta, _ in tensor_entries(model) if meta}
+    return _replaced(graph_model, lambda init: _stored_form(init.name, *stored[init.name])
+                     if init.name in stored else None)
+
+
+def compact_int8(graph_model: onnx.ModelProto) -> onnx.ModelProto:
+    """A QDQ int8 file (ONNX Runtime's static quantization) with each int8 weight that feeds a DequantizeLinear
+    stored in its smallest form (`_int8_form`), whatever made it small: the few distinct codes of a weight held
+    at 4 bits or fewer (or sharing few values), the zeros of a sparse one. The rebuilt int8 tensors have constant
+    inputs only, so ONNX Runtime folds them when the session is created and then fuses its int8 kernels from the
+    folded weights exactly as from the plain file's."""
+    weights = {node.input[0] for node in graph_model.graph.node if node.op_type == "DequantizeLinear"}
+    tags = (f"i8_{k}" for k in itertools.count())  # short names inside: a graph's names are bytes of its file
+    return _replaced(graph_model, lambda init: _int8_form(init.name, numpy_helper.to_array(init), next(tags))
+                     if init.name in weights and init.data_type == onnx.TensorProto.INT8 else None)
+
+
+def _replaced(graph_model: onnx.ModelProto, form_of) -> onnx.ModelProto:
+    """`graph_model` with each initializer for which `form_of(init)` gives (initializers, nodes) rebuilt by
+    them under its name; the others unchanged."""
     graph = graph_model.graph
     kept, nodes = [], []
     for init in graph.initializer:
-        form = _stored_form(init.name, *stored[init.name]) if init.name in stored else None
+        form = form_of(init)
         if form is None:
             kept.append(init)
         else:
@@ -153,19 +174,77 @@ def _value_form(name: str, w, meta: dict, keep: np.ndarray | None):
     return None
 
 
+def _int8_form(name: str, q: np.ndarray, tag: str):
+    """(initializers, nodes) rebuilding the int8 tensor `q` under `name` (its parts named `tag`.*), or None when
+    it is smallest as it is: nibble indices into at most 16 distinct values (of the whole tensor, or of each output
+    channel: a shared weight's values are re-quantized with one scale per channel), or only its non-zeros and a
+    bitmask."""
+    if q.ndim == 0:
+        return None
+    plain = ([numpy_helper.from_array(q, name)], [])
+    best = min((f for f in (_int8_indexed(name, q, tag), _int8_sparse(name, q, tag)) if f is not None), key=_bytes)
+    return best if _bytes(best) < _bytes(plain) else None
+
+
+def _int8_indexed(name: str, q: np.ndarray, tag: str):
+    """`q` as nibble indices into its distinct values, one table for the tensor or one per output channel
+    (row), whichever holds at most 16 values per table; None when neither does."""
+    rows = q.reshape(1 if len(np.unique(q)) <= 16 else q.shape[0], -1)
+    tables = [np.unique(row, return_inverse=True) for row in rows]
+    if max(len(book) for book, _ in tables) > 16:
+        return None
+    table = np.zeros((len(rows), 16), np.int8)
+    for row, (book, _) in enumerate(tables):
+        table[row, :len(book)] = book
+    codes = np.stack([c.ravel() for _, c in tables])
+    inits, nodes, indices = _codes(f"{tag}.indices", codes.ravel(), nibbles=True)
+    n = lambda k: f"{tag}.{k}"  # noqa: E731
+    inits += [numpy_helper.from_array(table.ravel(), n("table")),
+              numpy_helper.from_array(np.array([len(rows), -1], np.int64), n("rows")),
+              numpy_helper.from_array((16 * np.arange(len(rows), dtype=np.int32))[:, None], n("row_offsets")),
+              numpy_helper.from_array(np.array(q.shape, np.int64), n("shape"))]
+    nodes += [helper.make_node("Reshape", [indices, n("rows")], [n("row_indices")]),
+              helper.make_node("Add", [n("row_indices"), n("row_offsets")], [n("table_indices")]),  # row r: 16r..
+              helper.make_node("Cast", [n("table_indices")], [n("index64")], to=onnx.TensorProto.INT64),
+              helper.make_node("Gather", [n("table"), n("index64")], [n("values")], axis=0),
+              helper.make_node("Reshape", [n("values"), n("shape")], [name])]
+    return inits, nodes
+
+
+def _int8_sparse(name: str, q: np.ndarray, tag: str):
+    """`q` as its non-zeros (nibble indices into them when at most 16 distinct, else one byte each) and a
+    bitmask."""
+    keep = q.ravel() != 0
+    chosen = q.ravel()[keep]
+    book, codes = np.unique(chosen, return_inverse=True)
+    n = lambda k: f"{tag}.{k}"  # noqa: E731
+    if 0 < len(book) <= 16:
+        inits, nodes, indices = _codes(n("indices"), codes.ravel(), nibbles=True)
+        inits.append(numpy_helper.from_array(book.astype(np.int8), n("codebook")))
+        nodes += [helper.make_node("Cast", [indices], [n("index64")], to=onnx.TensorProto.INT64),
+                  helper.make_node("Gather", [n("codebook"), n("index64")], [n("nonzeros")], axis=0)]
+    else:
+        inits, nodes = [numpy_helper.from_array(chosen, n("nonzeros"))], []
+    more_inits, more_nodes, dense = _scattered(tag, n("nonzeros"), keep, zero=np.zeros(1, np.int8))
+    inits += [*more_inits, numpy_helper.from_array(np.array(q.shape, np.int64), n("shape"))]
+    nodes += [*more_nodes, helper.make_node("Reshape", [dense, n("shape")], [name])]
+    return inits, nodes
+
+
 BIT_WEIGHTS = np.array([128, 64, 32, 16, 8, 4, 2, 1], np.int32)  # np.packbits order: the first weight is the MSB
 
 
-def _scattered(name: str, values: str, keep: np.ndarray) -> tuple[list, list, str]:
-    """(initializers, nodes, flat output) putting the 1-D `values` at the `keep` positions, zeros elsewhere.
+def _scattered(name: str, values: str, keep: np.ndarray, zero: np.ndarray = np.zeros(1, np.float32)
+               ) -> tuple[list, list, str]:
+    """(initializers, nodes, flat output) putting the 1-D `values` (of `zero`'s type) at the `keep` positions,
+    zeros elsewhere.
     The mask is unpacked from bits with Div and Mod; the k-th kept weight reads values[k] through
     Gather([0, values...], CumSum(mask) * mask), so every pruned weight reads the leading zero."""
     n = lambda k: f"{name}.{k}"  # noqa: E731
     constants = {"mask_bits": np.packbits(keep.astype(np.uint8)), "bit_weights": BIT_WEIGHTS,
                  "two": np.array(2, np.int32), "column": np.array([-1, 1], np.int64),
                  "flat_shape": np.array([-1], np.int64), "start": np.array([0], np.int64),
-                 "end": np.array([keep.size], np.int64), "axis": np.array(0, np.int32),
-                 "zero": np.zeros(1, np.float32)}
+                 "end": np.array([keep.size], np.int64), "axis": np.array(0, np.int32), "zero": zero}
     inits = [numpy_helper.from_array(v, n(k)) for k, v in constants.items()]
     nodes = [helper.make_node("Cast", [n("mask_bits")], [n("mask_bytes")], to=onnx.TensorProto.INT32),
              helper.make_node("Reshape", [n("mask_bytes"), n("column")], [n("byte_column")]),
