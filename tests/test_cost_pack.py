@@ -11,9 +11,10 @@ import torch
 import autocompress as ac
 from autocompress.compress.base import layer_targets
 from autocompress.cost.model import size_bytes
-from autocompress.cost.pack import huffman_encode, huffman_lengths, load_packed, pack_bits, packed_sections, save_packed
+from autocompress.cost.pack import load_packed, packed_sections, save_packed
 from autocompress.unpack import SYNC, huffman_decode, unpack_bits
 from autocompress.graph import analyze
+from autocompress.weights import huffman_encode, huffman_lengths, pack_bits
 
 
 def every_layer(model, x, **sections):
