@@ -28,7 +28,8 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
-from .cost.pack import tensor_entries, weight_grid
+from .cost.pack import tensor_entries
+from .weights import weight_grid
 
 
 def compact(graph_model: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:

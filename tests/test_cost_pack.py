@@ -1,6 +1,8 @@
 """The packed export: its file holds what size_kb counts (within 2 %), and loads back to the same module."""
 import copy
+import hashlib
 import heapq
+import json
 import subprocess
 import sys
 
@@ -10,10 +12,12 @@ import torch
 
 import autocompress as ac
 from autocompress.compress.base import layer_targets
+from autocompress.compress.quantize import fake_quantize
 from autocompress.cost.model import size_bytes
-from autocompress.cost.pack import huffman_encode, huffman_lengths, load_packed, pack_bits, packed_sections, save_packed
+from autocompress.cost.pack import load_packed, packed_sections, save_packed
 from autocompress.unpack import SYNC, huffman_decode, unpack_bits
 from autocompress.graph import analyze
+from autocompress.weights import encode_weight, huffman_encode, huffman_lengths, pack_bits, weight_bytes
 
 
 def every_layer(model, x, **sections):
@@ -160,3 +164,42 @@ def test_loader_rejects_other_files_and_architectures(digits_model, digits_input
         load_packed(tmp_path / "q.acpk", ac.apply(digits_model, {}, digits_input))
     with pytest.raises(ac.AutocompressError, match="holds no architecture"):
         load_packed(tmp_path / "p.acpk")
+
+
+def _weight(seed, shape=(16, 8, 3, 3)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _sparse(w, keep):
+    return w * (w.abs() >= w.abs().flatten().kthvalue(int(w.numel() * (1 - keep))).values)
+
+
+def _shared(w, k):
+    book = torch.linspace(-1, 1, k)
+    return book[torch.bucketize(w.clamp(-1, 1), (book[1:] + book[:-1]) / 2)] * (w != 0)
+
+
+PINNED = {  # (weight, metadata) -> sha256 of its JSON encoding and sections, as ACPACK01 files have stored them
+    "fp32": (lambda: (_weight(0), {"keep": 0.5}), "a6dd6e448ed2b5cb"),
+    "fp16": (lambda: (_weight(1).half().float(), {"weight_bits": 16}), "d504e7761e0ccfe7"),
+    "int8": (lambda: (fake_quantize(_weight(2), 8), {"weight_bits": 8}), "b86fa64d1187e6e8"),
+    "binary": (lambda: (fake_quantize(_weight(3), 1), {"weight_bits": 1}), "f83515307968cf70"),
+    "int4, bitmask, Huffman": (lambda: (fake_quantize(_sparse(_weight(4), 0.5), 4),
+                                        {"sparsity": 0.5, "weight_bits": 4, "huffman": True}), "7e77a363ef8d6e08"),
+    "ternary, CSR": (lambda: (fake_quantize(_sparse(_weight(5, (64, 576)), 0.02), 2),
+                              {"sparsity": 0.98, "weight_bits": 2}), "5e5d7663423a7808"),
+    "shared": (lambda: (_shared(_weight(6), 8), {"share_bits": 3, "clusters": 8}), "def4b5e6e55414c6"),
+    "sparse, shared int8, Huffman": (lambda: (fake_quantize(_shared(_sparse(_weight(7), 0.3), 16), 8, per_channel=False),
+                                              {"sparsity": 0.7, "share_bits": 4, "clusters": 16, "weight_bits": 8,
+                                               "huffman": True}), "447b6cbe988d3804"),
+}
+
+
+@pytest.mark.parametrize("case", list(PINNED))
+def test_the_stored_format_does_not_change(case):
+    """Every stage combination encodes to the bytes it always has: files written before still read the same."""
+    make, expected = PINNED[case]
+    weight, meta = make()
+    enc, sections = encode_weight(weight, meta)
+    assert hashlib.sha256(json.dumps(enc).encode() + b"".join(sections)).hexdigest()[:16] == expected
+    assert sum(map(len, sections)) == weight_bytes(weight, meta)

@@ -10,8 +10,9 @@ import autocompress as ac
 from autocompress.compress import share
 from autocompress.compress.base import get_meta, layer_targets
 from autocompress.cost.model import size_bytes
-from autocompress.cost.pack import SYNC, weight_bytes
 from autocompress.evaluate import compression_kept
+from autocompress.unpack import SYNC
+from autocompress.weights import weight_bytes
 
 
 @pytest.fixture(scope="module")

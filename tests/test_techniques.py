@@ -6,12 +6,15 @@ from torch import nn
 
 import autocompress as ac
 from autocompress.compress import TECHNIQUES, Technique, get_meta, register, unregister
-from autocompress.compress.base import FRACTION, Between, layer_targets, weight_layers
+from autocompress.compress.base import FRACTION, Between, layer_targets, set_meta, weight_layers
+from autocompress.cost.model import size_bytes
+from autocompress.cost.pack import packed_sections, save_packed
 from autocompress.errors import AutocompressError
 from autocompress.evaluate import accuracy
 from autocompress.models import DigitsResNet
 from autocompress.report import field_title
 from autocompress.space import Policy, SearchSpace
+from autocompress.weights import Stage, weight_bytes
 
 # A student is a new network built from its knobs, not a compression of the given one: it has no identity.
 COMPRESSING = [name for name, technique in TECHNIQUES.items() if not technique.builds_model]
@@ -113,6 +116,44 @@ def test_register_refuses_a_taken_name_or_order(clip_registered):
         register(Technique(name="other", order=90, fields={}, settings={}, targets=layer_targets, apply=_clip))
     with pytest.raises(AutocompressError, match="no technique named 'nothing'"):
         unregister("nothing")
+
+
+def _bfloat16(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
+    """Round a layer's weights to bfloat16 (a toy technique with a stored format of its own)."""
+    for name, bits in section.get("bits", {}).items():
+        if int(bits) < 32:
+            for module in weight_layers(model, name):
+                module.weight.data = module.weight.data.bfloat16().float()
+                set_meta(module, bfloat16=True)
+    return model
+
+
+BFLOAT16 = Technique(name="bfloat16", order=95, fields={"bits": [32, 16]}, settings={},
+                     allowed_settings={"bits": (16, 32)}, targets=layer_targets, apply=_bfloat16,
+                     stages=(Stage(name="bfloat16 values", slot="values", order=5, keys=(),
+                                   present=lambda s: bool(s.meta.get("bfloat16")),
+                                   encode=lambda s: s.sections.append(
+                                       s.values().bfloat16().view(torch.int16).numpy().tobytes()),
+                                   nbytes=lambda s: 2 * s.count()),))
+
+
+def test_a_technique_registered_from_one_file_stores_its_weights_in_its_own_stage(blocky_model, tmp_path):
+    """Its stage takes the values slot before the built-in ones: the cost model's size and the packed file
+    count two bytes a weight; unregistered, the stage goes with it."""
+    x = torch.randn(1, 1, 32, 32)
+    names = [name for name, _ in layer_targets(ac.analyze(blocky_model, x))]
+    register(BFLOAT16)
+    try:
+        model = ac.apply(blocky_model, {"bfloat16": {"bits": dict.fromkeys(names, 16)}}, x)
+        stored = sum(2 * p.numel() if name.endswith("weight") and get_meta(model.get_submodule(name[:-7]))
+                     else p.numel() * p.element_size() for name, p in model.state_dict().items())
+        assert size_bytes(model) == stored
+        save_packed(model, tmp_path / "m.acpk", architecture=False)
+        assert packed_sections(tmp_path / "m.acpk")["tensors"] == stored
+    finally:
+        unregister("bfloat16")
+    conv = model.get_submodule(names[0])
+    assert weight_bytes(conv.weight, get_meta(conv)) == 4 * conv.weight.numel()  # fp32 again: the stage left
 
 
 def _probe(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:

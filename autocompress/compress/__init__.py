@@ -1,7 +1,8 @@
 """Compression techniques and `apply(model, policy)`.
 
 Each technique is one module exposing a `Technique` (see base.py: its order, knobs with their legal
-ranges, `apply`, fine-tuning constraint, calibration hook, report titles), registered with `register`.
+ranges, `apply`, fine-tuning constraint, calibration hook, report titles, stored-weight stages), registered
+with `register`.
 `apply` runs them in their order on a copy of the model. Compressed modules carry their own metadata (`autocompress_meta`), which is what
 the cost model reads.
 """
@@ -12,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from .. import weights
 from ..errors import AutocompressError
 from . import depth, ghost, lowrank, prune, quantize, share, sparsity, student, tie
 from .base import COMPRESSED, Technique, get_meta, set_meta
@@ -22,7 +24,8 @@ TECHNIQUES: dict[str, Technique] = {}
 
 
 def register(technique: Technique) -> Technique:
-    """Make `technique` available to search spaces, `apply` and the report, at its `order` in the pipeline.
+    """Make `technique` available to search spaces, `apply`, the report and (its `stages`) the stored-weight
+    format, at its `order` in the pipeline.
 
     A technique is one module defining a `Technique` and calling this (the built-in ones are registered
     below); its knobs are then accepted in a space YAML like any built-in one's."""
@@ -35,6 +38,7 @@ def register(technique: Technique) -> Technique:
     if clash:
         raise AutocompressError(f"technique {technique.name!r} has order {technique.order!r}, the order of "
                                 f"{clash[0]!r}; give it a free position in the pipeline")
+    weights.add_stages(technique.stages)
     ordered = sorted([*TECHNIQUES.values(), technique], key=lambda t: t.order)
     TECHNIQUES.clear()
     TECHNIQUES.update((t.name, t) for t in ordered)
@@ -45,7 +49,7 @@ def unregister(name: str) -> None:
     """Remove a registered technique (a plugin's tests clean up with it)."""
     if name not in TECHNIQUES:
         raise AutocompressError(f"no technique named {name!r} is registered; registered: {', '.join(TECHNIQUES)}")
-    del TECHNIQUES[name]
+    weights.remove_stages(TECHNIQUES.pop(name).stages)
 
 
 for _module in (student, depth, prune, lowrank, ghost, tie, sparsity, share, quantize):

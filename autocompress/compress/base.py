@@ -18,7 +18,8 @@ Metadata keys (set with `set_meta`, read with `get_meta`; absent means "not comp
 | act_bits        | quantize  | conv/linear leaf          | bits of the layer's input activations (per-tensor affine)      |
 | huffman         | share, quantize | conv/linear leaf    | stored value codes are Huffman-coded                           |
 
-Stored size of a weight tensor with these keys: `cost.pack.weight_bytes(weight, meta)`.
+Stored size of a weight tensor with these keys: `weights.weight_bytes(weight, meta)`, made of the stages
+(`Technique.stages`) of the techniques that set them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ..weights import Stage
 
 META = "autocompress_meta"
 WEIGHT_KINDS = ("conv", "dwconv", "linear")
@@ -115,7 +118,9 @@ class Technique:
     performs the compression. `constraint(module)`, when given, returns a torch parametrization that keeps the
     module's compression in force while it is fine-tuned (or None for modules it did not touch).
     `calibrate(model, batches)`, when given, re-fits what the technique derives from data (activation ranges)
-    after every BatchNorm recalibration. `titles` name its fields in the report (field -> title).
+    after every BatchNorm recalibration. `titles` name its fields in the report (field -> title). `stages` are
+    the parts of a stored weight its metadata calls for (weights.Stage: its slot, header keys, encoding and
+    bytes), which the cost model's size and the packed export compose (weights.py).
 
     `kind` is the kind of candidate its policies make. COMPRESSED (the default): it compresses the user's model
     and combines with the other compression techniques in one policy. Any other name (the student's "student"):
@@ -136,6 +141,7 @@ class Technique:
     calibrate: Callable | None = None
     titles: dict = field(default_factory=dict)
     kind: str = COMPRESSED
+    stages: tuple[Stage, ...] = ()
 
     @property
     def builds_model(self) -> bool:

@@ -5,7 +5,9 @@ module runs unchanged while holding only values a `weight_bits` model could hold
 (sign times the channel's mean magnitude, XNOR-Net), 2 = ternary (TWN: threshold 0.7 * mean
 magnitude, one magnitude per channel), 4 and 8 = symmetric integers with one scale per output
 channel, 16 = fp16. A layer whose weights were shared (k-means) gets its codebook quantized instead,
-with one scale for the layer, so it keeps at most 2^share_bits values.
+with one scale for the layer, so it keeps at most 2^share_bits values. A quantized weight is stored (its
+`GRID` stage, weights.py) as `weight_bits`-bit grid codes with one fp32 scale per output channel; the `FLOAT`
+stage stores every weight no other values stage claims as fp16 or fp32 values.
 
 Activations: a forward pre-hook fake-quantizes a layer's input on a per-tensor affine grid of
 `act_bits` bits (the grid PyTorch's own quint8 uses at 8 bits); its range lives in the layer's
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import AutocompressError
+from ..weights import Stage, Stored, packed_bytes, raw_bytes, to_codes, weight_grid
 from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 BITS = (1, 2, 4, 8, 16, 32)
@@ -178,14 +181,30 @@ def synthesize_inputs(model: nn.Module, example_input: torch.Tensor, n: int = 8,
     return x.detach()
 
 
-def packed_bytes(count: int, bits: int) -> int:
-    """Bytes of `count` values packed at `bits` bits each."""
-    return math.ceil(count * bits / 8)
-
-
 def scale_bytes(weight: torch.Tensor, bits: int) -> int:
     """Bytes of the fp32 per-output-channel scales an integer grid of `bits` bits needs (fp16/fp32: none)."""
     return 4 * weight.shape[0] if bits < 16 else 0
+
+
+def _encode_grid(stored: Stored) -> None:
+    """One fp32 scale per output channel; the stored values' grid integers are left as codes."""
+    q, scales = weight_grid(stored.weight, stored.bits, per_channel=True)
+    stored.codes = to_codes(q if stored.mask is None else q[stored.mask.reshape(-1).numpy()], stored.bits)
+    stored.code_bits = stored.enc["code_bits"] = stored.bits
+    stored.alphabet = 2 ** stored.bits
+    stored.sections.append(scales.tobytes())
+
+
+def _grid_size(stored: Stored) -> int:
+    stored.code_bits = stored.bits
+    return scale_bytes(stored.weight, stored.bits)
+
+
+GRID = Stage(name="per-channel integer grid", slot="values", order=20, keys=("code_bits",),
+             present=lambda s: s.bits < 16, encode=_encode_grid, nbytes=_grid_size)
+FLOAT = Stage(name="fp16/fp32 values", slot="values", order=30, keys=(), present=lambda s: True,
+              encode=lambda s: s.sections.append(raw_bytes(s.values(), s.bits)),
+              nbytes=lambda s: packed_bytes(s.count(), s.bits))
 
 
 def quantize_weight(module: nn.Module, bits: int, huffman: bool) -> None:
@@ -248,4 +267,5 @@ TECHNIQUE = Technique(
     constraint=constraint,
     titles={"weight_bits": "weight bits, per layer", "act_bits": "activation bits, per layer"},
     calibrate=calibrate_activations,
+    stages=(GRID, FLOAT),
 )

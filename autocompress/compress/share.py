@@ -3,8 +3,9 @@
 The knob is a layer's index `bits` (32 = no sharing). scikit-learn's KMeans, with Deep Compression's
 linear initialisation (centres spread evenly between the smallest and largest weight), is fitted
 on the layer's non-zero weights (a seeded sample of at most `FIT_SAMPLE` of them, for speed) and
-every weight is replaced by its nearest centre; zeros left by sparsity stay zero. The size model
-stores a `bits`-bit index per stored weight plus the codebook, optionally Huffman-coded.
+every weight is replaced by its nearest centre; zeros left by sparsity stay zero. A shared layer is
+stored (its `CODEBOOK` stage) as the codebook plus a `bits`-bit index per stored weight, optionally
+Huffman-coded.
 While fine-tuning, the centres follow the weights: one k-means step per forward pass (nearest
 centre, then each centre moves to its members' mean), so shared values are trained as in Deep
 Compression.
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..weights import Stage, Stored, pack_bits, raw_bytes, to_codes, weight_grid
 from .base import Between, Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 FIT_SAMPLE = 20_000
@@ -57,6 +59,33 @@ def cluster(weight: torch.Tensor, bits: int, seed: int = 0) -> torch.Tensor:
 def codebook_bytes(clusters: int, value_bits: int) -> int:
     """Bytes of a codebook of `clusters` values of `value_bits` bits (plus one fp32 scale when integer)."""
     return math.ceil(clusters * value_bits / 8) + (4 if value_bits < 16 else 0)
+
+
+def _encode_codebook(stored: Stored) -> None:
+    """The distinct stored values, and each stored value's index into them (left for the codes slot)."""
+    book, codes = torch.unique(stored.values(), return_inverse=True)
+    stored.code_bits = max(int(stored.meta["share_bits"]), math.ceil(math.log2(max(2, book.numel()))))
+    stored.enc["book"], stored.enc["code_bits"] = int(book.numel()), stored.code_bits
+    stored.sections.append(_codebook(book, stored.bits))
+    stored.codes = codes.numpy().astype(np.int64)
+
+
+def _codebook(values: torch.Tensor, bits: int) -> bytes:
+    """Shared values: integers on one fp32 scale below 16 bits (quantize puts a shared layer on one grid), else
+    fp16/fp32 values."""
+    if bits >= 16:
+        return raw_bytes(values, bits)
+    q, scale = weight_grid(values.reshape(1, -1), bits, per_channel=False)
+    return pack_bits(to_codes(q, bits), bits) + scale.tobytes()
+
+
+def _codebook_size(stored: Stored) -> int:
+    stored.code_bits = int(stored.meta["share_bits"])
+    return codebook_bytes(int(stored.meta["clusters"]), stored.bits)
+
+
+CODEBOOK = Stage(name="codebook", slot="values", order=10, keys=("book", "code_bits"),
+                 present=lambda s: "clusters" in s.meta, encode=_encode_codebook, nbytes=_codebook_size)
 
 
 def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
@@ -109,4 +138,5 @@ TECHNIQUE = Technique(
     apply=apply,
     constraint=constraint,
     titles={"bits": "bits per shared-weight index, per layer"},
+    stages=(CODEBOOK,),
 )

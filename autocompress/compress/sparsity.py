@@ -1,8 +1,8 @@
 """Unstructured sparsity: per-layer magnitude masks, kept up by dynamic network surgery while fine-tuning.
 
 The knob is a layer's `density`, the fraction of its weights kept (1.0 = dense): the smallest
-magnitudes are set to exactly zero. Shapes do not change; the size model stores the layer sparse
-(non-zero values plus a bitmask or CSR index, whichever is smaller). While fine-tuning, every
+magnitudes are set to exactly zero. Shapes do not change; the layer is stored sparse (its `INDEX` stage:
+non-zero values plus a bitmask or CSR index, whichever is smaller). While fine-tuning, every
 weight keeps a float shadow that receives gradients even when pruned, and every `SURGERY_EVERY`
 steps the mask is recomputed from the shadows at the same density, so a weight pruned earlier
 whose shadow has grown is spliced back (Guo et al., Dynamic Network Surgery, 2016).
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..weights import Stage, Stored, pack_bits
 from .base import FRACTION, Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 SURGERY_EVERY = 10  # fine-tuning steps between mask updates
@@ -39,6 +41,32 @@ def index_bytes(mask: torch.Tensor) -> int:
     bitmask = math.ceil(mask.numel() / 8)
     csr = 4 * (rows + 1) + math.ceil(int(mask.sum()) * max(1, math.ceil(math.log2(cols))) / 8)
     return min(bitmask, csr)
+
+
+def _mask(stored: Stored) -> torch.Tensor:
+    """Only the non-zeros are stored from here on."""
+    stored.mask = stored.weight != 0
+    return stored.mask
+
+
+def _encode_index(stored: Stored) -> None:
+    """The position of the non-zeros: a bitmask or CSR rows (`index_bytes` picks the same)."""
+    mask = _mask(stored).reshape(stored.weight.shape[0], -1)
+    rows, cols = mask.shape
+    bitmask = np.packbits(mask.reshape(-1).numpy().astype(np.uint8)).tobytes()
+    if len(bitmask) == index_bytes(mask):
+        stored.enc["index"] = "bitmask"
+        stored.sections.append(bitmask)
+        return
+    col_bits = max(1, math.ceil(math.log2(cols)))
+    pointers = np.concatenate([[0], np.cumsum(mask.sum(dim=1).numpy())]).astype(np.uint32)
+    stored.enc["index"] = "csr"
+    stored.sections.append(pointers.tobytes() + pack_bits(np.nonzero(mask.numpy())[1], col_bits))
+
+
+INDEX = Stage(name="sparse index", slot="index", order=10, keys=("index",),
+              present=lambda s: bool(s.meta.get("sparsity")), encode=_encode_index,
+              nbytes=lambda s: index_bytes(_mask(s)))
 
 
 def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:
@@ -86,4 +114,5 @@ TECHNIQUE = Technique(
     apply=apply,
     constraint=constraint,
     titles={"density": "fraction of weights kept (unstructured sparsity), per layer"},
+    stages=(INDEX,),
 )

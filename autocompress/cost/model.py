@@ -38,6 +38,7 @@ from torch import nn
 
 from ..compress.base import get_meta
 from ..compress.sparsity import index_bytes
+from ..weights import weight_bytes
 from . import kernels, pack, quantized
 from .flow import INPUT, Flow
 from .fusion import fusion_groups
@@ -80,7 +81,7 @@ def weight_bits(module: nn.Module | None) -> int:
 
 
 def size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as stored: each conv/linear weight as cost.pack.weight_bytes counts it
+    """Bytes of the model's weights as stored: each conv/linear weight as weights.weight_bytes counts it
     (bit-packed values, per-channel scales, sparse index, codebook, optional Huffman), every other tensor of
     the state_dict at its own dtype size. cost/pack.py writes exactly these bytes."""
     return sum(nbytes for _, _, _, nbytes in pack.tensor_entries(model))
@@ -184,7 +185,7 @@ def _layer_facts(layer, profile: HardwareProfile) -> dict:
 
 def _weight_bytes(layer, dtype: str, density: float) -> tuple[float, float]:
     """(bytes stored, bytes a kernel reads) of the layer's own tensors. A conv/linear weight is stored as
-    cost.pack.weight_bytes counts it and read in the dtype the kernel computes in (only the non-zeros, plus
+    weights.weight_bytes counts it and read in the dtype the kernel computes in (only the non-zeros, plus
     their index, where the profile skips zeros); other tensors (bias, BatchNorm) at their own size."""
     if layer.module is None:
         return 0.0, 0.0
@@ -194,7 +195,7 @@ def _weight_bytes(layer, dtype: str, density: float) -> tuple[float, float]:
     if weight is None:
         return other, other
     meta = get_meta(layer.module)
-    stored = pack.weight_bytes(weight, meta) if meta else weight.numel() * weight.element_size()
+    stored = weight_bytes(weight, meta) if meta else weight.numel() * weight.element_size()
     read = weight.numel() * DTYPE_BITS[dtype] / 8
     if density < 1.0:
         read = read * density + index_bytes(weight.detach() != 0)
