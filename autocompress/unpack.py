@@ -80,8 +80,15 @@ def decode(entry: dict, sections: list[bytes]) -> np.ndarray:
     return np.frombuffer(sections[0], dtype=dtype).reshape(shape).copy()
 
 
+KNOWN_KEYS = {"bits", "count", "index", "book", "code_bits", "huffman", "symbols", "huffman_bytes"}  # built-in stages
+
+
 def decode_weight(enc: dict, sections: list[bytes], shape: tuple) -> np.ndarray:
     """A compressed weight as float32: its sections are [index (sparse only)], [codebook or scales], codes."""
+    unknown = sorted(set(enc) - KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"a weight is stored by a stage this reader does not know (header key {unknown[0]!r}); "
+                         "read the file with autocompress.load_packed, the technique that wrote it registered")
     bits, count = enc["bits"], enc["count"]
     numel = math.prod(shape)
     parts = list(sections)

@@ -12,9 +12,10 @@ whose compression it stores (`Technique.stages`, registered with the technique) 
 
 In each slot the first stage (by `order`) that is present for the weight runs, so a technique's stage can take
 over a slot by ordering itself before the built-in ones. `encode_weight` writes a weight's header and byte
-sections, `weight_bytes` counts them without encoding (the cost model's size: cost/model.py), and the packed
-export (cost/pack.py) writes them. unpack.py reads them back by the header keys above: it is numpy only, so it
-can be copied next to a file, and cannot import the stages; a stage with new header keys needs its reader there.
+sections, `weight_bytes` counts them without encoding (the cost model's size: cost/model.py), the packed
+export (cost/pack.py) writes them, and `decode_weight` reads them back for `load_packed`, each slot by the stage
+whose header keys it finds (the built-in stages through unpack.py's readers). unpack.py alone, numpy only so that
+it can be copied next to a file, reads the built-in stages' keys and names any other in one sentence.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import AutocompressError
-from .unpack import SYNC, canonical_codes, qmax
+from .unpack import SYNC, canonical_codes, qmax, read_codes
 
 SLOTS = ("index", "values", "codes")
 CHUNK = 1 << 20  # values expanded to bits at a time (bounds the encoder's memory)
@@ -70,6 +71,9 @@ class Stage:
     `encode(stored)` appends its section and header `keys` and leaves what later stages need (mask, codes);
     `nbytes(stored)` returns the bytes that encoding appends, without encoding, and leaves the same for the
     later stages' counts; None where only encoding can tell (Huffman: a code's length depends on every code).
+    Reading back (`decode_weight`, what `load_packed` calls): `written(enc)` says from a header whether this stage
+    wrote the weight, and `decode(loaded)` reads its section and leaves what later stages need (mask, a reader of
+    codes, or the values).
     """
 
     name: str
@@ -79,6 +83,28 @@ class Stage:
     present: Callable[[Stored], bool]
     encode: Callable[[Stored], None]
     nbytes: Callable[[Stored], int] | None
+    written: Callable[[dict], bool]
+    decode: Callable[["Loaded"], None]
+
+
+@dataclass
+class Loaded:
+    """A weight on its way out of the file, handed from stage to stage in slot order: its header and shape, the
+    sections not read yet, and what the earlier stages read."""
+
+    enc: dict
+    sections: list[bytes]
+    shape: tuple
+    mask: np.ndarray | None = None       # flat: where the stored values go (None: everywhere)
+    alphabet: int | None = None          # how many codes the codes slot reads into (a values stage left codes)
+    from_codes: Callable[[np.ndarray], np.ndarray] | None = None   # those codes -> the stored values
+    values: np.ndarray | None = None     # the stored values, flat, float32
+
+    def rows(self) -> np.ndarray:
+        """The output channel of each stored value."""
+        numel = math.prod(self.shape)
+        rows = np.arange(numel) // (numel // self.shape[0])
+        return rows if self.mask is None else rows[self.mask]
 
 
 STAGES: list[Stage] = []  # every registered stage, by slot, then order
@@ -129,6 +155,24 @@ def encode_weight(weight: torch.Tensor, meta: dict) -> tuple[dict, list[bytes]]:
             stored.enc["count"] = stored.count()
         stage.encode(stored)
     return stored.enc, stored.sections
+
+
+def decode_weight(enc: dict, sections: list[bytes], shape: tuple) -> np.ndarray:
+    """A compressed weight as float32, each slot read by the registered stage whose header keys it finds (for
+    the built-in stages, what unpack.decode_weight, the numpy-only reader, gives)."""
+    loaded = Loaded(enc, list(sections), tuple(shape))
+    for slot in SLOTS:
+        stage = next((s for s in STAGES if s.slot == slot and s.written(enc)), None)
+        if stage is not None:
+            stage.decode(loaded)
+    if loaded.values is None:
+        raise AutocompressError(f"no registered stage reads a weight stored with header {enc}; register the "
+                                "technique that wrote it")
+    if loaded.mask is None:
+        return loaded.values.reshape(shape)
+    out = np.zeros(math.prod(shape), dtype=np.float32)
+    out[loaded.mask] = loaded.values
+    return out.reshape(shape)
 
 
 # ---- what the stages write with -----------------------------------------------------------------------
@@ -226,10 +270,16 @@ def _encode_fixed(stored: Stored) -> None:
     stored.sections.append(pack_bits(stored.codes, stored.code_bits))
 
 
+def _decode_codes(loaded: Loaded) -> None:
+    loaded.values = loaded.from_codes(read_codes(loaded.sections.pop(0), loaded.enc, loaded.alphabet))
+
+
 HUFFMAN = Stage(name="Huffman codes", slot="codes", order=10, keys=("huffman", "symbols", "huffman_bytes"),
                 present=lambda s: s.code_bits is not None and bool(s.meta.get("huffman")),
-                encode=_encode_huffman, nbytes=None)
+                encode=_encode_huffman, nbytes=None,
+                written=lambda enc: enc.get("huffman") is True, decode=_decode_codes)
 FIXED_CODES = Stage(name="fixed-width codes", slot="codes", order=20, keys=("huffman",),
                     present=lambda s: s.code_bits is not None, encode=_encode_fixed,
-                    nbytes=lambda s: packed_bytes(s.count(), s.code_bits))
+                    nbytes=lambda s: packed_bytes(s.count(), s.code_bits),
+                    written=lambda enc: enc.get("huffman") is False, decode=_decode_codes)
 add_stages((HUFFMAN, FIXED_CODES))

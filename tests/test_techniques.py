@@ -1,5 +1,8 @@
 """The Technique plugin interface: every technique's largest choice leaves the model unchanged, and a technique
 defined and registered in this file alone is searched, applied in its order, priced, reported and delivered."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,12 +11,13 @@ import autocompress as ac
 from autocompress.compress import TECHNIQUES, Technique, get_meta, register, unregister
 from autocompress.compress.base import FRACTION, Between, layer_targets, set_meta, weight_layers
 from autocompress.cost.model import size_bytes
-from autocompress.cost.pack import packed_sections, save_packed
+from autocompress.cost.pack import load_packed, packed_sections, save_packed
 from autocompress.errors import AutocompressError
 from autocompress.evaluate import accuracy
 from autocompress.models import DigitsResNet
 from autocompress.report import field_title
 from autocompress.space import Policy, SearchSpace
+from autocompress.unpack import read_packed
 from autocompress.weights import Stage, weight_bytes
 
 # A student is a new network built from its knobs, not a compression of the given one: it has no identity.
@@ -128,13 +132,20 @@ def _bfloat16(model: nn.Module, section: dict, example_input: torch.Tensor) -> n
     return model
 
 
+def _read_bfloat16(loaded) -> None:
+    """bfloat16 is the top half of a float32: shift the stored 16 bits up."""
+    raw = np.frombuffer(loaded.sections.pop(0), dtype=np.uint16).astype(np.uint32) << 16
+    loaded.values = raw.view(np.float32)
+
+
 BFLOAT16 = Technique(name="bfloat16", order=95, fields={"bits": [32, 16]}, settings={},
                      allowed_settings={"bits": (16, 32)}, targets=layer_targets, apply=_bfloat16,
-                     stages=(Stage(name="bfloat16 values", slot="values", order=5, keys=(),
+                     stages=(Stage(name="bfloat16 values", slot="values", order=5, keys=("bfloat16",),
                                    present=lambda s: bool(s.meta.get("bfloat16")),
-                                   encode=lambda s: s.sections.append(
-                                       s.values().bfloat16().view(torch.int16).numpy().tobytes()),
-                                   nbytes=lambda s: 2 * s.count()),))
+                                   encode=lambda s: (s.enc.update(bfloat16=True), s.sections.append(
+                                       s.values().bfloat16().view(torch.int16).numpy().tobytes())),
+                                   nbytes=lambda s: 2 * s.count(), written=lambda enc: "bfloat16" in enc,
+                                   decode=_read_bfloat16),))
 
 
 def test_a_technique_registered_from_one_file_stores_its_weights_in_its_own_stage(blocky_model, tmp_path):
@@ -150,6 +161,11 @@ def test_a_technique_registered_from_one_file_stores_its_weights_in_its_own_stag
         assert size_bytes(model) == stored
         save_packed(model, tmp_path / "m.acpk", architecture=False)
         assert packed_sections(tmp_path / "m.acpk")["tensors"] == stored
+        loaded = load_packed(tmp_path / "m.acpk", copy.deepcopy(model))  # read back by the technique's stage
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        with pytest.raises(ValueError, match="header key 'bfloat16'"):  # the numpy-only reader says it cannot
+            read_packed(tmp_path / "m.acpk")
     finally:
         unregister("bfloat16")
     conv = model.get_submodule(names[0])

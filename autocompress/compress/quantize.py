@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import AutocompressError
-from ..weights import Stage, Stored, packed_bytes, raw_bytes, to_codes, weight_grid
+from ..unpack import from_codes, read_raw
+from ..weights import Loaded, Stage, Stored, packed_bytes, raw_bytes, to_codes, weight_grid
 from .base import Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 BITS = (1, 2, 4, 8, 16, 32)
@@ -200,11 +202,23 @@ def _grid_size(stored: Stored) -> int:
     return scale_bytes(stored.weight, stored.bits)
 
 
+def _decode_grid(loaded: Loaded) -> None:
+    """Codes on the grid, times their channel's scale."""
+    bits, scales = loaded.enc["bits"], np.frombuffer(loaded.sections.pop(0), dtype=np.float32)
+    loaded.alphabet = 2 ** bits
+    loaded.from_codes = lambda codes: from_codes(codes, bits).astype(np.float32) * scales[loaded.rows()]
+
+
+def _decode_float(loaded: Loaded) -> None:
+    loaded.values = read_raw(loaded.sections.pop(0), loaded.enc["bits"], loaded.enc["count"])
+
+
 GRID = Stage(name="per-channel integer grid", slot="values", order=20, keys=("code_bits",),
-             present=lambda s: s.bits < 16, encode=_encode_grid, nbytes=_grid_size)
+             present=lambda s: s.bits < 16, encode=_encode_grid, nbytes=_grid_size,
+             written=lambda enc: enc["bits"] < 16, decode=_decode_grid)
 FLOAT = Stage(name="fp16/fp32 values", slot="values", order=30, keys=(), present=lambda s: True,
               encode=lambda s: s.sections.append(raw_bytes(s.values(), s.bits)),
-              nbytes=lambda s: packed_bytes(s.count(), s.bits))
+              nbytes=lambda s: packed_bytes(s.count(), s.bits), written=lambda enc: True, decode=_decode_float)
 
 
 def quantize_weight(module: nn.Module, bits: int, huffman: bool) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..weights import Stage, Stored, pack_bits, raw_bytes, to_codes, weight_grid
+from ..unpack import read_values
+from ..weights import Loaded, Stage, Stored, pack_bits, raw_bytes, to_codes, weight_grid
 from .base import Between, Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 FIT_SAMPLE = 20_000
@@ -84,8 +85,16 @@ def _codebook_size(stored: Stored) -> int:
     return codebook_bytes(int(stored.meta["clusters"]), stored.bits)
 
 
+def _decode_codebook(loaded: Loaded) -> None:
+    """The codebook; the codes slot's codes index it."""
+    book = read_values(loaded.sections.pop(0), loaded.enc["bits"], loaded.enc["book"])
+    loaded.alphabet = loaded.enc["book"]
+    loaded.from_codes = lambda codes: book[codes]
+
+
 CODEBOOK = Stage(name="codebook", slot="values", order=10, keys=("book", "code_bits"),
-                 present=lambda s: "clusters" in s.meta, encode=_encode_codebook, nbytes=_codebook_size)
+                 present=lambda s: "clusters" in s.meta, encode=_encode_codebook, nbytes=_codebook_size,
+                 written=lambda enc: "book" in enc, decode=_decode_codebook)
 
 
 def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..weights import Stage, Stored, pack_bits
+from ..unpack import read_index
+from ..weights import Loaded, Stage, Stored, pack_bits
 from .base import FRACTION, Technique, get_meta, layer_targets, set_meta, straight_through, weight_layers
 
 SURGERY_EVERY = 10  # fine-tuning steps between mask updates
@@ -64,9 +65,13 @@ def _encode_index(stored: Stored) -> None:
     stored.sections.append(pointers.tobytes() + pack_bits(np.nonzero(mask.numpy())[1], col_bits))
 
 
+def _decode_index(loaded: Loaded) -> None:
+    loaded.mask = read_index(loaded.enc, loaded.sections.pop(0), loaded.shape).reshape(-1)
+
+
 INDEX = Stage(name="sparse index", slot="index", order=10, keys=("index",),
               present=lambda s: bool(s.meta.get("sparsity")), encode=_encode_index,
-              nbytes=lambda s: index_bytes(_mask(s)))
+              nbytes=lambda s: index_bytes(_mask(s)), written=lambda enc: "index" in enc, decode=_decode_index)
 
 
 def apply(model: nn.Module, section: dict, example_input: torch.Tensor) -> nn.Module:

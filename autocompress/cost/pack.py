@@ -28,8 +28,8 @@ from torch import nn
 
 from ..compress.base import get_meta
 from ..errors import AutocompressError
-from ..unpack import MAGIC, architecture, decode, entries, read_header
-from ..weights import encode_weight, weight_bytes
+from ..unpack import MAGIC, architecture, entries, read_header
+from ..weights import decode_weight, encode_weight, weight_bytes
 
 
 def tensor_entries(model: nn.Module):
@@ -98,7 +98,8 @@ def _header(data: bytes, path) -> tuple[dict, int]:
 
 
 def load_packed(path, model: nn.Module | None = None) -> nn.Module:
-    """The module stored in `path`: its tensors decoded (unpack.py, the numpy reader users get) into `model`
+    """The module stored in `path`: its tensors decoded (weights.decode_weight: each weight by the registered stages
+    that wrote it, the built-in ones through unpack.py's readers, the numpy reader users get) into `model`
     (same architecture) or, without one, into the architecture stored in the file."""
     data = Path(path).read_bytes()
     header, pos = _header(data, path)
@@ -115,7 +116,7 @@ def _decode(entry: dict, sections: list[bytes]) -> torch.Tensor:
         dtype = getattr(torch, entry["enc"]["raw"])
         return torch.frombuffer(bytearray(sections[0]), dtype=dtype).reshape(entry["shape"]).clone() \
             if sections[0] else torch.zeros(entry["shape"], dtype=dtype)
-    return torch.from_numpy(decode(entry, sections))
+    return torch.from_numpy(decode_weight(entry["enc"], sections, tuple(entry["shape"])))
 
 
 def _fill(model: nn.Module, tensors: dict) -> nn.Module:
