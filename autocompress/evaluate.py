@@ -140,7 +140,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: to
     return weight * soft + (1 - weight) * hard
 
 
-def _logits(out):
+def logits(out):
+    """A classifier's logits from its output: the output itself, or the first of a tuple (GoogLeNet's aux...)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -173,15 +174,15 @@ class TeacherOutputs:
     def _targets(self, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
         new = [j for j, i in enumerate(idx) if i not in self.known]
         if len(new) == len(idx) or self.stored >= self.limit:
-            fresh = _logits(self.teacher(x))
+            fresh = logits(self.teacher(x))
             self._keep(idx, fresh)
             return fresh
         if new:
-            self._keep([idx[j] for j in new], _logits(self.teacher(x[new])))
+            self._keep([idx[j] for j in new], logits(self.teacher(x[new])))
         return torch.stack([self.known[i] for i in idx])
 
-    def _keep(self, idx: list[int], logits: torch.Tensor) -> None:
-        for i, row in zip(idx, logits):
+    def _keep(self, idx: list[int], outputs: torch.Tensor) -> None:
+        for i, row in zip(idx, outputs):
             if self.stored >= self.limit:
                 return
             if i not in self.known:
@@ -193,7 +194,7 @@ def with_targets(batches, teacher: nn.Module | None):
     """(inputs, labels, teacher logits or None) for an iterable of (inputs, labels, ...) batches."""
     for x, y, *_ in batches:
         with torch.no_grad():  # not around the yield: the consumer trains with gradients
-            target = _logits(teacher(x)) if teacher is not None else None
+            target = logits(teacher(x)) if teacher is not None else None
         yield x, y, target
 
 
@@ -238,7 +239,7 @@ class _Trainer:
         done = 0
         self.model.train()
         for x, y, target in itertools.islice(batches, steps):
-            loss = distill_loss(_logits(self.model(x)), target, y, self.temperature, self.distill_weight)
+            loss = distill_loss(logits(self.model(x)), target, y, self.temperature, self.distill_weight)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()

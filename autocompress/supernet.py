@@ -32,7 +32,7 @@ from torch import nn
 
 from .compress.student import NAME as STUDENT
 from .errors import AutocompressError
-from .evaluate import TeacherOutputs, distill_loss, fixed_batches
+from .evaluate import TeacherOutputs, distill_loss, fixed_batches, logits
 from .models import model_fingerprint
 from .space import KIND
 from .students.bank import bank_name, class_count, crop, load, named_tensors, region, save
@@ -141,11 +141,7 @@ def _run_sliced(skeleton: nn.Module, params: dict, buffers: dict, x) -> torch.Te
     """A student skeleton run on views of the bank (gradients reach the bank, BatchNorm statistics update it)."""
     tensors = {n: crop(params.get(bank_name(n), buffers.get(bank_name(n))), t.shape)
                for n, t in named_tensors(skeleton).items()}
-    return _logits(torch.func.functional_call(skeleton, tensors, (x,)))
-
-
-def _logits(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return logits(torch.func.functional_call(skeleton, tensors, (x,)))
 
 
 # ---- the cache key -------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..compress.base import get_meta
+from ..compress.base import WEIGHT_KINDS, get_meta
 from ..compress.sparsity import index_bytes
 from ..weights import weight_bytes
 from . import kernels, pack, quantized
@@ -48,7 +48,6 @@ from .profiles import DTYPE_BITS, HardwareProfile
 from .trace import trace
 
 GEMM_KINDS = ("conv", "linear", "matmul")
-WEIGHT_KINDS = ("conv", "dwconv", "linear")
 
 
 @dataclass
