@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +18,7 @@ from .cost.profiles import HardwareProfile
 from .data import load_recorded_data
 from .deliver import deliver_front, dominated_by_delivered, timed
 from .errors import AutocompressError
-from .evaluate import make_evaluator
+from .evaluate import Judge, make_evaluator
 from .compress.prune.groups import with_channel_groups
 from .graph import LayerGraph, analyze as _trace
 from .judged import WeightStore
@@ -83,9 +84,9 @@ def compress(model: nn.Module, example_input: torch.Tensor, data=None, hardware=
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise AutocompressError(f"timeout={timeout!r} is not allowed; it must be a number of seconds > 0, or None")
     judge = make_evaluator(data, evaluator, finetune_steps, teacher=model)
-    study, problem = _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler,
-                           storage, study_name, model_spec, finetune_steps, repair, sampler_seed=seed,
-                           trials_hint=trials, weights=weights)
+    study, problem = _open(_Run(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler,
+                                storage, study_name, model_spec, finetune_steps, repair, sampler_seed=seed,
+                                trials_hint=trials, weights=weights))
     search.ask_trials(study, "run", trials)
     study.set_user_attr("final_epochs", final_epochs)  # what a worker that ends the study delivers with
     if measure:
@@ -114,10 +115,10 @@ def work(storage, study_name: str = "autocompress", trials: int = 10, progress: 
     profile = HardwareProfile.from_dict(config["hardware"], f"stored in study {study_name!r}")
     space = SearchSpace(config["space"]["name"], config["space"]["techniques"], config["space"]["description"])
     spec = {k: config[k] for k in MODEL_SPEC_KEYS if k in config}
-    study, problem = _open(model, example, judge, profile, config["budgets"], config["objectives"], space,
-                           config["seed"], config["sampler"], storage, study_name, spec,
-                           config.get("finetune_steps", 0), config.get("repair", True), sampler_seed=None,
-                           trials_hint=asked + trials, weights=weights)
+    study, problem = _open(_Run(model, example, judge, profile, config["budgets"], config["objectives"], space,
+                                config["seed"], config["sampler"], storage, study_name, spec,
+                                config.get("finetune_steps", 0), config.get("repair", True), sampler_seed=None,
+                                trials_hint=asked + trials, weights=weights))
     search.ask_trials(study, search.new_asker(), trials)
     epochs = study.user_attrs.get("final_epochs", 0) if final_epochs is None else final_epochs
     return _search(study, problem, progress, epochs)
@@ -136,20 +137,44 @@ def _check_epochs(epochs) -> None:
         raise AutocompressError(f"final_epochs={epochs!r} is not allowed; it must be an integer >= 0")
 
 
-def _open(model, example_input, judge, hardware, budgets, objectives, space, seed, sampler, storage, study_name,
-          model_spec, finetune_steps, repair, sampler_seed, trials_hint, weights=None):
+@dataclass
+class _Run:
+    """What a study is opened with: the problem (model, judge, device, budgets, objectives, space), how it is
+    searched, and where it lives. `compress` fills it from its arguments, `work` from the study's record."""
+
+    model: nn.Module
+    example_input: torch.Tensor
+    judge: Judge | None
+    hardware: "str | Path | HardwareProfile"
+    budgets: "dict | Budgets | None"
+    objectives: "tuple[str, ...] | list[str] | None"
+    space: "str | Path | SearchSpace"
+    seed: int
+    sampler: str
+    storage: object                       # None, a URL or path, or an Optuna storage (search/storage.py)
+    study_name: str
+    model_spec: dict | None
+    finetune_steps: int
+    repair: bool
+    sampler_seed: int | None              # None: the one the study recorded (a worker joining it)
+    trials_hint: int                      # how many trials the study will hold: the sampler's startup size
+    weights: "str | Path | None" = None
+
+
+def _open(run: _Run) -> tuple:
     """Validate the inputs, open (or create) the study with this problem's configuration, and return it with
     the Problem every trial needs. A new study gets the baseline and the warm-start policies."""
+    judge, example_input = run.judge, run.example_input
+    objectives = run.objectives
     if objectives is None:
         objectives = ("accuracy", "latency_ms") if judge is not None else ("latency_ms", "size_kb")
     objectives = check_objectives(objectives, judge is not None)
-    budgets = budgets if isinstance(budgets, Budgets) else Budgets(budgets)
-    profile = load_profile(hardware)
-    search_space = SearchSpace.load(space)
-    search.check_sampler(sampler)
-    model = model.eval()
-    graph = analyze(model, example_input)
-    bound = search_space.bind(graph)
+    budgets = run.budgets if isinstance(run.budgets, Budgets) else Budgets(run.budgets)
+    profile = load_profile(run.hardware)
+    search_space = SearchSpace.load(run.space)
+    search.check_sampler(run.sampler)
+    model = run.model.eval()
+    bound = search_space.bind(analyze(model, example_input))
     supernet.prepare(bound, model, example_input, judge.train_loader if judge is not None else None)  # students
     if judge is not None:  # accuracy as the profile's runtime computes it (int8 kernels in torch-int8)
         judge.run_in(profile.runtime, example_input)
@@ -159,13 +184,12 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
         raise AutocompressError("an accuracy budget needs data or an evaluator to measure accuracy with")
     config = search.config_json({
         "objectives": list(objectives), "budgets": budgets.to_dict(), "limits": limits,
-        "hardware": profile.to_dict(),
-        "space": search_space.to_dict(), "seed": seed, "sampler": sampler, "model": model_fingerprint(model),
-        "input_shape": list(example_input.shape), "finetune_steps": finetune_steps, "repair": bool(repair),
-        **(model_spec or {}),
+        "hardware": profile.to_dict(), "space": search_space.to_dict(), "seed": run.seed, "sampler": run.sampler,
+        "model": model_fingerprint(model), "input_shape": list(example_input.shape),
+        "finetune_steps": run.finetune_steps, "repair": bool(run.repair), **(run.model_spec or {}),
     })
-    study = search.open_study(storage, study_name, objectives, config)
-    study.sampler = search.make_sampler(sampler, search.seed_for(study, sampler_seed), trials_hint)
+    study = search.open_study(run.storage, run.study_name, objectives, config)
+    study.sampler = search.make_sampler(run.sampler, search.seed_for(study, run.sampler_seed), run.trials_hint)
     if "baseline" not in study.user_attrs:  # measured once per study: a resume calls no evaluator for it
         measured = judge.baseline(model) if judge is not None else {"accuracy": None}  # statistics as given
         study.set_user_attr("baseline", {**baseline, **measured})
@@ -173,9 +197,9 @@ def _open(model, example_input, judge, hardware, budgets, objectives, space, see
     floor = study.user_attrs.get("min_accuracy")
     if judge is not None:  # the built-in judge's rungs stop spending steps on candidates below the floor
         judge.aim(floor)
-    store = _weight_store(study, storage, study_name, weights)
-    problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(repair), floor,
-                             store)
+    store = _weight_store(study, run.storage, run.study_name, run.weights)
+    problem = search.Problem(model, example_input, bound, profile, objectives, limits, judge, bool(run.repair),
+                             floor, store)
     search.enqueue_warm_start(study, problem)
     return study, problem
 
