@@ -403,21 +403,26 @@ def output_shape(model: nn.Module, example_input: torch.Tensor, meta: bool = Fal
         return None
 
 
+def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` by name, as a meta tensor of its shape (to run it on shapes alone)."""
+    return {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
 def _meta_output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
-    state = {k: torch.empty_like(v, device="meta") for k, v in
-             list(model.named_parameters()) + list(model.named_buffers())}
     x = torch.empty_like(example_input, device="meta")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = {m: m.__dict__.get("forward") for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     try:
         for m in norms:  # batch norm on meta tensors is a slow Python decomposition: check its shapes directly
             m.forward = functools.partial(_batch_norm_shape, m)
         with torch.no_grad():
-            return _shape(torch.func.functional_call(model, state, (x,))) or None
+            return _shape(torch.func.functional_call(model, meta_state(model), (x,))) or None
     except Exception:
         return None
     finally:
-        for m in norms:
+        for m, own in norms.items():  # back to the class's forward, or the one the instance had set
             del m.forward
+            if own is not None:
+                m.forward = own
 
 
 def _batch_norm_shape(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:

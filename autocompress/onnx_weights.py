@@ -142,6 +142,16 @@ def _rebuilt(name: str, w, meta: dict, keep: np.ndarray | None):
     return inits, nodes
 
 
+def _looked_up(name: str, book: np.ndarray, codes: np.ndarray, output: str) -> tuple[list, list, str]:
+    """(initializers, nodes, output) giving book[codes] under `output`: the codebook and the codes as indices
+    into it (a byte each, or nibbles two per byte for at most 16 values), looked up with Gather."""
+    inits, nodes, indices = _codes(f"{name}.indices", codes, nibbles=len(book) <= 16)
+    return ([numpy_helper.from_array(book, f"{name}.codebook"), *inits],
+            [*nodes, helper.make_node("Cast", [indices], [f"{name}.index64"], to=onnx.TensorProto.INT64),
+             helper.make_node("Gather", [f"{name}.codebook", f"{name}.index64"], [output], axis=0)],
+            output)
+
+
 def _value_form(name: str, w, meta: dict, keep: np.ndarray | None):
     """(initializers, nodes, flat float output, per-channel scale or None) giving the values of `w` at the `keep`
     positions (every value when None) in the stored coding; None for fp32."""
@@ -151,12 +161,7 @@ def _value_form(name: str, w, meta: dict, keep: np.ndarray | None):
     if "clusters" in meta:
         book, codes = np.unique(chosen, return_inverse=True)
         if len(book) <= 256:
-            inits, nodes, indices = _codes(f"{name}.indices", codes, nibbles=len(book) <= 16)
-            return ([numpy_helper.from_array(book.astype(np.float32), f"{name}.codebook"), *inits],
-                    [*nodes, helper.make_node("Cast", [indices], [f"{name}.index64"], to=onnx.TensorProto.INT64),
-                     helper.make_node("Gather", [f"{name}.codebook", f"{name}.index64"], [f"{name}.flat_values"],
-                                      axis=0)],
-                    f"{name}.flat_values", None)
+            return (*_looked_up(name, book.astype(np.float32), codes, f"{name}.flat_values"), None)
     if bits <= 8:
         q, scales = weight_grid(w, bits, per_channel=True)
         offset = NIBBLE_OFFSET if bits <= 4 else 0  # 4-bit codes -7..7 stored as 1..15
@@ -220,10 +225,7 @@ def _int8_sparse(name: str, q: np.ndarray, tag: str):
     book, codes = np.unique(chosen, return_inverse=True)
     n = lambda k: f"{tag}.{k}"  # noqa: E731
     if 0 < len(book) <= 16:
-        inits, nodes, indices = _codes(n("indices"), codes.ravel(), nibbles=True)
-        inits.append(numpy_helper.from_array(book.astype(np.int8), n("codebook")))
-        nodes += [helper.make_node("Cast", [indices], [n("index64")], to=onnx.TensorProto.INT64),
-                  helper.make_node("Gather", [n("codebook"), n("index64")], [n("nonzeros")], axis=0)]
+        inits, nodes, _ = _looked_up(tag, book.astype(np.int8), codes.ravel(), n("nonzeros"))
     else:
         inits, nodes = [numpy_helper.from_array(chosen, n("nonzeros"))], []
     more_inits, more_nodes, dense = _scattered(tag, n("nonzeros"), keep, zero=np.zeros(1, np.int8))

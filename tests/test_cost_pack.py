@@ -203,3 +203,11 @@ def test_the_stored_format_does_not_change(case):
     enc, sections = encode_weight(weight, meta)
     assert hashlib.sha256(json.dumps(enc).encode() + b"".join(sections)).hexdigest()[:16] == expected
     assert sum(map(len, sections)) == weight_bytes(weight, meta)
+
+
+def test_the_numpy_reader_knows_exactly_the_built_in_stages_header_keys():
+    """unpack.py cannot import the stages, so its list of header keys is written out: it must be the keys the
+    built-in stages declare (plus the bit-width and count every weight has), or a file would be refused or misread."""
+    from autocompress import unpack, weights
+
+    assert unpack.KNOWN_KEYS == {"bits", "count"}.union(*(stage.keys for stage in weights.STAGES))

@@ -5,7 +5,8 @@ index, codebook or per-channel scales and grid codes or fp16/fp32 values, fixed-
 exactly the bytes `weights.weight_bytes` counts; every other tensor is stored raw. `tensor_entries` lists both
 with their stored bytes, and the cost model's size (cost/model.py) is their sum, so the size the search
 optimizes is the size of the file. The loader decodes every tensor back to the float values the compressed
-module holds (to float rounding of the scales) with unpack.py, the numpy-only reader users get.
+module holds (to float rounding of the scales) with `weights.decode_weight`, whose built-in stages read through
+unpack.py, the numpy-only reader users get.
 
 File: b"ACPACK01", a 4-byte header length, a zlib-compressed JSON header (per tensor: name, shape,
 dtype, encoding and its sections' lengths), the tensors' bytes, and optionally the module's

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ..graph import (Layer, LayerGraph, add_get_attr_params, analyze, check_forward, matmul_macs, node_layer,
-                     traced_output_layers)
+from ..graph import (Layer, LayerGraph, add_get_attr_params, analyze, check_forward, matmul_macs, meta_state,
+                     node_layer, traced_output_layers)
 from .flow import Flow, dataflow, flow_of
 
 EXACT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)  # the parametric modules whose MACs are counted here
@@ -64,9 +64,7 @@ def _meta_values(gm: torch.fx.GraphModule, example_input: torch.Tensor) -> dict:
                 return torch.empty_like(args[0])
             return super().call_module(target, args, kwargs)
 
-    state = {k: torch.empty_like(v, device="meta") for k, v in
-             list(gm.named_parameters()) + list(gm.named_buffers())}
-    with _reparametrize_module(gm, state), torch.no_grad():
+    with _reparametrize_module(gm, meta_state(gm)), torch.no_grad():
         Recorder(gm).run(torch.empty_like(example_input, device="meta"))
     return values
 

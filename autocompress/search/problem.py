@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
 import optuna
 import torch
 from optuna.trial import TrialState

@@ -411,12 +411,12 @@ def _rebound(dg, twin: nn.Module, model: nn.Module):
     def mapped(obj):
         return same.get(id(obj), obj)
 
-    traced = {id(n.grad_fn): n.grad_fn for n in dg.module2node.values()}
+    autograd = {id(n.grad_fn): n.grad_fn for n in dg.module2node.values()}
     nodes = {}
     for node in dg.module2node.values():  # Torch-Pruning's op records (concat sizes...) change as channels go
         new = nodes[id(node)] = copy.copy(node)
         own = id(node.module) in same
-        new.module = same[id(node.module)] if own else copy.deepcopy(node.module, dict(traced))
+        new.module = same[id(node.module)] if own else copy.deepcopy(node.module, dict(autograd))
     for node in dg.module2node.values():
         new = nodes[id(node)]
         new.inputs = [nodes[id(n)] for n in node.inputs]
