@@ -207,8 +207,9 @@ def parser() -> argparse.ArgumentParser:
                                                     "for host, a calibrated profile's own; another count than a "
                                                     "calibrated profile's is refused)")
         sp.add_argument("--runtime", choices=RUNTIMES, help="what runs the model: torch (eager PyTorch), "
-                                                            "torch-int8 (torch.ao int8 kernels for 8-bit layers) or "
-                                                            "onnxruntime (default: host's torch, a profile's own; "
+                                                            "torch-int8 (torch.ao int8 kernels for 8-bit layers), "
+                                                            "onnxruntime or onnxruntime-int8 (its QDQ int8 kernels for "
+                                                            "8-bit layers) (default: host's torch, a profile's own; "
                                                             "another runtime than a profile's is refused)")
 
     run = sub.add_parser("run", help="search compressed models within budgets")
@@ -308,9 +309,10 @@ def parser() -> argparse.ArgumentParser:
                                                  "a model runs with when nobody sets it)")
     cal.add_argument("--runtime", choices=RUNTIMES, default="torch",
                      help="the runtime whose kernels are timed: torch (eager PyTorch), torch-int8 (eager PyTorch "
-                          "with torch.ao's x86 int8 kernels, timed in int8 and float, and their conversions) or "
-                          "onnxruntime (the kernels "
-                          "exported to ONNX and run by ONNX Runtime's CPU sessions)")
+                          "with torch.ao's x86 int8 kernels, timed in int8 and float, and their conversions), "
+                          "onnxruntime (the kernels exported to ONNX and run by ONNX Runtime's CPU sessions) or "
+                          "onnxruntime-int8 (the same, quantized by ONNX Runtime's QDQ flow, timed in int8 and "
+                          "float, and its QuantizeLinear / DequantizeLinear)")
     cal.add_argument("--force", action="store_true", help="overwrite the host profile even when the machine is busy")
     cal.add_argument("--clock", choices=["wall", "cpu"], help="elapsed time, or the timing thread's CPU time "
                                                              "(default: cpu with one thread on the CPU, else wall)")

@@ -24,7 +24,7 @@ from .budgets import METRICS, violations
 from .compress import apply
 from .cost.measure import DEFAULT_THREADS, measure_latency_ms
 from .cost.model import estimate
-from .cost.quantized import keep_ranges
+from .cost.runtimes import keep_ranges
 from .result import DELIVERED, pareto_front, trials_frame
 from .search import Problem, TrialRecord, constraints
 from .space import Policy

@@ -3,8 +3,9 @@
 Formats: state_dict, TorchScript and ONNX (float), and two real int8 artifacts that run without autocompress:
 `torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it; what the
 torch-int8 runtime runs, cost/quantized.py: layers the model holds wider than 8 bits stay float) and
-`onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file: int8 weights per output channel,
-int8 activations calibrated on training batches). The float ONNX file stores compressed weights compactly
+`onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file, what the onnxruntime-int8 runtime
+runs, cost/ort_int8.py: int8 weights per output channel, int8 activations calibrated on training batches, layers
+held wider than 8 bits float unless none is held at 8 bits or fewer). The float ONNX file stores compressed weights compactly
 (codes at their bit-width, codebooks, sparse non-zeros with a bitmask: onnx_weights.py). The int8 flows
 re-quantize the float weights; the onnx-int8 file then stores each int8 weight in its smallest form
 (`onnx_weights.compact_int8`: nibble indices where a tensor or each of its channels holds at most 16 values, as
@@ -16,8 +17,9 @@ load only files you trust), and `autocompress/unpack.py`, numpy only, reads its 
 installed.
 
 The model is `result.compressed(trial)`: the trial's policy with the weights its reported numbers were measured
-on (delivered or judged), so nothing is trained again; in a torch-int8 run it keeps the activation ranges it was
-judged with, so its torch-int8 file is the very int8 model whose accuracy was reported. After writing, the file is loaded back on its own
+on (delivered or judged), so nothing is trained again; in a run of an int8 runtime it keeps the activation ranges
+it was judged with, so its file of that runtime (torch-int8, onnx-int8) is the very int8 model whose accuracy was
+reported. After writing, the file is loaded back on its own
 (torch.load, torch.jit.load, onnxruntime), its accuracy re-measured on the validation data (and on the
 test data when there is one) and its latency timed in that runtime on this machine, next to the reported figures.
 """
@@ -31,13 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compress.quantize import synthesize_inputs
 from .cost.measure import measure_latency_ms
 from .cost.pack import load_packed, save_packed
-from .cost.runtimes import OrtModule, onnx_bytes
+from .cost.ort import OrtModule, onnx_bytes
 from .data import load_recorded_data, split_data
 from .errors import one_of
 from .evaluate import accuracy, fixed_batches
+from .cost.ort_int8 import qdq_bytes
 from .cost.quantized import kept_float
 from .int8 import to_int8
 from .onnx_weights import compact, compact_int8
@@ -137,35 +139,12 @@ def _write_torch_int8(model: nn.Module, example: torch.Tensor, path: Path, calib
 
 
 def _write_onnx_int8(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> None:
-    """The float ONNX graph, pre-processed (shape inference, Conv+BN folding) and quantized by ONNX Runtime."""
-    import tempfile
-
+    """What the onnxruntime-int8 runtime runs (cost/ort_int8.py): ONNX Runtime's QDQ quantization of the float
+    graph, with the ranges the model was judged with where it keeps them (an onnxruntime-int8 run), else
+    calibrated on `calibration` (None: synthesized inputs); then each int8 weight stored in its smallest form."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration is None:  # data-free: inputs synthesized from the BatchNorm statistics, as to_int8 does
-        with torch.enable_grad():
-            calibration = [synthesize_inputs(model, example)]
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": x.detach().numpy()} for x in calibration])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        plain, prepared = Path(tmp) / "float.onnx", Path(tmp) / "prepared.onnx"
-        _write_float_onnx(model, example, plain)  # every weight fp32: ONNX Runtime re-quantizes them
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
-            # S8S8: uint8 activations times int8 weights saturate in the AVX2 / AVX-512 kernels of CPUs without
-            # VNNI (ONNX Runtime's quantization docs; a pruned ResNet-20 fell from 93 % to 70 % on this machine's
-            # EPYC), int8 activations do not. Weights stay 8-bit symmetric, the scheme the search fake-quantizes.
-            quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    path.write_bytes(qdq_bytes(model, example, calibration))
     onnx.save(compact_int8(onnx.load(str(path))), str(path))  # 4-bit, shared and sparse weights kept small
 
 

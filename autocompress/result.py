@@ -14,8 +14,7 @@ from optuna.trial import TrialState
 from .budgets import METRICS, pareto_mask
 from .compress import apply
 from .cost.measure import DEFAULT_THREADS, measure_latency_ms
-from .cost.quantized import keep_ranges
-from .cost.runtimes import as_run
+from .cost.runtimes import as_run, keep_ranges
 from .errors import AutocompressError
 from .export import export
 from .judged import WeightStore, beside

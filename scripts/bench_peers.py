@@ -48,7 +48,7 @@ import autocompress as ac
 from autocompress.cost.measure import measure_latency_ms
 from autocompress.data import digits_loaders
 from autocompress.evaluate import accuracy, finetune, fixed_batches, recalibrate_bn, seeded_batches
-from autocompress.cost.runtimes import OrtModule
+from autocompress.cost.ort import OrtModule
 from autocompress.models import DigitsResNet, cache_dir, train_classifier
 
 # The latency objective drives the speed: a latency budget that the host's (eager PyTorch) cost model prices out

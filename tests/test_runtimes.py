@@ -11,7 +11,8 @@ import autocompress as ac
 from autocompress.cost import calibrate as cal
 from autocompress.cost.measure import measure_latency_ms
 from autocompress.cost.profiles import HardwareProfile, read_profile
-from autocompress.cost.runtimes import BoundOrt, layout_share, onnx_bytes, runnable
+from autocompress.cost.ort import LAYOUT_OPS, BoundOrt, OrtModule, onnx_bytes, op_share
+from autocompress.cost.runtimes import runnable
 
 
 def test_a_model_run_in_onnx_runtime_gives_the_torch_outputs(digits_model, digits_input):
@@ -24,11 +25,11 @@ def test_a_model_run_in_onnx_runtime_gives_the_torch_outputs(digits_model, digit
 def test_a_profile_refuses_a_runtime_it_was_not_timed_in(digits_model, digits_input):
     with pytest.raises(ac.AutocompressError, match="prices runtime 'torch', not 'onnxruntime'"):
         ac.estimate(digits_model, digits_input, "raspberry-pi-4", runtime="onnxruntime")
-    with pytest.raises(ac.AutocompressError, match="unknown runtime 'tflite'; allowed: onnxruntime, torch, torch-int8"):
+    with pytest.raises(ac.AutocompressError, match="unknown runtime 'tflite'; allowed: onnxruntime, onnxruntime-int8, torch, torch-int8"):
         ac.load_profile("raspberry-pi-4", runtime="tflite")
     data = ac.load_profile("raspberry-pi-4").to_dict()
     assert "runtime" not in data  # eager PyTorch profiles read and hash as before
-    with pytest.raises(ac.AutocompressError, match="runtime = 'tflite'; allowed: torch, torch-int8, onnxruntime"):
+    with pytest.raises(ac.AutocompressError, match="runtime = 'tflite'; allowed: torch, torch-int8, onnxruntime, onnxruntime-int8"):
         HardwareProfile.from_dict({**data, "runtime": "tflite"}, "t")
 
 
@@ -48,9 +49,9 @@ def test_layout_conversions_of_a_kernel_timed_alone_are_measured():
     """A convolution alone converts its input and output to and from ONNX Runtime's NCHWc layout, which a model
     does at its ends only; a linear layer converts nothing."""
     conv, x = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()).eval(), torch.randn(1, 32, 16, 16)
-    assert 0.0 < layout_share(onnx_bytes(conv, x), x, threads=1) < 0.5
+    assert 0.0 < op_share(onnx_bytes(conv, x), x, LAYOUT_OPS, threads=1) < 0.5
     linear, v = nn.Linear(64, 64).eval(), torch.randn(1, 64)
-    assert layout_share(onnx_bytes(linear, v), v, threads=1) == 0.0
+    assert op_share(onnx_bytes(linear, v), v, LAYOUT_OPS, threads=1) == 0.0
 
 
 def test_an_onnx_runtime_calibration_prices_onnx_runtime_not_eager_torch(digits_model, digits_input, monkeypatch,
@@ -195,5 +196,60 @@ def test_a_torch_int8_run_reports_what_its_int8_model_and_file_measure(digits_mo
         assert accuracy(model, val) == row["accuracy"]
     n = int(judged[judged["delivered"]].index[0])
     exported = result.export(n, "torch-int8", tmp_path / "front.int8.ts.pt", data=(train, val, test))
+    assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
+                                                           result.trials.loc[n, "test_accuracy"])
+
+
+def _float_weight_convs(qdq: bytes) -> int:
+    """Conv nodes of a QDQ file whose weight is a plain float tensor (no DequantizeLinear before it)."""
+    import onnx
+
+    graph = onnx.load_from_string(qdq).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return sum(n.op_type == "Conv" and n.input[1] not in dequantized for n in graph.node)
+
+
+def test_the_onnxruntime_int8_runtime_quantizes_layers_held_at_8_bits(digits_model, digits_input):
+    """A float model runs float in ONNX Runtime; an 8-bit one as ONNX Runtime's QDQ file (it computes what the
+    float model does); layers held wider stay float convolutions, found by their module scope."""
+    from autocompress.cost import ort_int8
+
+    convs = sum(isinstance(m, nn.Conv2d) for m in digits_model.modules())
+    x = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, _ = _at_8_bits(digits_model, digits_input)
+    full = ort_int8.qdq_bytes(model, digits_input, [x])
+    assert _float_weight_convs(full) == 0
+    with torch.no_grad():
+        exact, real = digits_model.eval()(x), OrtModule(full, threads=1)(x)
+    assert torch.corrcoef(torch.stack([exact.flatten(), real.flatten()]))[0, 1] > 0.99
+    half, kept = _at_8_bits(digits_model, digits_input, 0.5)
+    wide = {name for name, m in half.named_modules() if isinstance(m, nn.Conv2d)} - set(kept)
+    assert _float_weight_convs(ort_int8.qdq_bytes(half, digits_input, [x])) == len(wide) > 0
+    assert convs > len(wide)
+    assert ort_int8._module_of("/layer1/layer1.0/downsample/downsample.0/Conv") == "layer1.0.downsample.0"
+
+
+def test_an_onnxruntime_int8_run_reports_what_its_qdq_model_and_file_measure(digits_model, digits_input, digits_data,
+                                                                             tmp_path):
+    """In an onnxruntime-int8 run a candidate is judged as ONNX Runtime's QDQ file of it computes, with the ranges
+    of the judge's training batches kept in the model: `Result.model(n)` is that session, and the onnx-int8 file
+    written later, from the model alone, measures the reported accuracy exactly."""
+    from autocompress.cost.ort_int8 import ORT_RANGES
+    from autocompress.evaluate import accuracy
+
+    pi = ac.load_profile("raspberry-pi-4").to_dict()
+    profile = HardwareProfile.from_dict({**pi, "runtime": "onnxruntime-int8"}, "in the test")
+    space = ac.SearchSpace("int8", {"quantize": {"weight_bits": [8, 4], "act_bits": [8]}})
+    train, val, test = digits_data
+    result = ac.compress(digits_model, digits_input, data=(train, val, test), hardware=profile, space=space,
+                         trials=2, finetune_steps=4, final_epochs=0, progress=False)
+    judged = result.trials[result.trials["accuracy"].notna()]
+    assert judged["delivered"].any()
+    for n, row in judged.iterrows():
+        float_module, model = result.compressed(n), result.model(n)
+        assert ORT_RANGES in float_module._buffers and isinstance(model, OrtModule)
+        assert accuracy(model, val) == row["accuracy"]
+    n = int(judged[judged["delivered"]].index[0])
+    exported = result.export(n, "onnx-int8", tmp_path / "front.int8.onnx", data=(train, val, test))
     assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
                                                            result.trials.loc[n, "test_accuracy"])

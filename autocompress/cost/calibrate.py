@@ -4,8 +4,8 @@ Kernels (cost/kernels.py: conv+bn+act, pointwise, grouped and depthwise convs, l
 concatenations, ...) are sampled over the shapes that pruning and students produce (channel counts that
 are not multiples of 8, feature maps down to 1x1, strides, kernel sizes), each built as a small module,
 traced to its feature row the way the cost model traces a model, and timed alone with the profile's torch
-threads (in torch-int8, most of those with an int8 kernel timed as that, and float <-> int8 conversions
-sampled too). The roofline prior is measured (an empty op, a large convolution, large copies) and a
+threads (in an int8 runtime, most of those with an int8 kernel timed as that, and float <-> int8
+conversions sampled too). The roofline prior is measured (an empty op, a large convolution, large copies) and a
 gradient-boosted regressor (scikit-learn) is fitted on log(latency / prior): nothing is fitted against a
 bound. None of the kernels is a model that scripts/bench_cost_model.py scores.
 
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import yaml
 from torch import nn
@@ -49,7 +50,9 @@ from . import quantized
 from .fusion import fusion_groups
 from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
-from .runtimes import BoundOrt, OrtModule, check_runtime, layout_share, onnx_bytes
+from .ort import CONVERSION_OPS, LAYOUT_OPS, BoundOrt, OrtModule, conversion_graph, onnx_bytes, op_share
+from .ort_int8 import qdq_bytes
+from .runtimes import INT8_RUNTIMES, ORT_RUNTIMES, check_runtime
 from .trace import trace
 
 MODEL_VERSION = 11  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
@@ -74,8 +77,8 @@ WIDTHS = (3, 8, 16, 24, 32, 40, 48, 64, 72, 96, 120, 128, 160, 192, 240, 256, 32
           1024, 1280, 2048)
 RESOLUTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112)
 ACTS = (nn.ReLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid, nn.GELU)
-INT8_SHARE = 0.6                        # torch-int8: kernels with an int8 kernel timed as that (the rest float)
-BOUNDARY_SHARE = 0.1                    # torch-int8: samples that are a float <-> int8 conversion
+INT8_SHARE = 0.6                        # int8 runtimes: kernels with an int8 kernel timed as that (the rest float)
+BOUNDARY_SHARE = 0.1                    # int8 runtimes: samples that are a float <-> int8 conversion
 WEIGHTS = {"conv": 5, "pointwise": 6, "grouped": 2, "dwconv": 4, "linear": 2, "add": 2, "mul": 1.5, "cat": 1,
            "act": 1, "norm": 0.5, "maxpool": 0.7, "avgpool": 0.3, "adaptivepool": 1, "other": 0.3}
 
@@ -268,8 +271,8 @@ def copy_bandwidth_gbs(kb: float, device: str, threads: int | None, clock: str) 
 
 def measured_prior(device: str, threads: int | None, clock: str, runtime: str = "torch") -> dict:
     """The roofline prior's numbers, each measured: the time of an op on one element (overhead, us), the
-    throughput of a large convolution (GMAC/s per dtype: fp32, and in torch-int8 its int8 kernel's too) and of
-    copies beyond the caches (GB/s); in torch-int8 also an int8 kernel's call on one element (us)."""
+    throughput of a large convolution (GMAC/s per dtype: fp32, and in an int8 runtime its int8 kernel's too) and
+    of copies beyond the caches (GB/s); in an int8 runtime also an int8 kernel's call on one element (us)."""
     tiny = torch.randn(1, device=device)
     overhead_ms = _quickest_ms(nn.ReLU().to(device), tiny, threads, clock, repeats=50)
     conv, x = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device).eval(), torch.randn(1, 128, 28, 28, device=device)
@@ -277,12 +280,12 @@ def measured_prior(device: str, threads: int | None, clock: str, runtime: str = 
     gmacs = {"fp32": macs / (_quickest_ms(conv, x, threads, clock, repeats=10) * 1e-3) / 1e9}
     prior = {"overhead_us": overhead_ms * 1e3, "peak_gmacs": gmacs,
              "bandwidth_gbs": copy_bandwidth_gbs(64 * 1024, device, threads, clock)}
-    if runtime == "torch-int8":
-        body = in_runtime(conv, x, runtime, threads, int8=True)[0]
-        gmacs["int8"] = macs / (_quickest_ms(body, x, threads, clock, repeats=10) * 1e-3) / 1e9
+    if runtime in INT8_RUNTIMES:
+        body, share = in_runtime(conv, x, runtime, threads, int8=True)
+        gmacs["int8"] = macs / (_quickest_ms(body, x, threads, clock, repeats=10) * share * 1e-3) / 1e9
         point = torch.randn(1, 1, 1, 1)  # an int8 kernel on one element: its call cost
-        call = in_runtime(nn.Conv2d(1, 1, 1).eval(), point, runtime, threads, int8=True)[0]
-        prior["int8_overhead_us"] = _quickest_ms(call, point, threads, clock, repeats=50) * 1e3
+        call, share = in_runtime(nn.Conv2d(1, 1, 1).eval(), point, runtime, threads, int8=True)
+        prior["int8_overhead_us"] = _quickest_ms(call, point, threads, clock, repeats=50) * share * 1e3
     return prior
 
 
@@ -362,24 +365,29 @@ class _Branches(nn.Module):
 def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | None,
                int8: bool = False) -> tuple[nn.Module, float] | None:
     """(module whose call runs `model`'s kernel in `runtime`, the share of a call's time that is one copy of the
-    kernel), or None when the runtime cannot take it (an op the ONNX exporter cannot write: no kernel of that
-    runtime to time). In ONNX Runtime a call runs every copy, and converts layouts around them as a model does
-    at its ends only (runtimes.layout_share): that time is no kernel's. `int8`: the kernel converted by torch.ao,
-    timed on a quantized input with its output left quantized (its conversions are priced on their own)."""
+    kernel), or None when the runtime cannot take it (an op the ONNX exporter cannot write, one ONNX Runtime's
+    QDQ flow leaves float: no kernel of that runtime to time). In ONNX Runtime a call runs every copy, and
+    converts layouts around them as a model does at its ends only (ort.op_share): that time is no kernel's.
+    `int8`: the kernel as the runtime's int8 flow converts it, its conversions from and to float not counted
+    (they are priced on their own): torch.ao's, timed on a quantized input with its output left quantized, or
+    ONNX Runtime's QDQ graph less its profiler's share of QuantizeLinear and DequantizeLinear."""
     copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
     kernel = model.copies[0] if isinstance(model, _RoundRobin) else model
-    if int8:
+    if int8 and runtime == "torch-int8":
         try:
             body = quantized.kernel_body(quantized.convert(kernel, x, [x]), x)
         except Exception:  # torch.ao's FX errors have no common type: a kernel it cannot convert is refused
             return None
         return (_shared_inputs(_RoundRobin(body, copies)).eval() if copies > 1 else body), 1.0
-    if runtime != "onnxruntime":
+    if runtime not in ORT_RUNTIMES:
         return model, 1.0
     graph = _Branches(kernel, copies) if isinstance(model, _RoundRobin) else model
     try:
-        graph_bytes = onnx_bytes(graph.eval(), x)
-        return BoundOrt(graph_bytes, x, threads), (1.0 - layout_share(graph_bytes, x, threads)) / copies
+        graph_bytes = qdq_bytes(graph.eval(), x, [x], keep_float=()) if int8 else onnx_bytes(graph.eval(), x)
+        if int8 and not any(n.op_type == "QuantizeLinear" for n in onnx.load_from_string(graph_bytes).graph.node):
+            return None  # ONNX Runtime's QDQ flow left the op float: it has no int8 kernel there
+        ops = LAYOUT_OPS + (CONVERSION_OPS if int8 else ())
+        return BoundOrt(graph_bytes, x, threads), (1.0 - op_share(graph_bytes, x, ops, threads)) / copies
     except Exception:  # the exporter's and the runtime's errors have no common type
         return None
 
@@ -413,21 +421,29 @@ class _Dequantize(nn.Module):
         return self.q.dequantize()
 
 
-def boundary_kernel(rng: random.Random, max_macs: float) -> tuple[list[float], nn.Module, torch.Tensor]:
-    """(feature row, module, input) of one float <-> int8 conversion of a sampled feature map or vector."""
+def boundary_kernel(rng: random.Random, max_macs: float, runtime: str = "torch-int8",
+                    threads: int | None = None) -> tuple[list[float], nn.Module, float, torch.Tensor]:
+    """(feature row, module to time, share of its time that is the conversion, input) of one float <-> int8
+    conversion of a sampled feature map or vector: torch.ao's, or in ONNX Runtime a QuantizeLinear ->
+    DequantizeLinear graph's share of the one sampled (its profiler's)."""
     channels, res = _width(rng), rng.choice(RESOLUTIONS)
     while res > 1 and channels * res * res > max_macs / 8:
         res = res * 2 // 3
     x = torch.randn(1, channels, res, res) if rng.random() < 0.85 else torch.randn(1, channels)
     kind = rng.choice(("quantize", "dequantize"))
-    return K.boundary_row(kind, x.shape), _Quantize() if kind == "quantize" else _Dequantize(x), x
+    row = K.boundary_row(kind, x.shape)
+    if runtime in ORT_RUNTIMES:
+        graph = conversion_graph(x.shape)
+        op = "QuantizeLinear" if kind == "quantize" else "DequantizeLinear"
+        return row, BoundOrt(graph, x, threads), op_share(graph, x, (op,), threads), x
+    return row, _Quantize() if kind == "quantize" else _Dequantize(x), 1.0, x
 
 
 def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[float, float]:
     """(a kernel timing's own call cost, a model call's fixed cost), in microseconds: in ONNX Runtime the bound
     call of a one-element graph, and a session run through its Python API (input and output converted), which
     a model pays once per inference. Eager PyTorch's calls are part of every kernel's time: (0, 0)."""
-    if runtime != "onnxruntime":
+    if runtime not in ORT_RUNTIMES:
         return 0.0, 0.0
     tiny = torch.randn(1)
     graph = onnx_bytes(_Call(), tiny)
@@ -441,18 +457,18 @@ def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch",
     """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, share of its time
     that is one kernel, input) each; a sample the grouping splits (not one kernel), or one the runtime cannot
     run (appended to `refused`), is not a kernel to learn from. Made a block at a time (a module to time holds
-    up to 64 MB of weight copies). In torch-int8, INT8_SHARE of the kernels with an int8 kernel are timed as
+    up to 64 MB of weight copies). In an int8 runtime, INT8_SHARE of the kernels with an int8 kernel are timed as
     that, and BOUNDARY_SHARE of the samples are float <-> int8 conversions."""
     block = []
     for _ in range(n):
-        if runtime == "torch-int8" and rng.random() < BOUNDARY_SHARE:
-            row, model, x = boundary_kernel(rng, max_macs)
-            block.append((np.array(row), model, 1.0, x))
+        if runtime in INT8_RUNTIMES and rng.random() < BOUNDARY_SHARE:
+            row, model, share, x = boundary_kernel(rng, max_macs, runtime, threads)
+            block.append((np.array(row), model, share, x))
         else:
             kernel, x = sample_kernel(rng, max_macs)
             model, between = round_robin(kernel, rng)
             row, graph = _traced_rows(kernel, x, between)
-            int8 = runtime == "torch-int8" and quantized.native_op(graph.layers[0]) and rng.random() < INT8_SHARE
+            int8 = runtime in INT8_RUNTIMES and quantized.native_op(graph.layers[0]) and rng.random() < INT8_SHARE
             timed = in_runtime(model, x, runtime, threads, int8) if len(row) == 1 else None
             if timed is not None:
                 row[0, K.FEATURES.index("int8")] = float(int8)

@@ -45,6 +45,7 @@ from .fusion import fusion_groups
 from .hardware import load_profile
 from .memory import peak_activation_bytes
 from .profiles import DTYPE_BITS, HardwareProfile
+from .runtimes import INT8_RUNTIMES
 from .trace import trace
 
 GEMM_KINDS = ("conv", "linear", "matmul")
@@ -152,8 +153,9 @@ def op_table(graph, flow: Flow, profile: HardwareProfile) -> pd.DataFrame:
 
 
 def _int8_flags(layers, rows, profile: HardwareProfile) -> list[bool]:
-    """Per layer, whether it runs an int8 kernel: only in a runtime that has them (cost/quantized.py's rule)."""
-    if profile.runtime != "torch-int8":
+    """Per layer, whether it runs an int8 kernel: only in a runtime that has them (cost/quantized.py's rule, torch.ao's;
+    ONNX Runtime's QDQ flow quantizes the same ops in the models here, and its timings are its own)."""
+    if profile.runtime not in INT8_RUNTIMES:
         return [False] * len(layers)
     return quantized.int8_flags(layers, [row["dtype"] == "int8" for row in rows])
 

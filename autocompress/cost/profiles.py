@@ -57,12 +57,14 @@ class HardwareProfile:
     kernels:          timed kernels (cost/kernels.py, base64 text): where present, latency is the kernel
                       regressor's, fitted on them, and peak_gmacs, bandwidth_gbs and overhead_us are its measured prior
     runtime:          what executes the model (cost/runtimes.py): torch (eager PyTorch), torch-int8 (its
-                      peak_gmacs has int8: layers at 8 bits or fewer run torch.ao's int8 kernels) or
-                      onnxruntime; a calibration times that runtime's kernels, measurement times the model there
+                      peak_gmacs has int8: layers at 8 bits or fewer run torch.ao's int8 kernels), onnxruntime
+                      or onnxruntime-int8 (ONNX Runtime's QDQ int8 kernels for those layers); a calibration times
+                      that runtime's kernels, measurement times the model there
     call_us:          fixed cost of one call of the whole model into the runtime, in microseconds (an ONNX Runtime
                       session's run: input and output conversion), added once per inference
     int8_overhead_us: fixed cost of one int8 convolution or linear kernel in microseconds (torch-int8: torch.ao's
-                      call with its requantization, several times a float op's); 0: overhead_us
+                      call with its requantization, several times a float op's; onnxruntime-int8: a QLinearConv
+                      on one element); 0: overhead_us
     """
 
     name: str

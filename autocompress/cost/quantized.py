@@ -154,12 +154,6 @@ def convert(model: nn.Module, example_input: torch.Tensor, calibration=(), keep_
         return convert_fx(prepared)
 
 
-def keep_ranges(model: nn.Module, state: dict) -> None:
-    """Give `model` the `RANGES` buffer `state` (a state_dict) holds, so that loading it keeps them."""
-    if RANGES in state:
-        model.register_buffer(RANGES, torch.empty_like(state[RANGES]))
-
-
 def _set_ranges(prepared: nn.Module, ranges: torch.Tensor) -> None:
     observers = _observers(prepared)
     if len(observers) != len(ranges):

@@ -1,0 +1,176 @@
+"""ONNX Runtime's int8 runtime: the model exported to ONNX and quantized by ONNX Runtime's static QDQ flow.
+
+The float ONNX graph is pre-processed (shape inference, Conv+BatchNorm folding) and quantized by
+`onnxruntime.quantization.quantize_static`: weights int8 per output channel, symmetric (the grid of 8-bit
+fake-quant), activations int8 per tensor with min/max ranges from calibration batches (S8S8: uint8 activations
+times int8 weights saturate in the AVX2 / AVX-512 kernels of CPUs without VNNI; a pruned ResNet-20 fell from 93 %
+to 70 % on this machine's EPYC with U8S8). ONNX Runtime fuses each DequantizeLinear -> op -> QuantizeLinear chain
+into its int8 kernel (QLinearConv, QLinearAdd, ...) when it loads the file. As in torch-int8
+(cost/quantized.py), the conv / linear layers a model holds wider than 8 bits stay float (`nodes_to_exclude`),
+and a model with none at 8 bits or fewer runs float.
+
+The ranges a model is judged with are kept in it: tensor name -> (min, max) of ONNX Runtime's calibration, as
+zlib-compressed JSON in a uint8 root buffer (`ORT_RANGES`), so that it travels with the state_dict and every later
+quantization of the model (`runnable_ort_int8`, the onnx-int8 export) writes the very file whose accuracy was
+judged, without the data. The tensor names are the exporter's, which a model of the same structure reproduces.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compress.quantize import synthesize_inputs
+from ..errors import AutocompressError
+from .ort import OrtModule, onnx_bytes
+from .quantized import kept_float, plain_copy
+
+ORT_RANGES = "ort_int8_ranges"  # a root buffer: the activation ranges the model's QDQ file was judged with
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ONNX nodes of conv / linear layers
+
+
+def prepared_graph(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
+    """The model's float ONNX file, every weight fp32 (ONNX Runtime quantizes them itself), pre-processed for
+    quantization as ONNX Runtime recommends (shape inference, BatchNorm folded into its convolution)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    plain, prepared = folder / "float.onnx", folder / "prepared.onnx"
+    plain.write_bytes(onnx_bytes(plain_copy(model), example))  # no fake-quant: ONNX Runtime quantizes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+    return prepared
+
+
+def qdq_bytes(model: nn.Module, example: torch.Tensor, calibration=None, keep_float=None) -> bytes:
+    """`model` as ONNX Runtime's QDQ int8 file. Activation ranges: those the model keeps (`observe_ort_ranges`),
+    else from `calibration` input batches (None: inputs synthesized from the BatchNorm statistics). The conv /
+    linear layers named in `keep_float` (None: those the model holds wider than 8 bits) stay float."""
+    keep = (kept_float(model) or ()) if keep_float is None else keep_float
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        graph = prepared_graph(model, example, folder)
+        cache = folder / "ranges.json"
+        kept = model._buffers.get(ORT_RANGES)
+        if kept is not None:
+            _write_cache(kept, cache)
+            batches = None
+        else:
+            batches = _batches(model, example, calibration)
+        _quantize(graph, folder / "int8.onnx", cache, batches, keep)
+        return (folder / "int8.onnx").read_bytes()
+
+
+def observe_ort_ranges(model: nn.Module, example: torch.Tensor, calibration=None) -> None:
+    """Calibrate the model's QDQ quantization on `calibration` input batches (None: synthesized inputs) and keep
+    the ranges in the model (`ORT_RANGES`)."""
+    model._buffers.pop(ORT_RANGES, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        graph = prepared_graph(model, example, folder)
+        cache = folder / "ranges.json"
+        _quantize(graph, folder / "int8.onnx", cache, _batches(model, example, calibration), kept_float(model) or ())
+        model.register_buffer(ORT_RANGES, _encoded(cache))
+
+
+def runnable_ort_int8(model: nn.Module, example: torch.Tensor, threads: int | None = None) -> nn.Module:
+    """`model` as the onnxruntime-int8 runtime runs it: its QDQ file in an ONNX Runtime session (the float file
+    when no layer is held at 8 bits or fewer). Ranges: those the model keeps, else from the example input (what a
+    call costs does not depend on them)."""
+    if kept_float(model) is None:
+        return OrtModule(onnx_bytes(model.eval(), example), threads)
+    return OrtModule(qdq_bytes(model, example, [example]), threads)
+
+
+def _batches(model: nn.Module, example: torch.Tensor, calibration) -> list[np.ndarray]:
+    if calibration is None:
+        with torch.enable_grad():
+            calibration = [synthesize_inputs(model, example)]
+    return [(b[0] if isinstance(b, (tuple, list)) else b).detach().cpu().numpy() for b in calibration]
+
+
+def _quantize(graph: Path, out: Path, cache: Path, batches, keep_float) -> None:
+    """ONNX Runtime's static QDQ quantization of `graph` into `out`: ranges read from `cache` when `batches` is
+    None, else calibrated on them and written there."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x} for x in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    excluded = _weight_nodes(onnx.load(str(graph)).graph, keep_float)
+    with warnings.catch_warnings(), _quiet_logging():
+        warnings.simplefilter("ignore")
+        try:
+            quantize_static(str(graph), str(out), Batches() if batches is not None else None,
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded, calibration_cache_path=cache)
+        except KeyError as exc:
+            raise AutocompressError(f"the model keeps ONNX Runtime int8 ranges for other tensors than its graph "
+                                    f"has ({exc}); re-judge it (its ranges were set for another structure)") from None
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """ONNX Runtime's quantizer logs its notices to the root logger (a per-channel axis it does not use, ...)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _weight_nodes(graph, layers) -> list[str]:
+    """The ONNX nodes of the conv / linear modules named in `layers`. The TorchScript exporter names a node by
+    its module scope: '/layer1/layer1.0/conv1/Conv' for 'layer1.0.conv1' (a container's child as 'parent.i')."""
+    wanted, found = set(layers), {}
+    for node in graph.node:
+        if node.op_type in WEIGHT_OPS:
+            found.setdefault(_module_of(node.name), []).append(node.name)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise AutocompressError(f"the ONNX graph has no node for layer(s) {', '.join(missing)}, which must stay "
+                                f"float in ONNX Runtime's int8 model; export it without them held wider than 8 bits")
+    return [name for layer in sorted(wanted) for name in found[layer]]
+
+
+def _module_of(node_name: str) -> str:
+    """The module path of an exported node from its scope name (see `_weight_nodes`)."""
+    path, previous = "", ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        if previous and part.startswith(previous + "."):
+            path += part[len(previous):]
+        else:
+            path = f"{path}.{part}" if path else part
+        previous = part
+    return path
+
+
+def _encoded(cache: Path) -> torch.Tensor:
+    """ONNX Runtime's calibration cache as tensor name -> [min, max], compressed, in a uint8 tensor."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    data = load_tensors_data(cache).data
+    ranges = {name: [float(np.asarray(v).reshape(-1)[0]) for v in data[name].range_value] for name in sorted(data)}
+    packed = zlib.compress(json.dumps(ranges, separators=(",", ":")).encode(), 9)
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8).clone()
+
+
+def _write_cache(kept: torch.Tensor, cache: Path) -> None:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+
+    ranges = json.loads(zlib.decompress(bytes(kept.numpy().tobytes())))
+    data = {name: (np.array(lo, np.float32), np.array(hi, np.float32)) for name, (lo, hi) in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
