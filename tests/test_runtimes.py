@@ -253,3 +253,20 @@ def test_an_onnxruntime_int8_run_reports_what_its_qdq_model_and_file_measure(dig
     exported = result.export(n, "onnx-int8", tmp_path / "front.int8.onnx", data=(train, val, test))
     assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
                                                            result.trials.loc[n, "test_accuracy"])
+
+
+def test_onnxruntime_int8_kernels_are_timed_as_qdq_kernels_without_their_conversions():
+    """A sampled kernel in onnxruntime-int8 is timed as ONNX Runtime's QDQ graph of it, less the share its profiler
+    puts in QuantizeLinear / DequantizeLinear (priced as kernels of their own, sampled too); an op its QDQ flow
+    leaves float is not an int8 kernel to learn from."""
+    import random
+
+    conv, x = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()).eval(), torch.randn(1, 32, 16, 16)
+    bound, share = cal.in_runtime(cal._RoundRobin(conv, 4), x, "onnxruntime-int8", 1, int8=True)
+    assert isinstance(bound, BoundOrt) and 0.0 < share < 0.25  # one of 4 copies, less the conversions
+    _, float_share = cal.in_runtime(cal._RoundRobin(conv, 4), x, "onnxruntime-int8", 1, int8=False)
+    assert share < float_share <= 0.25
+    assert cal.in_runtime(nn.GELU(), x, "onnxruntime-int8", 1, int8=True) is None
+    row, module, part, sample = cal.boundary_kernel(random.Random(0), 30e6, "onnxruntime-int8", 1)
+    assert isinstance(module, BoundOrt) and 0.0 < part < 1.0
+    assert row[0] in (cal.K.FAMILIES.index("quantize"), cal.K.FAMILIES.index("dequantize"))

@@ -50,6 +50,7 @@ def ort_session(model: "bytes | str", threads: int | None = None, profile_to: st
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its notices (an unused initializer removed, ...) are not the user's
     if profile_to:
         options.enable_profiling, options.profile_file_prefix = True, profile_to
     return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,

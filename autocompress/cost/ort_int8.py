@@ -17,6 +17,7 @@ judged, without the data. The tensor names are the exporter's, which a model of 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import tempfile
@@ -31,54 +32,79 @@ from torch import nn
 from ..compress.quantize import synthesize_inputs
 from ..errors import AutocompressError
 from .ort import OrtModule, onnx_bytes
-from .quantized import kept_float, plain_copy
+from .quantized import RANGES, kept_float, plain_copy
 
 ORT_RANGES = "ort_int8_ranges"  # a root buffer: the activation ranges the model's QDQ file was judged with
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ONNX nodes of conv / linear layers
 
 
-def prepared_graph(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
-    """The model's float ONNX file, every weight fp32 (ONNX Runtime quantizes them itself), pre-processed for
-    quantization as ONNX Runtime recommends (shape inference, BatchNorm folded into its convolution)."""
+def prepared_graph(plain: bytes, folder: Path) -> Path:
+    """A float ONNX file pre-processed for quantization as ONNX Runtime recommends (shape inference, BatchNorm
+    folded into its convolution)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    plain, prepared = folder / "float.onnx", folder / "prepared.onnx"
-    plain.write_bytes(onnx_bytes(plain_copy(model), example))  # no fake-quant: ONNX Runtime quantizes
+    (folder / "float.onnx").write_bytes(plain)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
-    return prepared
+        quant_pre_process(str(folder / "float.onnx"), str(folder / "prepared.onnx"), skip_symbolic_shape=True)
+    return folder / "prepared.onnx"
+
+
+def float_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """The model's float ONNX file, every weight fp32 and no fake-quant (ONNX Runtime quantizes for real). Kept
+    ranges are left out: an extra buffer shifts the exporter's numbering of the weights' names."""
+    plain = plain_copy(model)
+    for name in (ORT_RANGES, RANGES):
+        plain._buffers.pop(name, None)
+    return onnx_bytes(plain, example)
 
 
 def qdq_bytes(model: nn.Module, example: torch.Tensor, calibration=None, keep_float=None) -> bytes:
     """`model` as ONNX Runtime's QDQ int8 file. Activation ranges: those the model keeps (`observe_ort_ranges`),
     else from `calibration` input batches (None: inputs synthesized from the BatchNorm statistics). The conv /
     linear layers named in `keep_float` (None: those the model holds wider than 8 bits) stay float."""
-    keep = (kept_float(model) or ()) if keep_float is None else keep_float
+    keep = tuple(kept_float(model) or ()) if keep_float is None else tuple(keep_float)
+    plain, kept = float_bytes(model, example), model._buffers.get(ORT_RANGES)
+    key = _key(plain, kept, keep) if kept is not None else None
+    if key in _MADE:
+        return _MADE[key]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        graph = prepared_graph(model, example, folder)
-        cache = folder / "ranges.json"
-        kept = model._buffers.get(ORT_RANGES)
         if kept is not None:
-            _write_cache(kept, cache)
-            batches = None
-        else:
-            batches = _batches(model, example, calibration)
-        _quantize(graph, folder / "int8.onnx", cache, batches, keep)
-        return (folder / "int8.onnx").read_bytes()
+            _write_cache(kept, folder / "ranges.json")
+        batches = None if kept is not None else _batches(model, example, calibration)
+        _quantize(prepared_graph(plain, folder), folder / "int8.onnx", folder / "ranges.json", batches, keep)
+        return _remember(key, (folder / "int8.onnx").read_bytes())
 
 
 def observe_ort_ranges(model: nn.Module, example: torch.Tensor, calibration=None) -> None:
     """Calibrate the model's QDQ quantization on `calibration` input batches (None: synthesized inputs) and keep
     the ranges in the model (`ORT_RANGES`)."""
     model._buffers.pop(ORT_RANGES, None)
+    keep = tuple(kept_float(model) or ())
+    plain = float_bytes(model, example)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        graph = prepared_graph(model, example, folder)
-        cache = folder / "ranges.json"
-        _quantize(graph, folder / "int8.onnx", cache, _batches(model, example, calibration), kept_float(model) or ())
-        model.register_buffer(ORT_RANGES, _encoded(cache))
+        _quantize(prepared_graph(plain, folder), folder / "int8.onnx", folder / "ranges.json",
+                  _batches(model, example, calibration), keep)
+        model.register_buffer(ORT_RANGES, _encoded(folder / "ranges.json"))
+        _remember(_key(plain, model._buffers[ORT_RANGES], keep), (folder / "int8.onnx").read_bytes())
+
+
+_MADE: dict[bytes, bytes] = {}  # the last few QDQ files made, by what made them: judging quantizes just once
+_MADE_KEPT = 4
+
+
+def _key(plain: bytes, ranges: torch.Tensor, keep: tuple) -> bytes:
+    return hashlib.sha256(plain + ranges.numpy().tobytes() + repr(keep).encode()).digest()
+
+
+def _remember(key: bytes | None, made: bytes) -> bytes:
+    if key is not None:
+        _MADE[key] = made
+        while len(_MADE) > _MADE_KEPT:
+            del _MADE[next(iter(_MADE))]
+    return made
 
 
 def runnable_ort_int8(model: nn.Module, example: torch.Tensor, threads: int | None = None) -> nn.Module:
