@@ -1,6 +1,6 @@
 """CPU runtimes side by side: eager PyTorch, torch.ao int8, ONNX Runtime fp32 / QDQ int8, OpenVINO fp32 / int8.
 
-    AUTOCOMPRESS_CACHE=/tmp/cache-wtov .venv/bin/python scripts/bench_runtimes.py [--rounds 7] [--repeats 20] \
+    .venv/bin/python scripts/bench_runtimes.py [--rounds 7] [--repeats 20] \
         [--threads 1,2] [--models digits,resnet18,mobilenet_v2] [--epochs 8]
 
 Needs `openvino` and `nncf` beside the project (`pip install openvino==2026.4.* nncf==3.4.*`; neither is a
@@ -15,7 +15,8 @@ Runtimes (one column each), every one built once per thread count T:
   torch-fp32   the eager module, torch.set_num_threads(T)
   torch-int8   `autocompress.int8.to_int8` (torch.ao FX, x86 engine), torch.set_num_threads(T)
   ort-fp32     `autocompress.cost.ort.onnx_bytes` in an ONNX Runtime session (T intra-op threads)
-  ort-int8     `autocompress.cost.ort_int8.qdq_bytes(model, x, calibration, keep_float=())` (QDQ, S8S8)
+  ort-int8     `autocompress.cost.ort_int8.qdq_bytes(model, x, calibration, keep_float=())` (QDQ; U8S8 on a
+               CPU with VNNI, S8S8 elsewhere: `ort_int8.activation_type`)
   ov-fp32      `openvino.convert_model` of the torch module, reshaped to static batch 1, compiled for CPU with
                INFERENCE_NUM_THREADS=T, PERFORMANCE_HINT=LATENCY (also OpenVINO's default) and
                INFERENCE_PRECISION_HINT=f32 (on a CPU with avx512_bf16 OpenVINO's default precision is bf16)
