@@ -8,8 +8,8 @@ into its int8 kernel (QLinearConv, QLinearAdd, ...) when it loads the file. As i
 (cost/quantized.py), the conv / linear layers a model holds wider than 8 bits stay float (`nodes_to_exclude`),
 and a model with none at 8 bits or fewer runs float.
 
-The ranges a model is judged with are kept in it: tensor name -> (min, max) of ONNX Runtime's calibration, as
-zlib-compressed JSON in a uint8 root buffer (`ORT_RANGES`), so that it travels with the state_dict and every later
+The ranges a model is judged with are kept in it: tensor name -> (min, max) of ONNX Runtime's calibration and
+the activation type, as zlib-compressed JSON in a uint8 root buffer (`ORT_RANGES`), so that it travels with the state_dict and every later
 quantization of the model (`runnable_ort_int8`, the onnx-int8 export) writes the very file whose accuracy was
 judged, without the data. The tensor names are the exporter's, which a model of the same structure reproduces.
 """
@@ -70,10 +70,10 @@ def qdq_bytes(model: nn.Module, example: torch.Tensor, calibration=None, keep_fl
         return _MADE[key]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        if kept is not None:
-            _write_cache(kept, folder / "ranges.json")
+        activations = _write_cache(kept, folder / "ranges.json") if kept is not None else activation_type()
         batches = None if kept is not None else _batches(model, example, calibration)
-        _quantize(prepared_graph(plain, folder), folder / "int8.onnx", folder / "ranges.json", batches, keep)
+        _quantize(prepared_graph(plain, folder), folder / "int8.onnx", folder / "ranges.json", batches, keep,
+                  activations)
         return _remember(key, (folder / "int8.onnx").read_bytes())
 
 
@@ -86,8 +86,8 @@ def observe_ort_ranges(model: nn.Module, example: torch.Tensor, calibration=None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _quantize(prepared_graph(plain, folder), folder / "int8.onnx", folder / "ranges.json",
-                  _batches(model, example, calibration), keep)
-        model.register_buffer(ORT_RANGES, _encoded(folder / "ranges.json"))
+                  _batches(model, example, calibration), keep, activation_type())
+        model.register_buffer(ORT_RANGES, _encoded(folder / "ranges.json", activation_type()))
         _remember(_key(plain, model._buffers[ORT_RANGES], keep), (folder / "int8.onnx").read_bytes())
 
 
@@ -142,9 +142,9 @@ def _batches(model: nn.Module, example: torch.Tensor, calibration) -> list[np.nd
     return [(b[0] if isinstance(b, (tuple, list)) else b).detach().cpu().numpy() for b in calibration]
 
 
-def _quantize(graph: Path, out: Path, cache: Path, batches, keep_float) -> None:
-    """ONNX Runtime's static QDQ quantization of `graph` into `out`: ranges read from `cache` when `batches` is
-    None, else calibrated on them and written there."""
+def _quantize(graph: Path, out: Path, cache: Path, batches, keep_float, activations) -> None:
+    """ONNX Runtime's static QDQ quantization of `graph` into `out`, activations of type `activations`: ranges
+    read from `cache` when `batches` is None, else calibrated on them and written there."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -160,7 +160,7 @@ def _quantize(graph: Path, out: Path, cache: Path, batches, keep_float) -> None:
         warnings.simplefilter("ignore")
         try:
             quantize_static(str(graph), str(out), Batches() if batches is not None else None,
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activation_type(),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations,
                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded, calibration_cache_path=cache)
         except KeyError as exc:
             raise AutocompressError(f"the model keeps ONNX Runtime int8 ranges for other tensors than its graph "
@@ -203,19 +203,24 @@ def _module_of(node_name: str) -> str:
     return path
 
 
-def _encoded(cache: Path) -> torch.Tensor:
-    """ONNX Runtime's calibration cache as tensor name -> [min, max], compressed, in a uint8 tensor."""
+def _encoded(cache: Path, activations) -> torch.Tensor:
+    """ONNX Runtime's calibration cache as tensor name -> [min, max], with the activation type it quantizes to
+    (a model judged on a CPU with VNNI is written the same way on one without), compressed in a uint8 tensor."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     data = load_tensors_data(cache).data
     ranges = {name: [float(np.asarray(v).reshape(-1)[0]) for v in data[name].range_value] for name in sorted(data)}
-    packed = zlib.compress(json.dumps(ranges, separators=(",", ":")).encode(), 9)
+    kept = {"activations": activations.name, "ranges": ranges}
+    packed = zlib.compress(json.dumps(kept, separators=(",", ":")).encode(), 9)
     return torch.frombuffer(bytearray(packed), dtype=torch.uint8).clone()
 
 
-def _write_cache(kept: torch.Tensor, cache: Path) -> None:
+def _write_cache(kept: torch.Tensor, cache: Path):
+    """Write the ranges a model keeps as ONNX Runtime's calibration cache; return the activation type they are for."""
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
-    ranges = json.loads(zlib.decompress(bytes(kept.numpy().tobytes())))
-    data = {name: (np.array(lo, np.float32), np.array(hi, np.float32)) for name, (lo, hi) in ranges.items()}
+    stored = json.loads(zlib.decompress(bytes(kept.numpy().tobytes())))
+    data = {name: (np.array(lo, np.float32), np.array(hi, np.float32)) for name, (lo, hi) in stored["ranges"].items()}
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+    return QuantType[stored["activations"]]
