@@ -173,17 +173,19 @@ def test_a_torch_int8_calibration_prices_int8_kernels(digits_model, digits_input
     assert on_float.latency_ms > on_int8.latency_ms
 
 
-def test_a_torch_int8_run_reports_what_its_int8_model_and_file_measure(digits_model, digits_input, digits_data,
-                                                                        tmp_path):
-    """In a torch-int8 run a candidate's 8-bit layers are judged as torch.ao's int8 kernels compute them (with
-    activation ranges from the judge's training batches, kept in the model), so `Result.model(n)`, the torch-int8
-    file and the reported accuracy are one number (judged mid fine-tune too, on parametrized weights); the float module it converts
+@pytest.mark.parametrize("runtime, fmt", [("torch-int8", "torch-int8"), ("onnxruntime-int8", "onnx-int8")])
+def test_an_int8_run_reports_what_its_int8_model_and_file_measure(runtime, fmt, digits_model, digits_input, digits_data,
+                                                                  tmp_path):
+    """In an int8 run a candidate's 8-bit layers are judged as the runtime's int8 kernels compute them (torch.ao's
+    converted module, ONNX Runtime's QDQ file), with activation ranges from the judge's training batches kept in
+    the model, so `Result.model(n)`, the runtime's file written later from the model alone, and the reported
+    accuracy are one number (judged mid fine-tune too, on parametrized weights); the float module it converts
     from is `Result.compressed(n)`."""
-    from autocompress.cost import quantized
+    from autocompress.cost.runtimes import KEPT_RANGES
     from autocompress.evaluate import accuracy
 
     pi = ac.load_profile("raspberry-pi-4").to_dict()
-    profile = HardwareProfile.from_dict({**pi, "runtime": "torch-int8"}, "in the test")
+    profile = HardwareProfile.from_dict({**pi, "runtime": runtime}, "in the test")
     space = ac.SearchSpace("int8", {"quantize": {"weight_bits": [8, 4], "act_bits": [8]}})
     train, val, test = digits_data
     result = ac.compress(digits_model, digits_input, data=(train, val, test), hardware=profile, space=space,
@@ -192,10 +194,11 @@ def test_a_torch_int8_run_reports_what_its_int8_model_and_file_measure(digits_mo
     assert judged["delivered"].any()
     for n, row in judged.iterrows():
         float_module, model = result.compressed(n), result.model(n)
-        assert quantized.RANGES in float_module._buffers and _quantized_convs(model) > 0
+        runs_int8 = isinstance(model, OrtModule) if runtime == "onnxruntime-int8" else _quantized_convs(model) > 0
+        assert KEPT_RANGES[runtime] in float_module._buffers and runs_int8
         assert accuracy(model, val) == row["accuracy"]
     n = int(judged[judged["delivered"]].index[0])
-    exported = result.export(n, "torch-int8", tmp_path / "front.int8.ts.pt", data=(train, val, test))
+    exported = result.export(n, fmt, tmp_path / f"front.{fmt}", data=(train, val, test))
     assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
                                                            result.trials.loc[n, "test_accuracy"])
 
@@ -227,32 +230,6 @@ def test_the_onnxruntime_int8_runtime_quantizes_layers_held_at_8_bits(digits_mod
     assert _float_weight_convs(ort_int8.qdq_bytes(half, digits_input, [x])) == len(wide) > 0
     assert convs > len(wide)
     assert ort_int8._module_of("/layer1/layer1.0/downsample/downsample.0/Conv") == "layer1.0.downsample.0"
-
-
-def test_an_onnxruntime_int8_run_reports_what_its_qdq_model_and_file_measure(digits_model, digits_input, digits_data,
-                                                                             tmp_path):
-    """In an onnxruntime-int8 run a candidate is judged as ONNX Runtime's QDQ file of it computes, with the ranges
-    of the judge's training batches kept in the model: `Result.model(n)` is that session, and the onnx-int8 file
-    written later, from the model alone, measures the reported accuracy exactly."""
-    from autocompress.cost.ort_int8 import ORT_RANGES
-    from autocompress.evaluate import accuracy
-
-    pi = ac.load_profile("raspberry-pi-4").to_dict()
-    profile = HardwareProfile.from_dict({**pi, "runtime": "onnxruntime-int8"}, "in the test")
-    space = ac.SearchSpace("int8", {"quantize": {"weight_bits": [8, 4], "act_bits": [8]}})
-    train, val, test = digits_data
-    result = ac.compress(digits_model, digits_input, data=(train, val, test), hardware=profile, space=space,
-                         trials=2, finetune_steps=4, final_epochs=0, progress=False)
-    judged = result.trials[result.trials["accuracy"].notna()]
-    assert judged["delivered"].any()
-    for n, row in judged.iterrows():
-        float_module, model = result.compressed(n), result.model(n)
-        assert ORT_RANGES in float_module._buffers and isinstance(model, OrtModule)
-        assert accuracy(model, val) == row["accuracy"]
-    n = int(judged[judged["delivered"]].index[0])
-    exported = result.export(n, "onnx-int8", tmp_path / "front.int8.onnx", data=(train, val, test))
-    assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
-                                                           result.trials.loc[n, "test_accuracy"])
 
 
 def test_onnxruntime_int8_kernels_are_timed_as_qdq_kernels_without_their_conversions():
