@@ -12,7 +12,7 @@ torch.ao FX (prepare_fx / convert_fx, get_default_qconfig_mapping("x86"), 8 trai
 Artifacts: the pruned float model's state_dict (torch.save; timed as the eager module) and the int8 model as
 TorchScript (torch.jit.trace + save, timed as torch.jit.load gives it back).
 
-autocompress: `ac.compress` on the same trained model (budget size 0.3, objectives accuracy,
+autocompress: `ac.compress` on the same trained model (budget size 0.03, objectives accuracy,
 latency_ms, size_kb, finetune_steps 90, final_epochs 3), and every front model exported with `result.export`
 as packed, torch-int8, onnx-int8 and onnx, each file loaded back in its runtime.
 
@@ -52,8 +52,11 @@ from autocompress.cost.ort import OrtModule
 from autocompress.models import DigitsResNet, cache_dir, train_classifier
 
 # The latency objective drives the speed: a latency budget that the host's (eager PyTorch) cost model prices out
-# of reach would leave no front at all (0.6 x did: fixed per-op costs dominate this model there).
-BUDGETS = {"size": 0.3}
+# of reach would leave no front at all (0.6 x did: fixed per-op costs dominate this model there). The size budget,
+# 3 % of the model's stored bytes (about 33 KB of tensors), is set near what issue 16's 2x size floor over the peer
+# needs; trials over it are not evaluated. It met the size floor and cost the speedup floors (README: 0.3 x met
+# the speedup floors and not the size floor).
+BUDGETS = {"size": 0.03}
 OBJECTIVES = ("accuracy", "latency_ms", "size_kb")
 AC_FORMATS = ("packed", "torch-int8", "onnx-int8", "onnx")
 THREADS = (1, 2)

@@ -78,3 +78,28 @@ def test_resnet18_binds_and_prunes(tmp_path):
     est = ac.estimate(half, x, "raspberry-pi-4")
     assert est.params == sum(p.numel() for p in half.parameters())
     assert est.macs < 0.35 * ac.estimate(model, x, "raspberry-pi-4").macs
+
+
+def test_bench_peers_space_stores_every_layer_at_8_bits_or_fewer(digits_model, digits_input, tmp_path):
+    """scripts/peers_space.yaml (bench_peers.py's autocompress side): a depth knob per residual block, and every
+    sampled policy stores each conv/linear at 8 or 4 bits, Huffman-coded, packed no larger than fixed-width."""
+    from pathlib import Path
+
+    from autocompress.compress.base import get_meta
+    from autocompress.cost.pack import save_packed
+
+    space = SearchSpace.load(str(Path(__file__).parents[1] / "scripts" / "peers_space.yaml"))
+    graph = ac.analyze(digits_model, digits_input)
+    bound = space.bind(graph)
+    assert len([k for k in bound.knobs if k.technique == "depth"]) == len(graph.blocks) > 0
+    bits = {frozenset(k.distribution.choices) for k in bound.knobs if k.technique == "quantize"}
+    assert bits == {frozenset((8, 4))}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(3):
+        policy = bound.sample(study.ask())
+        model = ac.apply(digits_model, policy, digits_input)
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert layers and all(get_meta(m)["weight_bits"] in (8, 4) and get_meta(m)["huffman"] for m in layers)
+        fixed = ac.apply(digits_model, ac.Policy({**policy, "quantize": {**policy["quantize"], "huffman": False}}),
+                         digits_input)
+        assert save_packed(model, tmp_path / "h.acpk") <= save_packed(fixed, tmp_path / "f.acpk")
