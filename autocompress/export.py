@@ -41,6 +41,7 @@ from .errors import one_of
 from .evaluate import accuracy, fixed_batches
 from .cost.ort_int8 import qdq_bytes
 from .cost.quantized import kept_float
+from .cost.runtimes import KEPT_RANGES
 from .int8 import to_int8
 from .onnx_weights import compact, compact_int8
 
@@ -99,16 +100,30 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     calibration = fixed_batches(loaders[0], CALIBRATION_BATCHES) if loaders and loaders[0] is not None else None
     WRITERS[format](model, example, path, calibration)
     loaded = LOADERS[format](path, lambda: result.compressed(trial))
-    measured, note = [None, None], ""
+    measured, notes = [None, None], [_recalibrated(model, format)]
     if loaders is None:
-        note = "accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)"
+        notes.append("accuracy not re-measured: no data (cost-only run; pass data= or --data to check one)")
     else:
         measured = [accuracy(loaded, loader) if loader is not None else None for loader in loaders[1:]]
     threads = torch.get_num_threads()  # what a user's process gets, not the profile's timing setting
     return Exported(path, format, int(trial), path.stat().st_size, float(row["size_kb"]), measured[0],
                     _number(row["accuracy"]), measured[1], _number(row.get("test_accuracy")),
                     measure_latency_ms(loaded, example, threads=threads), _number(row.get("latency_ms")), threads,
-                    note)
+                    "\n".join(n for n in notes if n))
+
+
+INT8_FORMATS = {"torch-int8": "torch-int8", "onnx-int8": "onnxruntime-int8"}  # format -> the runtime it is
+
+
+def _recalibrated(model: nn.Module, format: str) -> str:
+    """What to say when an int8 file is not the model the run judged: its activation ranges are calibrated now."""
+    runtime = INT8_FORMATS.get(format)
+    if runtime is None or KEPT_RANGES[runtime] in model._buffers:
+        return ""
+    why = ("no layer of this model is held at 8 bits or fewer, so the file converts every one" if kept_float(model)
+           is None else f"the run did not judge this model in the {runtime} runtime")
+    return (f"note: {why}, with int8 activation ranges calibrated now on training batches: it is not the model the "
+            f"front reports on, and its own accuracy is the one above (a run with --runtime {runtime} reports it)")
 
 
 def _number(value) -> float | None:

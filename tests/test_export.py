@@ -88,6 +88,7 @@ def test_int8_artifacts_hold_int8_kernels_and_say_what_they_measure(fmt, run, be
     own = file_accuracy(fmt, path, result, trial, digits_data[1])
     assert info.accuracy == pytest.approx(own, abs=1e-12) and abs(own - reported) <= 0.02
     assert info.latency_ms > 0 and f"{info.latency_ms:.4g} ms" in info.summary()
+    assert "not the model the front reports on" in info.summary()  # a float run: ranges calibrated at export
     float_bytes = result.export(trial, "state_dict", tmp_path / "float.pt", data=digits_data).size_bytes
     assert info.size_bytes < 0.6 * float_bytes
     if fmt == "torch-int8":

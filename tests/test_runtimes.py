@@ -201,6 +201,7 @@ def test_an_int8_run_reports_what_its_int8_model_and_file_measure(runtime, fmt, 
     exported = result.export(n, fmt, tmp_path / f"front.{fmt}", data=(train, val, test))
     assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
                                                            result.trials.loc[n, "test_accuracy"])
+    assert "not the model the front reports on" not in exported.summary()
 
 
 def _float_weight_convs(qdq: bytes) -> int:
