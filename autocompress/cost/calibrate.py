@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import yaml
 from torch import nn
@@ -50,7 +49,7 @@ from . import quantized
 from .fusion import fusion_groups
 from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
-from .ort import CONVERSION_OPS, LAYOUT_OPS, BoundOrt, OrtModule, conversion_graph, onnx_bytes, op_share
+from .ort import CONVERSION_OPS, LAYOUT_OPS, BoundOrt, OrtModule, conversion_graph, onnx_bytes, op_share, op_types
 from .ort_int8 import qdq_bytes
 from .runtimes import INT8_RUNTIMES, ORT_RUNTIMES, check_runtime
 from .trace import trace
@@ -384,7 +383,7 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | N
     graph = _Branches(kernel, copies) if isinstance(model, _RoundRobin) else model
     try:
         graph_bytes = qdq_bytes(graph.eval(), x, [x], keep_float=()) if int8 else onnx_bytes(graph.eval(), x)
-        if int8 and not any(n.op_type == "QuantizeLinear" for n in onnx.load_from_string(graph_bytes).graph.node):
+        if int8 and "QuantizeLinear" not in op_types(graph_bytes):
             return None  # ONNX Runtime's QDQ flow left the op float: it has no int8 kernel there
         ops = LAYOUT_OPS + (CONVERSION_OPS if int8 else ())
         return BoundOrt(graph_bytes, x, threads), (1.0 - op_share(graph_bytes, x, ops, threads)) / copies

@@ -80,6 +80,13 @@ def op_share(model: bytes, example: torch.Tensor, ops: tuple[str, ...], threads:
     return chosen / total if total else 0.0
 
 
+def op_types(model: bytes) -> set[str]:
+    """The op types an ONNX file's graph holds (onnx imported here: calibrating other runtimes does not need it)."""
+    import onnx
+
+    return {node.op_type for node in onnx.load_from_string(model).graph.node}
+
+
 def conversion_graph(shape: tuple[int, ...]) -> bytes:
     """An ONNX graph that converts a float tensor of `shape` to int8 and back (QuantizeLinear, DequantizeLinear,
     per tensor, as a QDQ model converts at each edge between its int8 and float ops)."""
