@@ -209,7 +209,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--runtime", choices=RUNTIMES, help="what runs the model: torch (eager PyTorch), "
                                                             "torch-int8 (torch.ao int8 kernels for 8-bit layers), "
                                                             "onnxruntime or onnxruntime-int8 (its QDQ int8 kernels for "
-                                                            "8-bit layers) (default: host's torch, a profile's own; "
+                                                            "8-bit layers), openvino or openvino-int8 (the same ONNX "
+                                                            "files compiled by OpenVINO) (default: host's torch, a "
+                                                            "profile's own; "
                                                             "another runtime than a profile's is refused)")
 
     run = sub.add_parser("run", help="search compressed models within budgets")
@@ -282,10 +284,11 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--trial", type=int, required=True, help="trial number (see `report`)")
     exp.add_argument("--format", default="state_dict", choices=export.FORMATS,
                      help="state_dict, torchscript, onnx (float); torch-int8 (torch.ao x86 int8 as TorchScript) or "
-                          "onnx-int8 (ONNX Runtime QDQ int8): files that run without autocompress; packed (every "
+                          "onnx-int8 (ONNX Runtime QDQ int8), openvino or openvino-int8 (OpenVINO IR, .xml with "
+                          "its .bin): files that run without autocompress; packed (every "
                           "weight at its bit-width; autocompress.load_packed reads it)")
-    exp.add_argument("--to", help="output file (default trial_N.pt, .ts.pt, .onnx, .int8.ts.pt, .int8.onnx or "
-                                  ".acpk)")
+    exp.add_argument("--to", help="output file (default trial_N.pt, .ts.pt, .onnx, .int8.ts.pt, .int8.onnx, .xml, "
+                                  ".int8.xml or .acpk)")
     exp.add_argument("--data", help="data for BatchNorm statistics and the accuracy check (default: the run's), "
                                     "e.g. digits, imagefolder:PATH or package.module:function")
     exp.set_defaults(func=_export)
@@ -312,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
                           "with torch.ao's x86 int8 kernels, timed in int8 and float, and their conversions), "
                           "onnxruntime (the kernels exported to ONNX and run by ONNX Runtime's CPU sessions) or "
                           "onnxruntime-int8 (the same, quantized by ONNX Runtime's QDQ flow, timed in int8 and "
-                          "float, and its QuantizeLinear / DequantizeLinear)")
+                          "float, and its QuantizeLinear / DequantizeLinear), openvino or openvino-int8 (the same "
+                          "files compiled by OpenVINO for the CPU)")
     cal.add_argument("--force", action="store_true", help="overwrite the host profile even when the machine is busy")
     cal.add_argument("--clock", choices=["wall", "cpu"], help="elapsed time, or the timing thread's CPU time "
                                                              "(default: cpu with one thread on the CPU, else wall)")

@@ -1,6 +1,6 @@
 """Export one trial's compressed model to a file and prove it on the data and in its runtime.
 
-Formats: state_dict, TorchScript and ONNX (float), and two real int8 artifacts that run without autocompress:
+Formats: state_dict, TorchScript and ONNX (float), and real int8 artifacts that run without autocompress:
 `torch-int8` (torch.ao FX int8 with the x86 engine, saved as TorchScript: torch.jit.load runs it; what the
 torch-int8 runtime runs, cost/quantized.py: layers the model holds wider than 8 bits stay float) and
 `onnx-int8` (ONNX Runtime's static QDQ quantization of the float ONNX file, what the onnxruntime-int8 runtime
@@ -10,7 +10,11 @@ held wider than 8 bits float unless none is held at 8 bits or fewer). The float 
 re-quantize the float weights; the onnx-int8 file then stores each int8 weight in its smallest form
 (`onnx_weights.compact_int8`: nibble indices where a tensor or each of its channels holds at most 16 values, as
 4-bit and shared weights do, or non-zeros and a bitmask), folded back by ONNX Runtime when it loads the file, so
-sparsity, 4-bit codes and shared values keep it small; torch.ao's packed int8 weights (torch-int8) are dense. `packed` is autocompress's own file: every weight at its bit-width
+sparsity, 4-bit codes and shared values keep it small; torch.ao's packed int8 weights (torch-int8) are dense.
+`openvino` and `openvino-int8` are OpenVINO's IR (.xml and .bin) of the float ONNX file and of the onnx-int8
+QDQ file, what the openvino runtimes compile (cost/ov.py); the IR holds int8 weights dense, and runs as judged
+when compiled with INFERENCE_PRECISION_HINT f32 (OpenVINO's default on a CPU with bf16 units is bf16).
+`packed` is autocompress's own file: every weight at its bit-width
 (codebook indices for shared weights, sparse indices, Huffman codes; what `size_kb` counts) plus the module's
 structure; `autocompress.load_packed(path)` decodes it back to the exact module (it unpickles the structure:
 load only files you trust), and `autocompress/unpack.py`, numpy only, reads its weights where autocompress is not
@@ -18,9 +22,9 @@ installed.
 
 The model is `result.compressed(trial)`: the trial's policy with the weights its reported numbers were measured
 on (delivered or judged), so nothing is trained again; in a run of an int8 runtime it keeps the activation ranges
-it was judged with, so its file of that runtime (torch-int8, onnx-int8) is the very int8 model whose accuracy was
-reported. After writing, the file is loaded back on its own
-(torch.load, torch.jit.load, onnxruntime), its accuracy re-measured on the validation data (and on the
+it was judged with, so its file of that runtime (torch-int8, onnx-int8, openvino-int8) is the very int8 model
+whose accuracy was reported. After writing, the file is loaded back on its own
+(torch.load, torch.jit.load, onnxruntime, openvino), its accuracy re-measured on the validation data (and on the
 test data when there is one) and its latency timed in that runtime on this machine, next to the reported figures.
 """
 from __future__ import annotations
@@ -36,8 +40,9 @@ from torch import nn
 from .cost.measure import measure_latency_ms
 from .cost.pack import load_packed, save_packed
 from .cost.ort import OrtModule, onnx_bytes
+from .cost.ov import OvModule, save_ir
 from .data import load_recorded_data, split_data
-from .errors import one_of
+from .errors import AutocompressError, one_of
 from .evaluate import accuracy, fixed_batches
 from .cost.ort_int8 import qdq_bytes
 from .cost.quantized import kept_float
@@ -45,9 +50,9 @@ from .cost.runtimes import KEPT_RANGES
 from .int8 import to_int8
 from .onnx_weights import compact, compact_int8
 
-FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8", "packed")
+FORMATS = ("state_dict", "torchscript", "onnx", "torch-int8", "onnx-int8", "openvino", "openvino-int8", "packed")
 SUFFIX = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx", "torch-int8": "int8.ts.pt",
-          "onnx-int8": "int8.onnx", "packed": "acpk"}
+          "onnx-int8": "int8.onnx", "openvino": "xml", "openvino-int8": "int8.xml", "packed": "acpk"}
 CALIBRATION_BATCHES = 8  # training batches that set the int8 activation ranges
 
 
@@ -68,9 +73,12 @@ class Exported:
     reported_latency_ms: float | None = None     # the cost model's latency on the run's hardware profile
     threads: int = 1
     note: str = ""
+    also: tuple[Path, ...] = ()                  # the files written beside `path` (an IR's .bin), counted in size_bytes
 
     def summary(self) -> str:
-        lines = [f"wrote {self.path} ({self.format}, trial {self.trial}): {self.size_bytes / 1024:,.1f} KB on disk "
+        also = "".join(f" and {f}" for f in self.also)
+        lines = [f"wrote {self.path}{also} ({self.format}, trial {self.trial}): "
+                 f"{self.size_bytes / 1024:,.1f} KB on disk "
                  f"(the cost model's size_kb, weights counted at their bit-width: {self.estimated_size_kb:,.1f} KB)"]
         for name, measured, reported in (("validation", self.accuracy, self.reported_accuracy),
                                          ("test", self.test_accuracy, self.reported_test_accuracy)):
@@ -95,10 +103,13 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     row = result.trials.loc[trial]
     loaders = _loaders(result, data)
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
+    if format.startswith("openvino") and path.suffix != ".xml":
+        raise AutocompressError(f"an OpenVINO IR is written to a path ending in .xml (its weights go beside it as "
+                                f".bin), not {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     example = result.example_input
     calibration = fixed_batches(loaders[0], CALIBRATION_BATCHES) if loaders and loaders[0] is not None else None
-    WRITERS[format](model, example, path, calibration)
+    written = WRITERS[format](model, example, path, calibration) or [path]
     loaded = LOADERS[format](path, lambda: result.compressed(trial))
     measured, notes = [None, None], [_recalibrated(model, format)]
     if loaders is None:
@@ -106,13 +117,15 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     else:
         measured = [accuracy(loaded, loader) if loader is not None else None for loader in loaders[1:]]
     threads = torch.get_num_threads()  # what a user's process gets, not the profile's timing setting
-    return Exported(path, format, int(trial), path.stat().st_size, float(row["size_kb"]), measured[0],
+    size = sum(f.stat().st_size for f in written)
+    return Exported(path, format, int(trial), size, float(row["size_kb"]), measured[0],
                     _number(row["accuracy"]), measured[1], _number(row.get("test_accuracy")),
                     measure_latency_ms(loaded, example, threads=threads), _number(row.get("latency_ms")), threads,
-                    "\n".join(n for n in notes if n))
+                    "\n".join(n for n in notes if n), tuple(written[1:]))
 
 
-INT8_FORMATS = {"torch-int8": "torch-int8", "onnx-int8": "onnxruntime-int8"}  # format -> the runtime it is
+INT8_FORMATS = {"torch-int8": "torch-int8", "onnx-int8": "onnxruntime-int8", "openvino-int8": "openvino-int8"}
+# format -> the runtime it is
 
 
 def _recalibrated(model: nn.Module, format: str) -> str:
@@ -172,6 +185,17 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, calibration
     onnx.save(compact(onnx.load(str(path)), model), str(path))
 
 
+def _write_openvino(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> list[Path]:
+    """What the openvino runtime compiles: the float ONNX file, as OpenVINO's IR (.xml and .bin)."""
+    return save_ir(onnx_bytes(model.eval(), example), path)
+
+
+def _write_openvino_int8(model: nn.Module, example: torch.Tensor, path: Path, calibration=None) -> list[Path]:
+    """What the openvino-int8 runtime compiles: the onnx-int8 export's QDQ file (the same ranges), as OpenVINO's
+    IR, whose FakeQuantize ops OpenVINO runs as int8 kernels."""
+    return save_ir(qdq_bytes(model, example, calibration), path)
+
+
 def _write_float_onnx(model: nn.Module, example: torch.Tensor, path: Path, **options) -> None:
     Path(path).write_bytes(onnx_bytes(model, example, **options))
 
@@ -200,7 +224,13 @@ def _load_onnx(path: Path, architecture) -> nn.Module:
     return OrtModule(str(path))  # torch's thread count: the one torch is timed with
 
 
+def _load_openvino(path: Path, architecture) -> nn.Module:
+    return OvModule(str(path))  # the IR (.xml with its .bin), compiled as the openvino runtimes compile
+
+
 WRITERS = {"state_dict": _write_state_dict, "torchscript": _write_torchscript, "onnx": _write_onnx,
-           "torch-int8": _write_torch_int8, "onnx-int8": _write_onnx_int8, "packed": _write_packed}
+           "torch-int8": _write_torch_int8, "onnx-int8": _write_onnx_int8, "openvino": _write_openvino,
+           "openvino-int8": _write_openvino_int8, "packed": _write_packed}
 LOADERS = {"state_dict": _load_state_dict, "torchscript": _load_torchscript, "onnx": _load_onnx,
-           "torch-int8": _load_torchscript, "onnx-int8": _load_onnx, "packed": _load_packed}
+           "torch-int8": _load_torchscript, "onnx-int8": _load_onnx, "openvino": _load_openvino,
+           "openvino-int8": _load_openvino, "packed": _load_packed}

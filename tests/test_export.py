@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import autocompress as ac
+from autocompress import export
 from autocompress.cli import main
 from autocompress.errors import AutocompressError
 from report_runs import digits_run
@@ -38,6 +39,11 @@ def file_accuracy(fmt: str, path, result, trial: int, val_loader) -> float:
     elif fmt in ("torchscript", "torch-int8"):
         model = torch.jit.load(str(path))
         run = lambda x: model.eval()(x).detach().numpy()  # noqa: E731
+    elif fmt.startswith("openvino"):  # the IR compiled as OpenVINO's documentation does, at f32 (see cost/ov.py)
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        run = lambda x: compiled(x.numpy())[0]  # noqa: E731
     else:
         import onnxruntime
 
@@ -51,13 +57,15 @@ def file_accuracy(fmt: str, path, result, trial: int, val_loader) -> float:
     return correct / total
 
 
-@pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx", "packed"])
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx", "openvino", "packed"])
 def test_exported_file_reproduces_the_reported_accuracy(fmt, run, best, digits_data, tmp_path):
     result, _ = run
     trial, reported = best
-    path = tmp_path / f"model.{fmt}"
+    path = tmp_path / f"model.{export.SUFFIX[fmt]}"
     info = result.export(trial, fmt, path, data=digits_data)
-    assert info.path == path and info.size_bytes == path.stat().st_size > 10_000
+    written = (path, *info.also)  # an OpenVINO IR is its .xml and .bin
+    assert info.path == path and info.size_bytes == sum(f.stat().st_size for f in written) > 10_000
+    assert len(written) == (2 if fmt == "openvino" else 1)
     assert info.accuracy == pytest.approx(reported, abs=1e-12)
     assert file_accuracy(fmt, path, result, trial, digits_data[1]) == pytest.approx(reported, abs=1e-12)
 
@@ -77,13 +85,13 @@ def test_packed_file_holds_what_size_kb_counts(run, best, digits_data, tmp_path)
     assert "packed" in info.summary()
 
 
-@pytest.mark.parametrize("fmt", ["torch-int8", "onnx-int8"])
+@pytest.mark.parametrize("fmt", ["torch-int8", "onnx-int8", "openvino-int8"])
 def test_int8_artifacts_hold_int8_kernels_and_say_what_they_measure(fmt, run, best, digits_data, tmp_path):
     """The int8 files are real int8 (quantized kernels / QDQ nodes), smaller than the float state_dict, run without
     autocompress, and the accuracy and latency `export` prints are the file's own."""
     result, _ = run
     trial, reported = best
-    path = tmp_path / f"model.{fmt}"
+    path = tmp_path / f"model.{export.SUFFIX[fmt]}"
     info = result.export(trial, fmt, path, data=digits_data)
     own = file_accuracy(fmt, path, result, trial, digits_data[1])
     assert info.accuracy == pytest.approx(own, abs=1e-12) and abs(own - reported) <= 0.02
@@ -93,6 +101,11 @@ def test_int8_artifacts_hold_int8_kernels_and_say_what_they_measure(fmt, run, be
     assert info.size_bytes < 0.6 * float_bytes
     if fmt == "torch-int8":
         assert "quantized::conv2d" in str(torch.jit.load(str(path)).inlined_graph)
+    elif fmt == "openvino-int8":
+        import openvino
+
+        ops = {op.get_type_name() for op in openvino.Core().read_model(str(path)).get_ops()}
+        assert {"FakeQuantize", "Convolution"} <= ops
     else:
         import onnx
 
@@ -124,6 +137,8 @@ def test_export_refuses_what_it_cannot_honour(run, best, tmp_path):
         bare.export(trial, "state_dict", tmp_path / "m.pt")  # no stored weights: its policy alone is not the model
     with pytest.raises(AutocompressError, match="unknown export format 'tflite'"):
         result.export(trial, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(AutocompressError, match="an OpenVINO IR is written to a path ending in .xml .* not '.*m.bin'"):
+        result.export(trial, "openvino", tmp_path / "m.bin")
     with pytest.raises(AutocompressError, match="no trial 999"):
         result.export(999, "state_dict", tmp_path / "m.pt")
     assert not list(tmp_path.iterdir())

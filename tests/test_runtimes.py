@@ -12,24 +12,28 @@ from autocompress.cost import calibrate as cal
 from autocompress.cost.measure import measure_latency_ms
 from autocompress.cost.profiles import HardwareProfile, read_profile
 from autocompress.cost.ort import LAYOUT_OPS, BoundOrt, OrtModule, onnx_bytes, op_share
+from autocompress.cost.ov import BoundOv, OvModule
 from autocompress.cost.runtimes import runnable
 
 
-def test_a_model_run_in_onnx_runtime_gives_the_torch_outputs(digits_model, digits_input):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_model_run_in_a_graph_runtime_gives_the_torch_outputs(runtime, digits_model, digits_input):
     x = torch.randn(3, *digits_input.shape[1:])
-    ort = runnable(digits_model, digits_input, "onnxruntime", threads=1)
+    ort = runnable(digits_model, digits_input, runtime, threads=1)
     np.testing.assert_allclose(ort(x).numpy(), digits_model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
-    assert measure_latency_ms(digits_model, digits_input, repeats=3, warmup=1, runtime="onnxruntime") > 0
+    assert measure_latency_ms(digits_model, digits_input, repeats=3, warmup=1, runtime=runtime) > 0
 
 
 def test_a_profile_refuses_a_runtime_it_was_not_timed_in(digits_model, digits_input):
     with pytest.raises(ac.AutocompressError, match="prices runtime 'torch', not 'onnxruntime'"):
         ac.estimate(digits_model, digits_input, "raspberry-pi-4", runtime="onnxruntime")
-    with pytest.raises(ac.AutocompressError, match="unknown runtime 'tflite'; allowed: onnxruntime, onnxruntime-int8, torch, torch-int8"):
+    with pytest.raises(ac.AutocompressError, match="unknown runtime 'tflite'; allowed: onnxruntime, onnxruntime-int8, openvino, openvino-int8, torch, "
+                                                   "torch-int8"):
         ac.load_profile("raspberry-pi-4", runtime="tflite")
     data = ac.load_profile("raspberry-pi-4").to_dict()
     assert "runtime" not in data  # eager PyTorch profiles read and hash as before
-    with pytest.raises(ac.AutocompressError, match="runtime = 'tflite'; allowed: torch, torch-int8, onnxruntime, onnxruntime-int8"):
+    with pytest.raises(ac.AutocompressError, match="runtime = 'tflite'; allowed: torch, torch-int8, onnxruntime, onnxruntime-int8, "
+                                                   "openvino, openvino-int8"):
         HardwareProfile.from_dict({**data, "runtime": "tflite"}, "t")
 
 
@@ -173,7 +177,8 @@ def test_a_torch_int8_calibration_prices_int8_kernels(digits_model, digits_input
     assert on_float.latency_ms > on_int8.latency_ms
 
 
-@pytest.mark.parametrize("runtime, fmt", [("torch-int8", "torch-int8"), ("onnxruntime-int8", "onnx-int8")])
+@pytest.mark.parametrize("runtime, fmt", [("torch-int8", "torch-int8"), ("onnxruntime-int8", "onnx-int8"),
+                                          ("openvino-int8", "openvino-int8")])
 def test_an_int8_run_reports_what_its_int8_model_and_file_measure(runtime, fmt, digits_model, digits_input, digits_data,
                                                                   tmp_path):
     """In an int8 run a candidate's 8-bit layers are judged as the runtime's int8 kernels compute them (torch.ao's
@@ -181,6 +186,7 @@ def test_an_int8_run_reports_what_its_int8_model_and_file_measure(runtime, fmt, 
     the model, so `Result.model(n)`, the runtime's file written later from the model alone, and the reported
     accuracy are one number (judged mid fine-tune too, on parametrized weights); the float module it converts
     from is `Result.compressed(n)`."""
+    from autocompress import export
     from autocompress.cost.runtimes import KEPT_RANGES
     from autocompress.evaluate import accuracy
 
@@ -194,14 +200,17 @@ def test_an_int8_run_reports_what_its_int8_model_and_file_measure(runtime, fmt, 
     assert judged["delivered"].any()
     for n, row in judged.iterrows():
         float_module, model = result.compressed(n), result.model(n)
-        runs_int8 = isinstance(model, OrtModule) if runtime == "onnxruntime-int8" else _quantized_convs(model) > 0
+        runs_int8 = isinstance(model, GRAPH_MODULES.get(runtime, ())) or _quantized_convs(model) > 0
         assert KEPT_RANGES[runtime] in float_module._buffers and runs_int8
         assert accuracy(model, val) == row["accuracy"]
     n = int(judged[judged["delivered"]].index[0])
-    exported = result.export(n, fmt, tmp_path / f"front.{fmt}", data=(train, val, test))
+    exported = result.export(n, fmt, tmp_path / f"front.{export.SUFFIX[fmt]}", data=(train, val, test))
     assert (exported.accuracy, exported.test_accuracy) == (result.trials.loc[n, "accuracy"],
                                                            result.trials.loc[n, "test_accuracy"])
     assert "not the model the front reports on" not in exported.summary()
+
+
+GRAPH_MODULES = {"onnxruntime-int8": OrtModule, "openvino-int8": OvModule}  # what Result.model(n) is there
 
 
 def _float_weight_convs(qdq: bytes) -> int:
@@ -233,18 +242,23 @@ def test_the_onnxruntime_int8_runtime_quantizes_layers_held_at_8_bits(digits_mod
     assert ort_int8._module_of("/layer1/layer1.0/downsample/downsample.0/Conv") == "layer1.0.downsample.0"
 
 
-def test_onnxruntime_int8_kernels_are_timed_as_qdq_kernels_without_their_conversions():
-    """A sampled kernel in onnxruntime-int8 is timed as ONNX Runtime's QDQ graph of it, less the share its profiler
-    puts in QuantizeLinear / DequantizeLinear (priced as kernels of their own, sampled too); an op its QDQ flow
-    leaves float is not an int8 kernel to learn from."""
+@pytest.mark.parametrize("runtime, bound_type", [("onnxruntime-int8", BoundOrt), ("openvino-int8", BoundOv)])
+def test_int8_graph_kernels_are_timed_as_qdq_kernels_without_their_conversions(runtime, bound_type):
+    """A sampled kernel in a graph runtime's int8 flow is timed as the QDQ graph of it, less the share its profiler
+    puts in the float <-> int8 conversions (priced as kernels of their own, sampled too: both kinds); an op the
+    QDQ flow leaves float is not an int8 kernel to learn from."""
     import random
 
     conv, x = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()).eval(), torch.randn(1, 32, 16, 16)
-    bound, share = cal.in_runtime(cal._RoundRobin(conv, 4), x, "onnxruntime-int8", 1, int8=True)
-    assert isinstance(bound, BoundOrt) and 0.0 < share < 0.25  # one of 4 copies, less the conversions
-    _, float_share = cal.in_runtime(cal._RoundRobin(conv, 4), x, "onnxruntime-int8", 1, int8=False)
+    bound, share = cal.in_runtime(cal._RoundRobin(conv, 4), x, runtime, 1, int8=True)
+    assert isinstance(bound, bound_type) and 0.0 < share < 0.25  # one of 4 copies, less the conversions
+    _, float_share = cal.in_runtime(cal._RoundRobin(conv, 4), x, runtime, 1, int8=False)
     assert share < float_share <= 0.25
-    assert cal.in_runtime(nn.GELU(), x, "onnxruntime-int8", 1, int8=True) is None
-    row, module, part, sample = cal.boundary_kernel(random.Random(0), 30e6, "onnxruntime-int8", 1)
-    assert isinstance(module, BoundOrt) and 0.0 < part < 1.0
-    assert row[0] in (cal.K.FAMILIES.index("quantize"), cal.K.FAMILIES.index("dequantize"))
+    assert cal.in_runtime(nn.GELU(), x, runtime, 1, int8=True) is None
+    kinds = set()
+    for seed in range(12):
+        row, module, part, sample = cal.boundary_kernel(random.Random(seed), 30e6, runtime, 1)
+        assert isinstance(module, bound_type) and 0.0 < part <= 1.0
+        module(sample)
+        kinds.add(cal.K.FAMILIES[int(row[0])])
+    assert kinds == {"quantize", "dequantize"}

@@ -49,9 +49,9 @@ from . import quantized
 from .fusion import fusion_groups
 from .measure import measure_latency_ms
 from .profiles import KINDS, HardwareProfile, default_threads
-from .ort import CONVERSION_OPS, LAYOUT_OPS, BoundOrt, OrtModule, conversion_graph, onnx_bytes, op_share, op_types
+from .ort import onnx_bytes, op_types
 from .ort_int8 import qdq_bytes
-from .runtimes import INT8_RUNTIMES, ORT_RUNTIMES, check_runtime
+from .runtimes import ENGINES, INT8_RUNTIMES, check_runtime
 from .trace import trace
 
 MODEL_VERSION = 11  # bump when the latency model or its timing changes: cached host profiles are then re-fitted
@@ -346,7 +346,7 @@ def busy_start(probe: Probe) -> str:
 
 class _Branches(nn.Module):
     """Copies of one kernel, each on the input, all in one graph: in a runtime that runs a whole graph per call
-    (ONNX Runtime) what _RoundRobin is in eager PyTorch. Each copy's weights are nudged apart, so that no
+    (ONNX Runtime, OpenVINO) what _RoundRobin is in eager PyTorch. Each copy's weights are nudged apart, so that no
     runtime merges the copies as one common subexpression (ONNX Runtime does with equal ones)."""
 
     def __init__(self, kernel: nn.Module, copies: int):
@@ -365,11 +365,12 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | N
                int8: bool = False) -> tuple[nn.Module, float] | None:
     """(module whose call runs `model`'s kernel in `runtime`, the share of a call's time that is one copy of the
     kernel), or None when the runtime cannot take it (an op the ONNX exporter cannot write, one ONNX Runtime's
-    QDQ flow leaves float: no kernel of that runtime to time). In ONNX Runtime a call runs every copy, and
-    converts layouts around them as a model does at its ends only (ort.op_share): that time is no kernel's.
-    `int8`: the kernel as the runtime's int8 flow converts it, its conversions from and to float not counted
-    (they are priced on their own): torch.ao's, timed on a quantized input with its output left quantized, or
-    ONNX Runtime's QDQ graph less its profiler's share of QuantizeLinear and DequantizeLinear."""
+    QDQ flow leaves float: no kernel of that runtime to time). In a graph runtime (ONNX Runtime, OpenVINO) a call
+    runs every copy, and converts layouts around them as a model does at its ends only (its profiler's share,
+    ort.op_share / ov.op_share): that time is no kernel's. `int8`: the kernel as the runtime's int8 flow converts
+    it, its conversions from and to float not counted (they are priced on their own): torch.ao's, timed on a
+    quantized input with its output left quantized, or the QDQ graph less its profiler's share of the
+    conversions (QuantizeLinear and DequantizeLinear; OpenVINO's FakeQuantize and dequantizing ops)."""
     copies = len(model.copies) if isinstance(model, _RoundRobin) else 1
     kernel = model.copies[0] if isinstance(model, _RoundRobin) else model
     if int8 and runtime == "torch-int8":
@@ -378,15 +379,15 @@ def in_runtime(model: nn.Module, x: torch.Tensor, runtime: str, threads: int | N
         except Exception:  # torch.ao's FX errors have no common type: a kernel it cannot convert is refused
             return None
         return (_shared_inputs(_RoundRobin(body, copies)).eval() if copies > 1 else body), 1.0
-    if runtime not in ORT_RUNTIMES:
+    if runtime not in ENGINES:
         return model, 1.0
-    graph = _Branches(kernel, copies) if isinstance(model, _RoundRobin) else model
+    engine, graph = ENGINES[runtime], _Branches(kernel, copies) if isinstance(model, _RoundRobin) else model
     try:
         graph_bytes = qdq_bytes(graph.eval(), x, [x], keep_float=()) if int8 else onnx_bytes(graph.eval(), x)
         if int8 and "QuantizeLinear" not in op_types(graph_bytes):
             return None  # ONNX Runtime's QDQ flow left the op float: it has no int8 kernel there
-        ops = LAYOUT_OPS + (CONVERSION_OPS if int8 else ())
-        return BoundOrt(graph_bytes, x, threads), (1.0 - op_share(graph_bytes, x, ops, threads)) / copies
+        ops = engine.layout_ops + (engine.conversion_ops if int8 else ())
+        return engine.bound(graph_bytes, x, threads), (1.0 - engine.op_share(graph_bytes, x, ops, threads)) / copies
     except Exception:  # the exporter's and the runtime's errors have no common type
         return None
 
@@ -423,31 +424,28 @@ class _Dequantize(nn.Module):
 def boundary_kernel(rng: random.Random, max_macs: float, runtime: str = "torch-int8",
                     threads: int | None = None) -> tuple[list[float], nn.Module, float, torch.Tensor]:
     """(feature row, module to time, share of its time that is the conversion, input) of one float <-> int8
-    conversion of a sampled feature map or vector: torch.ao's, or in ONNX Runtime a QuantizeLinear ->
-    DequantizeLinear graph's share of the one sampled (its profiler's)."""
+    conversion of a sampled feature map or vector: torch.ao's, or a graph runtime's (`GraphEngine.conversion`)."""
     channels, res = _width(rng), rng.choice(RESOLUTIONS)
     while res > 1 and channels * res * res > max_macs / 8:
         res = res * 2 // 3
     x = torch.randn(1, channels, res, res) if rng.random() < 0.85 else torch.randn(1, channels)
     kind = rng.choice(("quantize", "dequantize"))
     row = K.boundary_row(kind, x.shape)
-    if runtime in ORT_RUNTIMES:
-        graph = conversion_graph(x.shape)
-        op = "QuantizeLinear" if kind == "quantize" else "DequantizeLinear"
-        return row, BoundOrt(graph, x, threads), op_share(graph, x, (op,), threads), x
+    if runtime in ENGINES:
+        return row, *ENGINES[runtime].conversion(x, kind, threads), x
     return row, _Quantize() if kind == "quantize" else _Dequantize(x), 1.0, x
 
 
 def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[float, float]:
-    """(a kernel timing's own call cost, a model call's fixed cost), in microseconds: in ONNX Runtime the bound
-    call of a one-element graph, and a session run through its Python API (input and output converted), which
+    """(a kernel timing's own call cost, a model call's fixed cost), in microseconds: in a graph runtime the
+    bound call of a one-element graph, and a session run through its Python API (input and output converted), which
     a model pays once per inference. Eager PyTorch's calls are part of every kernel's time: (0, 0)."""
-    if runtime not in ORT_RUNTIMES:
+    if runtime not in ENGINES:
         return 0.0, 0.0
-    tiny = torch.randn(1)
+    tiny, engine = torch.randn(1), ENGINES[runtime]
     graph = onnx_bytes(_Call(), tiny)
-    bound = _quickest_ms(BoundOrt(graph, tiny, threads), tiny, threads, clock, repeats=200)
-    run = _quickest_ms(OrtModule(graph, threads), tiny, threads, clock, repeats=200)
+    bound = _quickest_ms(engine.bound(graph, tiny, threads), tiny, threads, clock, repeats=200)
+    run = _quickest_ms(engine.session(graph, threads), tiny, threads, clock, repeats=200)
     return bound * 1e3, run * 1e3
 
 

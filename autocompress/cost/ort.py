@@ -103,6 +103,15 @@ def conversion_graph(shape: tuple[int, ...]) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
 
 
+def conversion_timing(x: torch.Tensor, kind: str, threads: int | None = None) -> tuple[nn.Module, float]:
+    """(bound graph, share of its time that is the conversion) of one float <-> int8 conversion (`kind` quantize
+    or dequantize) of a tensor like `x`: a QuantizeLinear -> DequantizeLinear graph and its profiler's share of
+    the one sampled."""
+    graph = conversion_graph(x.shape)
+    op = "QuantizeLinear" if kind == "quantize" else "DequantizeLinear"
+    return BoundOrt(graph, x, threads), op_share(graph, x, (op,), threads)
+
+
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind the nn.Module call convention: `accuracy` judges it and
     `measure_latency_ms` times it like any module (a tensor in, the first output back as a tensor)."""

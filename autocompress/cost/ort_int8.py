@@ -10,7 +10,7 @@ and a model with none at 8 bits or fewer runs float.
 
 The ranges a model is judged with are kept in it: tensor name -> (min, max) of ONNX Runtime's calibration and
 the activation type, as zlib-compressed JSON in a uint8 root buffer (`ORT_RANGES`), so that it travels with the state_dict and every later
-quantization of the model (`runnable_ort_int8`, the onnx-int8 export) writes the very file whose accuracy was
+quantization of the model (`int8_graph`, the onnx-int8 export) writes the very file whose accuracy was
 judged, without the data. The tensor names are the exporter's, which a model of the same structure reproduces.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..compress.quantize import synthesize_inputs
 from ..errors import AutocompressError
-from .ort import OrtModule, onnx_bytes
+from .ort import onnx_bytes
 from .quantized import RANGES, kept_float, plain_copy
 
 ORT_RANGES = "ort_int8_ranges"  # a root buffer: the activation ranges the model's QDQ file was judged with
@@ -107,13 +107,13 @@ def _remember(key: bytes | None, made: bytes) -> bytes:
     return made
 
 
-def runnable_ort_int8(model: nn.Module, example: torch.Tensor, threads: int | None = None) -> nn.Module:
-    """`model` as the onnxruntime-int8 runtime runs it: its QDQ file in an ONNX Runtime session (the float file
-    when no layer is held at 8 bits or fewer). Ranges: those the model keeps, else from the example input (what a
-    call costs does not depend on them)."""
+def int8_graph(model: nn.Module, example: torch.Tensor) -> bytes:
+    """The ONNX file the int8 runtimes run for `model`: its QDQ file (the float file when no layer is held at 8
+    bits or fewer). Ranges: those the model keeps, else from the example input (what a call costs does not
+    depend on them)."""
     if kept_float(model) is None:
-        return OrtModule(onnx_bytes(model.eval(), example), threads)
-    return OrtModule(qdq_bytes(model, example, [example]), threads)
+        return onnx_bytes(model.eval(), example)
+    return qdq_bytes(model, example, [example])
 
 
 @functools.cache

@@ -58,13 +58,15 @@ class HardwareProfile:
                       regressor's, fitted on them, and peak_gmacs, bandwidth_gbs and overhead_us are its measured prior
     runtime:          what executes the model (cost/runtimes.py): torch (eager PyTorch), torch-int8 (its
                       peak_gmacs has int8: layers at 8 bits or fewer run torch.ao's int8 kernels), onnxruntime
-                      or onnxruntime-int8 (ONNX Runtime's QDQ int8 kernels for those layers); a calibration times
+                      or onnxruntime-int8 (ONNX Runtime's QDQ int8 kernels for those layers), openvino or
+                      openvino-int8 (the same ONNX files compiled by OpenVINO); a calibration times
                       that runtime's kernels, measurement times the model there
     call_us:          fixed cost of one call of the whole model into the runtime, in microseconds (an ONNX Runtime
-                      session's run: input and output conversion), added once per inference
+                      session's run or an OpenVINO infer request's: input and output conversion), added once per
+                      inference
     int8_overhead_us: fixed cost of one int8 convolution or linear kernel in microseconds (torch-int8: torch.ao's
-                      call with its requantization, several times a float op's; onnxruntime-int8: a QLinearConv
-                      on one element); 0: overhead_us
+                      call with its requantization, several times a float op's; onnxruntime-int8 and
+                      openvino-int8: an int8 convolution on one element); 0: overhead_us
     """
 
     name: str

@@ -7,6 +7,9 @@
                  folded, Conv+activation fused, one session call per inference (cost/ort.py)
     onnxruntime-int8  the same, the graph quantized by ONNX Runtime's static QDQ flow for the layers held at 8 bits
                  or fewer (cost/ort_int8.py): its int8 kernels (QLinearConv, ...) where it fuses them, float elsewhere
+    openvino     the same float ONNX file compiled by OpenVINO for the CPU (cost/ov.py): its kernels and fusions, f32
+    openvino-int8  the same QDQ file as onnxruntime-int8 (the same ranges) compiled by OpenVINO, whose
+                 low-precision transformations run the ops between its quantize / dequantize pairs as int8 kernels
 
 A profile names its runtime (`HardwareProfile.runtime`); calibration times its kernels there and measurement
 times the model there, so the estimate, `run --measure` and the exported file speak of the same kernels.
@@ -14,19 +17,45 @@ times the model there, so the estimate, `run --measure` and the exported file sp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
 from ..compress.quantize import synthesize_inputs
 from ..errors import AutocompressError, one_of
-from .ort import OrtModule, onnx_bytes
-from .ort_int8 import ORT_RANGES, observe_ort_ranges, runnable_ort_int8
+from . import ort, ov
+from .ort_int8 import ORT_RANGES, int8_graph, observe_ort_ranges
 from .quantized import RANGES, kept_float, observe_ranges, runnable_int8
 
-RUNTIMES = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
-ORT_RUNTIMES = ("onnxruntime", "onnxruntime-int8")  # a model runs as one ONNX Runtime session call
-INT8_RUNTIMES = ("torch-int8", "onnxruntime-int8")  # their outputs for 8-bit layers are int8 kernels' outputs
-KEPT_RANGES = {"torch-int8": RANGES, "onnxruntime-int8": ORT_RANGES}  # the root buffer each judges a model with
+RUNTIMES = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
+INT8_RUNTIMES = ("torch-int8", "onnxruntime-int8", "openvino-int8")  # 8-bit layers' outputs are int8 kernels'
+# the root buffer each judges a model with (OpenVINO's int8 runs ONNX Runtime's QDQ file: the same ranges)
+KEPT_RANGES = {"torch-int8": RANGES, "onnxruntime-int8": ORT_RANGES, "openvino-int8": ORT_RANGES}
+
+
+@dataclass(frozen=True)
+class GraphEngine:
+    """A runtime that runs a model as one call of its ONNX file, as calibration and measurement need it: a
+    module of a file (`session(file, threads)`), one whose call runs a file's graph alone on a fixed input
+    (`bound(file, example, threads)`), its profiler's share of op types (`op_share(file, example, ops,
+    threads)`), its op types that convert layouts and convert float <-> int8, and one conversion timed alone
+    (`conversion(x, kind, threads)` -> bound graph, share of it that is the conversion)."""
+
+    session: Callable
+    bound: Callable
+    op_share: Callable
+    layout_ops: tuple[str, ...]
+    conversion_ops: tuple[str, ...]
+    conversion: Callable
+
+
+_ORT = GraphEngine(ort.OrtModule, ort.BoundOrt, ort.op_share, ort.LAYOUT_OPS, ort.CONVERSION_OPS,
+                   ort.conversion_timing)
+_OV = GraphEngine(ov.OvModule, ov.BoundOv, ov.op_share, ov.LAYOUT_OPS, ov.CONVERSION_OPS, ov.conversion_timing)
+ENGINES = {"onnxruntime": _ORT, "onnxruntime-int8": _ORT, "openvino": _OV, "openvino-int8": _OV}
+GRAPH_RUNTIMES = tuple(ENGINES)  # a model runs as one call of its ONNX file (the float one, or its QDQ file)
 
 
 def check_runtime(runtime: str) -> str:
@@ -41,9 +70,8 @@ def runnable(model: nn.Module, example: torch.Tensor, runtime: str, threads: int
         return model.eval()
     if runtime == "torch-int8":
         return runnable_int8(model, example)
-    if runtime == "onnxruntime-int8":
-        return runnable_ort_int8(model, example, threads)
-    return OrtModule(onnx_bytes(model.eval(), example), threads)
+    graph = int8_graph(model, example) if runtime in INT8_RUNTIMES else ort.onnx_bytes(model.eval(), example)
+    return ENGINES[runtime].session(graph, threads)
 
 
 def prepare_as_run(model: nn.Module, example: torch.Tensor, runtime: str, calibration=None) -> None:
@@ -64,8 +92,9 @@ def prepare_as_run(model: nn.Module, example: torch.Tensor, runtime: str, calibr
 def as_run(model: nn.Module, example: torch.Tensor, runtime: str) -> nn.Module:
     """The module whose outputs `runtime` computes for `model`, the one its accuracy is judged on: the int8
     runtimes run the int8 conversion of its 8-bit layers (with the ranges `prepare_as_run` kept: torch.ao's
-    converted module, or an ONNX Runtime session of the QDQ file); the float runtimes compute the module's own
-    outputs (ONNX Runtime's agree to float rounding), so it is the module itself."""
+    converted module, or an ONNX Runtime session or OpenVINO compilation of the QDQ file); the float runtimes
+    compute the module's own outputs (ONNX Runtime's and OpenVINO's f32 agree to float rounding), so it is the
+    module itself."""
     if runtime not in INT8_RUNTIMES or kept_float(model) is None:
         return model.eval()
     if KEPT_RANGES[runtime] not in model._buffers:
