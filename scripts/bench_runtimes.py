@@ -3,9 +3,9 @@
     .venv/bin/python scripts/bench_runtimes.py [--rounds 7] [--repeats 20] \
         [--threads 1,2] [--models digits,resnet18,mobilenet_v2] [--epochs 8]
 
-Needs `openvino` and `nncf` beside the project (`pip install openvino==2026.4.* nncf==3.4.*`; neither is a
-dependency of autocompress). Issue 16 items 1 and 5: is OpenVINO faster than what the library runs today, and
-does NNCF install beside torch 2.14.1.
+Needs `nncf` beside the project (`pip install nncf==3.4.*`, not a dependency of autocompress; openvino is).
+Issue 16 items 1 and 5: is OpenVINO faster than what the library runs today, and does NNCF install beside
+torch 2.14.1.
 
 Models, batch 1: the digits ResNet-20-style CNN (`DigitsResNet(widths=(16, 32, 64), blocks=3)`, 1x1x32x32,
 trained as scripts/bench_peers.py trains and caches it), torchvision resnet18 and mobilenet_v2 (weights=None) at
@@ -23,6 +23,8 @@ Runtimes (one column each), every one built once per thread count T:
   ov-default   the same with OpenVINO's default precision (bf16 here): what a user gets without the f32 hint
   ov-int8      `nncf.quantize` (post-training, default preset) of the OpenVINO model on the calibration
                inputs, one sample per item, compiled as ov-fp32 (f32 for whatever is left float)
+  ov-qdq       the openvino-int8 runtime: ort-int8's QDQ file compiled by OpenVINO (`autocompress.cost.ov.OvModule`,
+               static batch 1, f32 for what is left float)
 Calibration (every int8 path the same inputs): 8 training batches of 64 digits; 4 random batches of 8 for the
 torchvision models.
 
@@ -57,12 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from autocompress.cost.measure import measure_latency_ms  # noqa: E402
 from autocompress.cost.ort import OrtModule, onnx_bytes  # noqa: E402
+from autocompress.cost import ov as ov_runtime  # noqa: E402
 from autocompress.cost.ort_int8 import qdq_bytes  # noqa: E402
 from autocompress.data import digits_loaders  # noqa: E402
 from autocompress.evaluate import accuracy, fixed_batches  # noqa: E402
 from autocompress.int8 import to_int8  # noqa: E402
 
-RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ov-fp32", "ov-default", "ov-int8")
+RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ov-fp32", "ov-default", "ov-int8", "ov-qdq")
 
 
 class OvModule(nn.Module):
@@ -193,6 +196,12 @@ def build(name: str, model: nn.Module, x: torch.Tensor, calibration, threads, er
                 return {t: OvModule(ov_compile(q, x.shape, t, "f32")) for t in threads}
 
             attempt("ov-int8", ov_int8)
+
+        def ov_qdq():  # the openvino-int8 runtime: ONNX Runtime's QDQ file (ort-int8's) compiled by OpenVINO
+            data = qdq_bytes(model, x, calibration, keep_float=())
+            return {t: ov_runtime.OvModule(data, t) for t in threads}
+
+        attempt("ov-qdq", ov_qdq)
     return entries
 
 
