@@ -54,8 +54,7 @@ class GraphEngine:
 _ORT = GraphEngine(ort.OrtModule, ort.BoundOrt, ort.op_share, ort.LAYOUT_OPS, ort.CONVERSION_OPS,
                    ort.conversion_timing)
 _OV = GraphEngine(ov.OvModule, ov.BoundOv, ov.op_share, ov.LAYOUT_OPS, ov.CONVERSION_OPS, ov.conversion_timing)
-ENGINES = {"onnxruntime": _ORT, "onnxruntime-int8": _ORT, "openvino": _OV, "openvino-int8": _OV}
-GRAPH_RUNTIMES = tuple(ENGINES)  # a model runs as one call of its ONNX file (the float one, or its QDQ file)
+ENGINES = {"onnxruntime": _ORT, "onnxruntime-int8": _ORT, "openvino": _OV, "openvino-int8": _OV}  # graph runtimes
 
 
 def check_runtime(runtime: str) -> str:
