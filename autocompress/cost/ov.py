@@ -9,6 +9,7 @@ another model than the one judged.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ LAYOUT_OPS = ("Reorder",)  # OpenVINO's conversions between the plain and its bl
 CONVERSION_OPS = ("FakeQuantize", "Convert", "Subtract", "Multiply")
 
 
-def _core():
+@functools.cache
+def _core():  # one per process: OpenVINO loads its plugins once
     import openvino
 
     return openvino.Core()
