@@ -180,7 +180,7 @@ def _calibrate(args) -> None:
     else:
         path, kept = Path(args.to), ""
         profile = calibrate(args.hardware, quick=args.quick, device=device, threads=threads, clock=args.clock,
-                            runtime=args.runtime)
+                            runtime=args.runtime, progress=True)
         write_profile(profile, path)
     busy = busy_reason(profile) if profile is not None else ""
     if kept:

@@ -450,7 +450,7 @@ def call_overhead_us(runtime: str, threads: int | None, clock: str) -> tuple[flo
 
 
 def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch", threads: int | None = None,
-            refused: list | None = None):
+            refused: list | None = None, tick=lambda: None):
     """The kernels of `n` samples in blocks of PROBE_EVERY: (feature row, module to time, share of its time
     that is one kernel, input) each; a sample the grouping splits (not one kernel), or one the runtime cannot
     run (appended to `refused`), is not a kernel to learn from. Made a block at a time (a module to time holds
@@ -458,6 +458,7 @@ def _blocks(n: int, rng: random.Random, max_macs: float, runtime: str = "torch",
     that, and BOUNDARY_SHARE of the samples are float <-> int8 conversions."""
     block = []
     for _ in range(n):
+        tick()
         if runtime in INT8_RUNTIMES and rng.random() < BOUNDARY_SHARE:
             row, model, share, x = boundary_kernel(rng, max_macs, runtime, threads)
             block.append((np.array(row), model, share, x))
@@ -491,11 +492,14 @@ def _time_block(block, device: str, threads: int | None, clock: str, round_ms: f
 
 def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | None, clock: str,
                   probe: Probe | None = None, stop_when_busy: bool = False, runtime: str = "torch",
-                  own_call_s: float = 0.0):
+                  own_call_s: float = 0.0, progress: bool = False):
     """(feature rows, seconds, timing statistics) of `n` sampled kernels, timed in blocks of PROBE_EVERY with
     the reference kernel timed after each: a block after which it ran slow is timed again, then dropped;
     noisy kernels dropped. `stop_when_busy`: raise Busy as soon as more than BUSY_DROPPED of the blocks
-    (after five) were dropped."""
+    (after five) were dropped. `progress`: a bar of the samples taken on stderr (a first use in an int8 graph
+    runtime exports, quantizes and times each: minutes)."""
+    from tqdm.auto import tqdm
+
     probe = probe or Probe(device, threads, clock)
     if not probe.slowdowns:
         probe.slowdown()
@@ -503,7 +507,9 @@ def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | No
     dropped = retimed = blocks_dropped = blocks = 0
     load = [os.getloadavg()[0]]
     refused: list = []
-    for block in _blocks(n, rng, MAX_MACS[quick], runtime, threads, refused):
+    bar = tqdm(total=n, desc=f"calibrating {runtime} kernels at {threads or 'the default'} thread(s)", unit="kernel",
+               disable=not progress, dynamic_ncols=True)
+    for block in _blocks(n, rng, MAX_MACS[quick], runtime, threads, refused, bar.update):
         blocks += 1
         for attempt in range(RETRIES + 1):
             if probe.slowdowns[-1] > PROBE_LIMIT:  # slow after the last block: look again after a pause
@@ -528,6 +534,7 @@ def timed_kernels(n: int, quick: bool, seed: int, device: str, threads: int | No
             rows.append(row)
             seconds.append(s)
             spreads.append(spread)
+    bar.close()
     stats = {"kernels": len(rows), "dropped": dropped, "runtime_refused": len(refused), "load_before": round(load[0], 2),
              "load_max": round(max(load), 2), "repeat_spread": round(float(np.median(spreads)) - 1, 4) if spreads else None,
              "reference_ms": round(probe.quiet, 5), "reference_slowdown_max": round(max(probe.slowdowns), 3),
@@ -552,7 +559,7 @@ def fit_quality(x: np.ndarray, y: np.ndarray) -> dict:
 
 def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed: int = 0,
               threads: int | None = None, clock: str | None = None, stop_when_busy: bool = False,
-              runtime: str = "torch") -> HardwareProfile:
+              runtime: str = "torch", progress: bool = False) -> HardwareProfile:
     """Time sampled kernels in `runtime` (cost/runtimes.py) on `device` with `threads` threads (default: torch's
     count); return the fitted profile (no file written). The roofline prior is eager PyTorch's in every runtime:
     it is a feature the regressor corrects, not the answer.
@@ -560,7 +567,8 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
     clock: "cpu" (the default with one thread on the CPU: the timing thread's CPU time, which other work on a
     shared machine does not inflate) or "wall" (elapsed time; the default otherwise), see measure_latency_ms.
     Busy cores before timing starts: with `stop_when_busy` raise Busy; otherwise, for more than one thread on
-    the CPU, time one thread on its CPU clock instead (recorded as `timed_threads` and `busy`)."""
+    the CPU, time one thread on its CPU clock instead (recorded as `timed_threads` and `busy`). `progress`: a bar
+    of the kernels sampled, on stderr."""
     if device not in ("cpu", "cuda"):
         raise AutocompressError(f"calibration device {device!r} is not allowed; allowed: cpu, cuda")
     check_runtime(runtime)
@@ -588,7 +596,7 @@ def calibrate(name: str = "host", quick: bool = False, device: str = "cpu", seed
         prior = measured_prior(device, timing_threads, clock, runtime)
         own_call_us, call_us = call_overhead_us(runtime, timing_threads, clock)
         rows, seconds, stats = timed_kernels(SAMPLES[quick], quick, seed, device, timing_threads, clock, probe,
-                                             stop_when_busy, runtime, own_call_us * 1e-6)
+                                             stop_when_busy, runtime, own_call_us * 1e-6, progress)
     if len(rows) < 50:
         raise AutocompressError(f"calibration kept {len(rows)} of {SAMPLES[quick]} kernels (the others timed too "
                                 "unevenly); the machine is too busy to calibrate")
@@ -711,7 +719,7 @@ def calibrate_host(path: Path, quick: bool = False, threads: int | None = None, 
     keep = Path(path).exists() and not force
     try:
         profile = calibrate(name, quick=quick, threads=threads, device=device, clock=clock, stop_when_busy=keep,
-                            runtime=runtime)
+                            runtime=runtime, progress=True)
     except Busy as exc:
         return None, str(exc)
     reason = busy_reason(profile)
