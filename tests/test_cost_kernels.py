@@ -291,7 +291,8 @@ def test_a_stale_host_profile_is_replaced_even_on_a_busy_machine(fitted, tmp_pat
         {**fitted.to_dict(), "calibration": {**fitted.calibration, "model_version": cal.MODEL_VERSION - 1}}, "x"), path)
     busy = {**fitted.calibration, "busy": "the reference kernel ran 9.0x slower than on a quiet core"}
 
-    def fake_calibrate(name, quick=False, device="cpu", seed=0, threads=None, clock=None, stop_when_busy=False, runtime="torch"):
+    def fake_calibrate(name, quick=False, device="cpu", seed=0, threads=None, clock=None, stop_when_busy=False, runtime="torch",
+                       progress=False):
         if stop_when_busy:
             raise cal.Busy(busy["busy"])
         return profiles.HardwareProfile.from_dict({**fitted.to_dict(), "calibration": busy}, "fake")
