@@ -226,7 +226,11 @@ CASES = [
      "trial 2 is a duplicate of trial 1 (it sampled the same policy and was not evaluated again); use trial 1"),
     ("export-absent-trial", lambda F, T: ["export", str(F), "--trial", "999", "--to", str(T / "m.pt")], "no trial 999"),
     ("export-format", lambda F, T: ["export", str(F), "--trial", "0", "--format", "tflite"],
-     "invalid choice: 'tflite' (choose from 'state_dict', 'torchscript', 'onnx', 'torch-int8', 'onnx-int8', 'packed')"),
+     "invalid choice: 'tflite' (choose from 'state_dict', 'torchscript', 'onnx', 'torch-int8', 'onnx-int8', 'openvino', "
+     "'openvino-int8', 'packed')"),
+    ("export-openvino-not-xml", lambda F, T: ["export", str(F), "--trial", "0", "--format", "openvino-int8", "--to",
+                                              str(T / "m.int8")],
+     "an OpenVINO IR is written to a path ending in .xml (its weights go beside it as .bin), not '"),
     ("report-absent-folder", lambda F, T: ["report", str(T / "nowhere")], "holds no saved result"),
     ("worker-trials-negative", lambda F, T: ["worker", "--storage", f"sqlite:///{F}/study.db", "--trials", "-1"],
      "--trials -1 is not allowed; it must be 0 or more"),
