@@ -99,13 +99,13 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
     `data` = (train, val[, test]) loaders, else on the run's data spec."""
     if format not in FORMATS:
         raise one_of("export format", format, FORMATS)
-    model = result.compressed(trial)
-    row = result.trials.loc[trial]
-    loaders = _loaders(result, data)
     path = Path(to if to is not None else f"trial_{trial}.{SUFFIX[format]}")
     if format.startswith("openvino") and path.suffix != ".xml":
         raise AutocompressError(f"an OpenVINO IR is written to a path ending in .xml (its weights go beside it as "
                                 f".bin), not {str(path)!r}")
+    model = result.compressed(trial)
+    row = result.trials.loc[trial]
+    loaders = _loaders(result, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = result.example_input
     calibration = fixed_batches(loaders[0], CALIBRATION_BATCHES) if loaders and loaders[0] is not None else None
@@ -124,8 +124,8 @@ def export(result, trial: int, format: str, to=None, data=None) -> Exported:
                     "\n".join(n for n in notes if n), tuple(written[1:]))
 
 
-INT8_FORMATS = {"torch-int8": "torch-int8", "onnx-int8": "onnxruntime-int8", "openvino-int8": "openvino-int8"}
 # format -> the runtime it is
+INT8_FORMATS = {"torch-int8": "torch-int8", "onnx-int8": "onnxruntime-int8", "openvino-int8": "openvino-int8"}
 
 
 def _recalibrated(model: nn.Module, format: str) -> str:
