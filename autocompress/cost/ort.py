@@ -87,19 +87,23 @@ def op_types(model: bytes) -> set[str]:
     return {node.op_type for node in onnx.load_from_string(model).graph.node}
 
 
-def conversion_graph(shape: tuple[int, ...]) -> bytes:
-    """An ONNX graph that converts a float tensor of `shape` to int8 and back (QuantizeLinear, DequantizeLinear,
-    per tensor, as a QDQ model converts at each edge between its int8 and float ops)."""
-    import onnx
+def conversion_graph(shape: tuple[int, ...], ops: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear"),
+                     stored: str = "INT8") -> bytes:
+    """An ONNX graph of per-tensor conversions of a tensor of `shape` between float and `stored` (INT8 or UINT8),
+    in the order `ops`: by default to int8 and back, as a QDQ model converts at each edge between its int8 and
+    float ops; one op alone converts one way (its input or its output then `stored`)."""
     from onnx import TensorProto, helper
 
+    kind = getattr(TensorProto, stored)
+    names = ["input", *(f"step{i}" for i in range(len(ops) - 1)), "output"]
+    nodes = [helper.make_node(op, [a, "scale", "zero"], [b]) for op, a, b in zip(ops, names, names[1:])]
     dims = ["batch", *shape[1:]]
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["input", "scale", "zero"], ["q"]),
-         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["output"])], "conversion",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)],
-        [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05]), helper.make_tensor("zero", TensorProto.INT8, [], [0])])
+        nodes, "conversion",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT if ops[0] == "QuantizeLinear" else kind, dims)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT if ops[-1] == "DequantizeLinear" else kind, dims)],
+        [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05]),
+         helper.make_tensor("zero", kind, [], [128 if stored == "UINT8" else 0])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
 
 

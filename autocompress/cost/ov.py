@@ -35,11 +35,11 @@ def read(model: "bytes | str"):
     return _core().read_model(model=model)
 
 
-def compiled(model, threads: int | None = None, profile: bool = False, shape: tuple | None = None):
-    """`model` (bytes, path or openvino.Model) compiled for the CPU with `threads` inference threads (None:
+def compiled(model: "bytes | str", threads: int | None = None, profile: bool = False, shape: tuple | None = None):
+    """The file `model` (bytes or path, see `read`) compiled for the CPU with `threads` inference threads (None:
     torch's count) and the latency hint, f32 (see the module docstring); `shape`: the input made static (what a
     deployment of batch-1 inference compiles); `profile`: per-node performance counters on."""
-    model = model if hasattr(model, "get_parameters") else read(model)
+    model = read(model)
     if shape is not None:
         model.reshape({model.inputs[0].get_any_name(): list(shape)})
     config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
@@ -65,23 +65,23 @@ class OvModule(nn.Module):
 
     def __init__(self, model: "bytes | str", threads: int | None = None):
         super().__init__()
-        self.model, self.threads, self.requests = model, threads, {}
+        from openvino import Tensor
+
+        self.model, self.threads, self.requests, self.tensor = model, threads, {}, Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
         if shape not in self.requests:
             self.requests[shape] = compiled(self.model, self.threads, shape=shape).create_infer_request()
-        import openvino
-
         request = self.requests[shape]  # the input shared, not copied: the cheapest call of its Python API
-        request.set_input_tensor(openvino.Tensor(np.ascontiguousarray(x.detach().cpu().numpy()), shared_memory=True))
+        request.set_input_tensor(self.tensor(np.ascontiguousarray(x.detach().cpu().numpy()), shared_memory=True))
         request.infer()
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
 
 class BoundOv(nn.Module):
     """An infer request whose input tensor is set once (shared with a fixed array): a call runs the graph and
-    nothing else, which is how calibration times one kernel. `outputs` reads the last run's outputs."""
+    nothing else, which is how calibration times one kernel."""
 
     def __init__(self, model: bytes, example: "torch.Tensor | np.ndarray", threads: int | None = None):
         super().__init__()
@@ -94,10 +94,6 @@ class BoundOv(nn.Module):
 
     def forward(self, x=None) -> None:  # the bound input is the example: x only says "run"
         self.request.infer()
-
-    @property
-    def outputs(self) -> list[np.ndarray]:
-        return [self.request.get_output_tensor(i).data for i in range(len(self.request.model_outputs))]
 
 
 def op_share(model: bytes, example: "torch.Tensor | np.ndarray", ops: tuple[str, ...], threads: int | None = None,
@@ -122,17 +118,9 @@ def conversion_timing(x: torch.Tensor, kind: str, threads: int | None = None) ->
     like `x` in OpenVINO: a QuantizeLinear of a float input (a FakeQuantize, then a Convert to uint8) or a
     DequantizeLinear of a uint8 input (Convert, Subtract, Multiply). A Q -> DQ pair, as ONNX Runtime's
     conversions are timed, would be folded into one FakeQuantize here, which is neither."""
-    from onnx import TensorProto, helper
+    from .ort import conversion_graph
 
-    dims = ["batch", *x.shape[1:]]
-    types = (TensorProto.FLOAT, TensorProto.UINT8) if kind == "quantize" else (TensorProto.UINT8, TensorProto.FLOAT)
     op = "QuantizeLinear" if kind == "quantize" else "DequantizeLinear"
-    graph = helper.make_graph(
-        [helper.make_node(op, ["input", "scale", "zero"], ["output"])], kind,
-        [helper.make_tensor_value_info("input", types[0], dims)],
-        [helper.make_tensor_value_info("output", types[1], dims)],
-        [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05]),
-         helper.make_tensor("zero", TensorProto.UINT8, [], [128])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    model = conversion_graph(tuple(x.shape), (op,), stored="UINT8")
     example = x.numpy() if kind == "quantize" else np.full(tuple(x.shape), 130, np.uint8)
     return BoundOv(model, example, threads), 1.0 - op_share(model, example, LAYOUT_OPS, threads)
